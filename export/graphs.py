@@ -1,0 +1,198 @@
+"""The torch modules that become the artifact's graphs, and their ONNX export.
+
+Each wrapper holds references to the checkpoint's own submodules (no weight copies) and computes what
+one graph computes. Node names follow the module paths (``/layers.12/self_attn/q_proj/MatMul``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from safesteer_runtime import manifest as m
+
+OPSET = 17
+TOPK_PLACEHOLDER = 7  # exported as a constant, then rewired to the graph input `top_k`
+
+
+class EmbedGraph(nn.Module):
+    def __init__(self, family):
+        super().__init__()
+        self.family = family
+        self.embed_tokens = family.text.embed_tokens
+
+    def forward(self, input_ids):
+        return self.family.embed(input_ids)
+
+
+class LayerScope(nn.Module):
+    """Holds one HF decoder layer's submodules under their own names, so graph nodes read
+    ``/layers.N/self_attn/q_proj/MatMul``; other attributes fall through to the HF layer."""
+
+    def __init__(self, family, layer: nn.Module):
+        super().__init__()
+        self.family = family
+        for name, child in layer.named_children():
+            self.add_module(name, child)
+        object.__setattr__(self, "_hf_layer", layer)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_hf_layer"), name)
+
+    def forward(self, hidden, mask, cos, sin, past_k, past_v):
+        return self.family.layer_forward(self, hidden, mask, cos, sin, past_k, past_v)
+
+
+class BlockGraph(nn.Module):
+    """Decoder layers [first, first + count) with an external KV cache and a 4-D additive mask."""
+
+    def __init__(self, family, first: int, count: int):
+        super().__init__()
+        self.family, self.first, self.count = family, first, count
+        self.layers = nn.ModuleDict(
+            {str(i): LayerScope(family, family.text.layers[i]) for i in range(first, first + count)}
+        )
+        self.rotary = family.text.rotary
+
+    def forward(self, hidden, mask, position_ids, *past):
+        cos, sin = self.family.rope(hidden, position_ids)
+        new_kv = []
+        for j, layer in enumerate(self.layers.values()):
+            hidden, k, v = layer(hidden, mask, cos, sin, past[2 * j], past[2 * j + 1])
+            new_kv += [k, v]
+        return (hidden, *new_kv)
+
+    def io_names(self) -> tuple[list[str], list[str]]:
+        layers = range(self.first, self.first + self.count)
+        inputs = [m.HIDDEN_IN, m.ATTENTION_MASK, m.POSITION_IDS]
+        outputs = [m.HIDDEN_OUT]
+        for i in layers:
+            inputs += [m.past_key(i), m.past_value(i)]
+            outputs += [m.new_key(i), m.new_value(i)]
+        return inputs, outputs
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        axes = {
+            m.HIDDEN_IN: {0: "batch", 1: "sequence_length"},
+            m.HIDDEN_OUT: {0: "batch", 1: "sequence_length"},
+            m.ATTENTION_MASK: {0: "batch", 2: "sequence_length", 3: "total_sequence_length"},
+            m.POSITION_IDS: {0: "batch", 1: "sequence_length"},
+        }
+        for i in range(self.first, self.first + self.count):
+            for name in (m.past_key(i), m.past_value(i)):
+                axes[name] = {0: "batch", 1: "past_sequence_length"}
+            for name in (m.new_key(i), m.new_value(i)):
+                axes[name] = {0: "batch", 1: "sequence_length"}
+        return axes
+
+
+class HeadGraph(nn.Module):
+    """Final norm + LM head; full logits plus an in-graph TopK of the log-probabilities."""
+
+    def __init__(self, family):
+        super().__init__()
+        self.norm = family.text.norm
+        self.lm_head = family.text.lm_head
+
+    def forward(self, hidden):
+        logits = self.lm_head(self.norm(hidden))
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        values, ids = torch.topk(logprobs, TOPK_PLACEHOLDER, dim=-1)
+        return logits, values, ids
+
+
+def export_module(module: nn.Module, args: tuple, path: Path, inputs, outputs, axes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
+        torch.onnx.export(
+            module, args, str(path), input_names=list(inputs), output_names=list(outputs),
+            dynamic_axes=axes, opset_version=OPSET, do_constant_folding=True, dynamo=False,
+        )
+
+
+def rewire_topk(path: Path) -> None:
+    """Make the head's TopK take K from a graph input, so the runtime picks K per call."""
+    model = onnx.load(str(path))
+    graph = model.graph
+    topk = [n for n in graph.node if n.op_type == "TopK"]
+    assert len(topk) == 1, "head graph must hold exactly one TopK"
+    placeholder = topk[0].input[1]
+    topk[0].input[1] = m.TOP_K
+    if not any(placeholder in n.input for n in graph.node):
+        keep = [n for n in graph.node if placeholder not in n.output]
+        del graph.node[:]
+        graph.node.extend(keep)
+        keep_init = [t for t in graph.initializer if t.name != placeholder]
+        del graph.initializer[:]
+        graph.initializer.extend(keep_init)
+    graph.input.append(onnx.helper.make_tensor_value_info(m.TOP_K, onnx.TensorProto.INT64, [1]))
+    for out in graph.output:
+        if out.name in (m.TOPK_LOGPROBS, m.TOPK_IDS):
+            dim = out.type.tensor_type.shape.dim[2]
+            dim.Clear()
+            dim.dim_param = "top_k"
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def fix_output_dims(path: Path, dims: dict[str, list]) -> None:
+    """Name the output dims the exporter left anonymous (e.g. head_dim after RoPE's slicing)."""
+    model = onnx.load(str(path))
+    for out in model.graph.output:
+        if out.name in dims:
+            shape = out.type.tensor_type.shape
+            for dim, want in zip(shape.dim, dims[out.name]):
+                dim.Clear()
+                if isinstance(want, str):
+                    dim.dim_param = want
+                else:
+                    dim.dim_value = want
+    onnx.save(model, str(path))
+
+
+def export_embed(family, path: Path) -> tuple[list[str], list[str]]:
+    ids = torch.tensor([[1, 2, 3]], dtype=torch.long)
+    io = ([m.INPUT_IDS], [m.INPUTS_EMBEDS])
+    axes = {m.INPUT_IDS: {0: "batch", 1: "sequence_length"}, m.INPUTS_EMBEDS: {0: "batch", 1: "sequence_length"}}
+    export_module(EmbedGraph(family), (ids,), path, *io, axes)
+    return io
+
+
+def export_block(family, first: int, count: int, path: Path) -> tuple[list[str], list[str]]:
+    sizes = family.sizes()
+    block = BlockGraph(family, first, count)
+    past_len, rows = 3, 2
+    hidden = torch.randn(1, rows, sizes.hidden_size)
+    mask = torch.zeros(1, 1, rows, past_len + rows)
+    positions = torch.arange(past_len, past_len + rows).unsqueeze(0)
+    past = [torch.randn(1, past_len, sizes.num_kv_heads, sizes.head_dim) for _ in range(2 * count)]
+    inputs, outputs = block.io_names()
+    export_module(block, (hidden, mask, positions, *past), path, inputs, outputs, block.dynamic_axes())
+    kv_shape = ["batch", "sequence_length", sizes.num_kv_heads, sizes.head_dim]
+    fix_output_dims(path, {name: kv_shape for name in outputs[1:]})
+    return inputs, outputs
+
+
+def export_head(family, path: Path) -> tuple[list[str], list[str]]:
+    hidden = torch.randn(1, 2, family.sizes().hidden_size)
+    outputs = [m.LOGITS, m.TOPK_LOGPROBS, m.TOPK_IDS]
+    axes = {name: {0: "batch", 1: "sequence_length"} for name in [m.HIDDEN_IN, *outputs]}
+    export_module(HeadGraph(family), (hidden,), path, [m.HIDDEN_IN], outputs, axes)
+    rewire_topk(path)
+    return [m.HIDDEN_IN, m.TOP_K], outputs
+
+
+def export_vision(family, path: Path, image_hw: tuple[int, int]) -> tuple[list[str], list[str]]:
+    pixels = torch.randn(1, 3, *image_hw)
+    io = ([m.PIXEL_VALUES], [m.IMAGE_FEATURES])
+    axes = {m.PIXEL_VALUES: {0: "num_images"}, m.IMAGE_FEATURES: {0: "num_images"}}
+    export_module(family.vision_module(), (pixels,), path, *io, axes)
+    return io

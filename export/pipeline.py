@@ -1,0 +1,193 @@
+"""safesteer-export's work: load a local HF checkpoint, export its graphs block by block, validate, write."""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import resource
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from safesteer_runtime import manifest as m
+from safesteer_runtime.errors import ArtifactError, ConfigError
+
+from . import graphs
+from .tokenizer_files import load_tokenizer, write_tokenizer_files
+from .validate import (ValidationReport, reference, sample_inputs, validate_block, validate_embed,
+                       validate_head, validate_vision)
+
+log = logging.getLogger("safesteer.export")
+TOOL_VERSION = "0.1.0"
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    model_dir: Path
+    out_dir: Path
+    block_size: int = 4  # decoder layers per block graph; 0 = the whole model in one block
+    safety: bool = True  # SafeSteer calibration (not in this version: see README)
+    validate: bool = True
+    overwrite: bool = False
+
+    def __post_init__(self):
+        if self.block_size < 0:
+            raise ConfigError(f"--block-size must be >= 0 (0 = whole model in one block), got {self.block_size}")
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    manifest: m.Manifest
+    seconds: float
+    peak_rss_mb: float
+    validation: ValidationReport
+    steps: list[tuple[str, float, float]] = field(default_factory=list)  # (what, seconds, peak RSS MB)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def read_architecture(model_dir: Path) -> str:
+    cfg_path = model_dir / "config.json"
+    if not model_dir.is_dir():
+        raise ArtifactError(f"model folder {model_dir} does not exist; pass a local Hugging Face checkpoint folder")
+    if not cfg_path.is_file():
+        raise ArtifactError(f"{model_dir} has no config.json: it is not a Hugging Face checkpoint folder")
+    try:
+        archs = json.loads(cfg_path.read_text()).get("architectures") or []
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{cfg_path} is not valid JSON ({exc})") from None
+    if not archs:
+        raise ArtifactError(f"{cfg_path} names no 'architectures'; add the model class name (e.g. LlamaForCausalLM)")
+    return archs[0]
+
+
+def load_model(model_dir: Path, architecture: str):
+    import torch
+    import transformers
+
+    cls = getattr(transformers, architecture)
+    return cls.from_pretrained(
+        str(model_dir), local_files_only=True, trust_remote_code=False, dtype=torch.float32,
+        attn_implementation="eager",
+    ).eval()
+
+
+def block_ranges(num_layers: int, block_size: int) -> list[tuple[int, int]]:
+    size = block_size or num_layers
+    return [(start, min(size, num_layers - start)) for start in range(0, num_layers, size)]
+
+
+def prepare_out_dir(out_dir: Path, overwrite: bool) -> Path:
+    """Export into OUT.partial and move it into place at the end: a failed export never leaves a broken OUT."""
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise ArtifactError(f"{out_dir} exists and is not empty; choose another -o or pass --overwrite")
+    staging = out_dir.with_name(out_dir.name + ".partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def export_artifact(cfg: ExportConfig, progress: Optional[Callable[[str], None]] = None) -> ExportResult:
+    import torch
+
+    start = time.perf_counter()
+    say = progress or log.info
+    steps: list[tuple[str, float, float]] = []
+
+    def step(what: str, t0: float) -> None:
+        steps.append((what, time.perf_counter() - t0, peak_rss_mb()))
+        say(f"{what}: {steps[-1][1]:.1f}s, peak RSS {steps[-1][2]:.0f} MB")
+
+    from safesteer_models import family_class
+
+    arch = read_architecture(cfg.model_dir)
+    family_cls = family_class(arch)  # unknown architectures fail here, before any weights load
+    staging = prepare_out_dir(cfg.out_dir, cfg.overwrite)
+    torch.manual_seed(0)
+
+    t0 = time.perf_counter()
+    model = load_model(cfg.model_dir, arch)
+    family = family_cls(model)
+    tokenizer = load_tokenizer(cfg.model_dir)
+    image_info = family.image_info(cfg.model_dir, tokenizer)
+    sizes = family.sizes()
+    step(f"loaded {arch} ({sizes.num_layers} layers)", t0)
+
+    image_hw = None
+    if image_info is not None:
+        image_hw = image_info.crop or (image_info.size * 2 if len(image_info.size) == 1 else image_info.size)
+    ids, pixels = sample_inputs(family, image_info, image_hw)
+    ref = reference(family, ids, pixels) if cfg.validate else None
+    report = ValidationReport()
+
+    entries: list[m.GraphEntry] = []
+
+    def add(role: str, name: str, io, **extra) -> Path:
+        path = staging / name
+        entries.append(m.GraphEntry(role=role, file=m.file_ref(staging, path), inputs=tuple(io[0]),
+                                    outputs=tuple(io[1]), **extra))
+        return path
+
+    with torch.no_grad():
+        if image_info is not None:
+            t0 = time.perf_counter()
+            io = graphs.export_vision(family, staging / "vision.onnx", image_hw)
+            if ref is not None:
+                validate_vision(report, staging / "vision.onnx", family, ref)
+            add(m.ROLE_VISION, "vision.onnx", io)
+            step("vision graph", t0)
+
+        t0 = time.perf_counter()
+        io = graphs.export_embed(family, staging / "embed.onnx")
+        if ref is not None:
+            validate_embed(report, staging / "embed.onnx", family, ref)
+        add(m.ROLE_EMBED, "embed.onnx", io)
+        step("embed graph", t0)
+
+        for first, count in block_ranges(sizes.num_layers, cfg.block_size):
+            t0 = time.perf_counter()
+            name = f"block_{first:02d}.onnx"
+            io = graphs.export_block(family, first, count, staging / name)
+            if ref is not None:
+                validate_block(report, staging / name, ref, first, count, sizes)
+            add(m.ROLE_BLOCK, name, io, first_layer=first, num_layers=count)
+            gc.collect()
+            step(f"block layers {first}-{first + count - 1}", t0)
+
+        t0 = time.perf_counter()
+        io = graphs.export_head(family, staging / "head.onnx")
+        if ref is not None:
+            validate_head(report, staging / "head.onnx", ref)
+        add(m.ROLE_HEAD, "head.onnx", io)
+        step("head graph", t0)
+
+    report.raise_if_failed()
+    token_info, token_files = write_tokenizer_files(cfg.model_dir, tokenizer, model.config, staging)
+    manifest = m.Manifest(
+        schema_version=m.SCHEMA_VERSION,
+        family=family.name,
+        architecture=arch,
+        dtype="float32",
+        sizes=sizes,
+        graphs=tuple(entries),
+        tokenizer=token_info,
+        export=m.ExportInfo(
+            tool_version=TOOL_VERSION, block_size=cfg.block_size, source=cfg.model_dir.name,
+            opset=graphs.OPSET, safety_calibrated=False,
+        ),
+        image=image_info,
+        safety=None,
+        extra_files=tuple(m.file_ref(staging, p) for p in token_files),
+    )
+    (staging / m.MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
+    if cfg.out_dir.exists():
+        shutil.rmtree(cfg.out_dir)
+    staging.rename(cfg.out_dir)
+    return ExportResult(cfg.out_dir, manifest, time.perf_counter() - start, peak_rss_mb(), report, steps)

@@ -1,0 +1,144 @@
+"""Check every exported graph against the PyTorch checkpoint right after export.
+
+Each graph gets the reference's own inputs (block N gets HF's hidden state at its first layer), so a
+mismatch points at one graph. Blocks run twice: a prefill over the first positions with an empty
+cache, then the remaining positions with the K/V the prefill returned, which checks the cache path.
+All mismatches are collected and raised together as one ExportValidationError.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from safesteer_runtime import manifest as m
+from safesteer_runtime.errors import ExportValidationError
+from safesteer_runtime.masks import causal_mask
+
+RTOL = 1e-4  # of the reference's largest magnitude
+ATOL = 1e-4
+
+
+@dataclass
+class Reference:
+    input_ids: np.ndarray  # [1, n]
+    pixel_values: np.ndarray | None
+    layer_inputs: list[np.ndarray]  # hidden state entering layer i
+    last_hidden: np.ndarray  # leaving the last layer, before the final norm
+    logits: np.ndarray
+
+
+@dataclass
+class ValidationReport:
+    max_diff: dict[str, float] = field(default_factory=dict)
+    mismatches: list[str] = field(default_factory=list)
+
+    def check(self, name: str, got: np.ndarray, want: np.ndarray) -> None:
+        if got.shape != want.shape:
+            self.mismatches.append(f"{name}: shape {got.shape}, PyTorch {want.shape}")
+            return
+        diff = float(np.max(np.abs(got.astype(np.float64) - want))) if got.size else 0.0
+        self.max_diff[name] = diff
+        limit = ATOL + RTOL * float(np.max(np.abs(want))) if want.size else ATOL
+        if not np.isfinite(diff) or diff > limit:
+            self.mismatches.append(f"{name}: max |diff| {diff:.3g} > tolerance {limit:.3g}")
+
+    def raise_if_failed(self) -> None:
+        if self.mismatches:
+            raise ExportValidationError(self.mismatches)
+
+
+def sample_inputs(family, image_info, image_hw, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    vocab = family.sizes().vocab_size
+    text = rng.integers(3, vocab - 1, size=12)
+    if image_info is None:
+        return text[None, :].astype(np.int64), None
+    image = np.full(image_info.tokens_per_image, image_info.image_token_id)
+    ids = np.concatenate([text[:3], image, text[3:]])
+    pixels = rng.standard_normal((1, 3, *image_hw)).astype(np.float32)
+    return ids[None, :].astype(np.int64), pixels
+
+
+@torch.no_grad()
+def reference(family, input_ids: np.ndarray, pixel_values: np.ndarray | None) -> Reference:
+    layers = family.text.layers
+    inputs: dict[int, np.ndarray] = {}
+    outputs: dict[int, np.ndarray] = {}
+
+    def grab_in(i):
+        def hook(_mod, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            inputs[i] = hidden.detach().numpy().copy()
+        return hook
+
+    def grab_out(i):
+        def hook(_mod, _args, out):
+            outputs[i] = (out[0] if isinstance(out, tuple) else out).detach().numpy().copy()
+        return hook
+
+    handles = [layer.register_forward_pre_hook(grab_in(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    handles += [layers[-1].register_forward_hook(grab_out(len(layers) - 1))]
+    try:
+        kwargs = {"input_ids": torch.from_numpy(input_ids), "use_cache": False}
+        if pixel_values is not None:
+            kwargs["pixel_values"] = torch.from_numpy(pixel_values)
+        logits = family.model(**kwargs).logits.numpy()
+    finally:
+        for h in handles:
+            h.remove()
+    return Reference(input_ids, pixel_values, [inputs[i] for i in range(len(layers))], outputs[len(layers) - 1], logits)
+
+
+def _session(path) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def validate_block(report: ValidationReport, path, ref: Reference, first: int, count: int, sizes) -> None:
+    sess = _session(path)
+    n = ref.input_ids.shape[1]
+    split = n - 4
+    want = ref.layer_inputs[first + count] if first + count < len(ref.layer_inputs) else ref.last_hidden
+    hidden = ref.layer_inputs[first]
+    empty = np.zeros((1, 0, sizes.num_kv_heads, sizes.head_dim), np.float32)
+    feeds = {m.HIDDEN_IN: hidden[:, :split], m.ATTENTION_MASK: causal_mask(0, split),
+             m.POSITION_IDS: np.arange(split, dtype=np.int64)[None]}
+    for i in range(first, first + count):
+        feeds[m.past_key(i)] = feeds[m.past_value(i)] = empty
+    names = [o.name for o in sess.get_outputs()]
+    prefill = dict(zip(names, sess.run(None, feeds)))
+    report.check(f"block {first}-{first + count - 1} prefill {m.HIDDEN_OUT}", prefill[m.HIDDEN_OUT], want[:, :split])
+    feeds = {m.HIDDEN_IN: hidden[:, split:], m.ATTENTION_MASK: causal_mask(split, n - split),
+             m.POSITION_IDS: np.arange(split, n, dtype=np.int64)[None]}
+    for i in range(first, first + count):
+        feeds[m.past_key(i)] = prefill[m.new_key(i)]
+        feeds[m.past_value(i)] = prefill[m.new_value(i)]
+    decode = dict(zip(names, sess.run(None, feeds)))
+    report.check(f"block {first}-{first + count - 1} cached {m.HIDDEN_OUT}", decode[m.HIDDEN_OUT], want[:, split:])
+
+
+def validate_head(report: ValidationReport, path, ref: Reference, k: int = 5) -> None:
+    logits, top_lp, top_ids = _session(path).run(None, {m.HIDDEN_IN: ref.last_hidden, m.TOP_K: np.array([k])})
+    report.check(f"head {m.LOGITS}", logits, ref.logits)
+    lp = torch.log_softmax(torch.from_numpy(ref.logits).double(), dim=-1)
+    report.check(f"head {m.TOPK_LOGPROBS}", top_lp, torch.topk(lp, k, dim=-1).values.numpy())
+    chosen = np.take_along_axis(lp.numpy(), top_ids, axis=-1)
+    report.check(f"head {m.TOPK_IDS} (log-prob of the returned ids)", chosen, top_lp.astype(np.float64))
+
+
+@torch.no_grad()
+def validate_embed(report: ValidationReport, path, family, ref: Reference) -> None:
+    (got,) = _session(path).run(None, {m.INPUT_IDS: ref.input_ids})
+    report.check(f"embed {m.INPUTS_EMBEDS}", got, family.embed(torch.from_numpy(ref.input_ids)).numpy())
+
+
+@torch.no_grad()
+def validate_vision(report: ValidationReport, path, family, ref: Reference) -> None:
+    (got,) = _session(path).run(None, {m.PIXEL_VALUES: ref.pixel_values})
+    want = family.vision_module()(torch.from_numpy(ref.pixel_values)).numpy()
+    report.check(f"vision {m.IMAGE_FEATURES}", got, want)

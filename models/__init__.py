@@ -1,0 +1,12 @@
+"""safesteer_models: one small class per supported Hugging Face architecture (export side, uses torch).
+
+A family says where a checkpoint keeps its decoder layers, embeddings, head and vision tower, how one
+decoder layer runs with an external KV cache and a 4-D additive mask, and how its images are
+preprocessed. ``family_for`` looks one up by the checkpoint's ``architectures`` entry.
+"""
+
+from .registry import family_for, family_class, register, supported_architectures
+from . import llama as _llama  # noqa: F401  (registers LlamaForCausalLM, Qwen2ForCausalLM)
+from . import llava as _llava  # noqa: F401  (registers LlavaForConditionalGeneration)
+
+__all__ = ["family_for", "family_class", "register", "supported_architectures"]

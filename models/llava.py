@@ -1,0 +1,141 @@
+"""LlavaForConditionalGeneration: a vision tower (CLIP, SigLIP or DINOv2), a projector, a Llama/Qwen2 LM."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from safesteer_runtime.errors import UnsupportedArchitectureError
+from safesteer_runtime.manifest import ImageInfo
+
+from .base import Family, TextStack
+from .llama import TEXT_FAMILIES
+from .registry import register
+
+VISION_TOWERS = ("clip_vision_model", "siglip_vision_model", "dinov2")
+_RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}  # PIL enum values
+
+
+class LlavaVision(nn.Module):
+    """pixel_values -> tower hidden states at the feature layer -> (drop CLS) -> projector."""
+
+    def __init__(self, tower: nn.Module, projector: nn.Module, feature_layer: int, strategy: str):
+        super().__init__()
+        if not isinstance(feature_layer, int):
+            raise UnsupportedArchitectureError(
+                "LLaVA checkpoints with a list of vision_feature_layer values are not supported yet"
+            )
+        self.tower, self.projector = tower, projector
+        self.feature_layer, self.strategy = feature_layer, strategy
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        states = self.tower(pixel_values, output_hidden_states=True).hidden_states[self.feature_layer]
+        if self.strategy == "default":
+            states = states[:, 1:]
+        return self.projector(states)
+
+
+@register("LlavaForConditionalGeneration")
+class LlavaFamily(Family):
+    name = "llava"
+
+    def __init__(self, model: nn.Module):
+        cfg = model.config
+        text_type = cfg.text_config.model_type
+        if text_type not in TEXT_FAMILIES:
+            raise UnsupportedArchitectureError(
+                f"LLaVA with a {text_type!r} language model is not supported; supported: {sorted(TEXT_FAMILIES)}"
+            )
+        if cfg.vision_config.model_type not in VISION_TOWERS:
+            raise UnsupportedArchitectureError(
+                f"LLaVA with a {cfg.vision_config.model_type!r} vision tower is not supported; "
+                f"supported: {list(VISION_TOWERS)}"
+            )
+        self._text_family = TEXT_FAMILIES[text_type]
+        super().__init__(model)
+
+    def text_stack(self) -> TextStack:
+        lm = self.model.model.language_model
+        return TextStack(
+            config=self.model.config.text_config,
+            embed_tokens=lm.embed_tokens,
+            layers=lm.layers,
+            norm=lm.norm,
+            lm_head=self.model.lm_head,
+            rotary=lm.rotary_emb,
+        )
+
+    def layer_forward(self, layer, hidden, mask, cos, sin, past_k, past_v):
+        return self._text_family.layer_forward(layer, hidden, mask, cos, sin, past_k, past_v)
+
+    def vision_module(self) -> nn.Module:
+        cfg = self.model.config
+        return LlavaVision(
+            self.model.model.vision_tower,
+            self.model.model.multi_modal_projector,
+            cfg.vision_feature_layer,
+            cfg.vision_feature_select_strategy,
+        ).eval()
+
+    def image_info(self, model_dir: Path, tokenizer) -> Optional[ImageInfo]:
+        from transformers import AutoImageProcessor
+
+        proc = AutoImageProcessor.from_pretrained(str(model_dir), local_files_only=True)
+        size = dict(proc.size)
+        if size.get("shortest_edge"):
+            resize, dims = "shortest_edge", (int(size["shortest_edge"]),)
+        else:
+            resize, dims = "exact", (int(size["height"]), int(size["width"]))
+        if not proc.do_resize:
+            resize = "none"
+        crop = None
+        if getattr(proc, "do_center_crop", False):
+            crop = (int(proc.crop_size["height"]), int(proc.crop_size["width"]))
+        height, width = crop or (dims * 2 if len(dims) == 1 else dims)
+        with torch.no_grad():
+            tokens = self.vision_module()(torch.zeros(1, 3, height, width)).shape[1]
+        image_token_id = self.model.config.image_token_id
+        return ImageInfo(
+            image_token=tokenizer.convert_ids_to_tokens(image_token_id),
+            image_token_id=image_token_id,
+            tokens_per_image=int(tokens),
+            resize=resize,
+            size=dims,
+            resample=_RESAMPLE_NAMES[int(proc.resample)],
+            crop=crop,
+            rescale_factor=float(proc.rescale_factor) if proc.do_rescale else None,
+            mean=tuple(float(x) for x in proc.image_mean) if proc.do_normalize else None,
+            std=tuple(float(x) for x in proc.image_std) if proc.do_normalize else None,
+            convert_rgb=bool(getattr(proc, "do_convert_rgb", True)),
+        )
+
+    @classmethod
+    def tiny_configs(cls, vocab_size: int) -> dict[str, object]:
+        from transformers import CLIPVisionConfig, Dinov2Config, LlavaConfig, SiglipVisionConfig
+
+        from .llama import LlamaFamily, Qwen2Family
+
+        def llava(vision, text, **kw):
+            return LlavaConfig(
+                vision_config=vision, text_config=text, image_token_id=vocab_size - 1,
+                tie_word_embeddings=text.tie_word_embeddings, **kw,
+            )
+
+        small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+        return {
+            "clip-llama": llava(
+                CLIPVisionConfig(image_size=28, patch_size=14, **small), LlamaFamily.text_config(vocab_size)
+            ),
+            "siglip-qwen2": llava(
+                SiglipVisionConfig(image_size=28, patch_size=14, **small),
+                Qwen2Family.text_config(vocab_size, tie_word_embeddings=True),
+                vision_feature_select_strategy="full",
+                vision_feature_layer=-1,
+            ),
+            "dinov2-llama": llava(
+                Dinov2Config(image_size=28, patch_size=14, **small), LlamaFamily.text_config(vocab_size)
+            ),
+        }

@@ -1,0 +1,110 @@
+"""Runs the artifact's graphs: vision, embed, the decoder blocks in order, and the head.
+
+Blocks are called through IOBinding over host memory: the past K/V are bound as views into the
+preallocated cache and the new K/V outputs are bound straight into the cache slots after them, so a
+decode step allocates nothing but the small hidden-state buffers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from . import manifest as m
+from .kv_cache import KVCache
+from .sessions import SessionConfig, open_session
+
+_ORT_TYPES = {np.dtype(np.float32): np.float32, np.dtype(np.int64): np.int64, np.dtype(np.float16): np.float16}
+
+
+def _bind_in(io: ort.IOBinding, name: str, array: np.ndarray) -> None:
+    assert array.flags.c_contiguous, name
+    io.bind_input(name, "cpu", 0, _ORT_TYPES[array.dtype], list(array.shape), array.ctypes.data)
+
+
+def _bind_out(io: ort.IOBinding, name: str, array: np.ndarray) -> None:
+    assert array.flags.c_contiguous, name
+    io.bind_output(name, "cpu", 0, _ORT_TYPES[array.dtype], list(array.shape), array.ctypes.data)
+
+
+@dataclass
+class Block:
+    entry: m.GraphEntry
+    session: ort.InferenceSession
+
+    @property
+    def layers(self) -> range:
+        return range(self.entry.first_layer, self.entry.first_layer + self.entry.num_layers)
+
+
+class Engine:
+    def __init__(self, root: Path, manifest: m.Manifest, cfg: SessionConfig):
+        self.manifest = manifest
+        self.sizes = manifest.sizes
+
+        def load(entry: m.GraphEntry) -> ort.InferenceSession:
+            return open_session(root / entry.file.path, cfg)
+
+        vision = manifest.graphs_of(m.ROLE_VISION)
+        self.vision = load(vision[0]) if vision else None
+        self.embed = load(manifest.graphs_of(m.ROLE_EMBED)[0])
+        self.blocks = [Block(e, load(e)) for e in sorted(manifest.graphs_of(m.ROLE_BLOCK), key=lambda e: e.first_layer)]
+        self.head = load(manifest.graphs_of(m.ROLE_HEAD)[0])
+
+    def providers(self) -> dict[str, str]:
+        """Which execution provider each graph's session got (the first one it will use)."""
+        sessions = {"embed": self.embed, "head": self.head}
+        if self.vision is not None:
+            sessions["vision"] = self.vision
+        sessions.update({f"block_{b.entry.first_layer:02d}": b.session for b in self.blocks})
+        return {name: s.get_providers()[0] for name, s in sessions.items()}
+
+    def new_cache(self, capacity: int) -> KVCache:
+        s = self.sizes
+        return KVCache(s.num_layers, capacity, s.num_kv_heads, s.head_dim)
+
+    def image_features(self, pixel_values: np.ndarray) -> np.ndarray:
+        (features,) = self.vision.run([m.IMAGE_FEATURES], {m.PIXEL_VALUES: pixel_values})
+        return features
+
+    def embed_ids(self, ids: np.ndarray) -> np.ndarray:
+        (embeds,) = self.embed.run([m.INPUTS_EMBEDS], {m.INPUT_IDS: ids})
+        return embeds
+
+    def forward(self, hidden: np.ndarray, mask: np.ndarray, cache: KVCache) -> np.ndarray:
+        """Run every block over ``hidden`` [1, rows, H]; new K/V land in the cache slots after ``cache.length``.
+
+        The cache length is not advanced: the caller commits the rows it keeps.
+        """
+        rows = hidden.shape[1]
+        positions = np.arange(cache.length, cache.length + rows, dtype=np.int64)[None]
+        return self.forward_at(hidden, mask, positions, cache)
+
+    def forward_at(self, hidden: np.ndarray, mask: np.ndarray, positions: np.ndarray, cache: KVCache) -> np.ndarray:
+        hidden = np.ascontiguousarray(hidden, dtype=np.float32)
+        mask = np.ascontiguousarray(mask)
+        rows = hidden.shape[1]
+        for block in self.blocks:
+            io = block.session.io_binding()
+            _bind_in(io, m.HIDDEN_IN, hidden)
+            _bind_in(io, m.ATTENTION_MASK, mask)
+            _bind_in(io, m.POSITION_IDS, positions)
+            out = np.empty_like(hidden)
+            _bind_out(io, m.HIDDEN_OUT, out)
+            for layer in block.layers:
+                past_k, past_v = cache.past(layer)
+                new_k, new_v = cache.slot(layer, rows)
+                _bind_in(io, m.past_key(layer), past_k)
+                _bind_in(io, m.past_value(layer), past_v)
+                _bind_out(io, m.new_key(layer), new_k)
+                _bind_out(io, m.new_value(layer), new_v)
+            block.session.run_with_iobinding(io)
+            hidden = out
+        return hidden
+
+    def logits(self, hidden: np.ndarray, top_k: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Head over ``hidden`` [1, rows, H] -> (logits, top-k log-probs, top-k ids)."""
+        return tuple(self.head.run(None, {m.HIDDEN_IN: hidden, m.TOP_K: np.array([top_k], dtype=np.int64)}))

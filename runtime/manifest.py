@@ -1,0 +1,261 @@
+"""The artifact contract: every manifest key and graph IO name lives here, and only here.
+
+The exporter imports this module to write ``manifest.json``; the runtime imports it to read one.
+Each dataclass field is a key of the JSON document; ``load_manifest`` rejects unknown or missing keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from .errors import ArtifactError
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+# Graph roles, in the order the runtime runs them.
+ROLE_VISION = "vision"
+ROLE_EMBED = "embed"
+ROLE_BLOCK = "block"
+ROLE_HEAD = "head"
+
+# Graph input / output names. Symbolic dims are named in the graphs (batch, sequence_length, ...).
+PIXEL_VALUES = "pixel_values"  # vision in:  [num_images, 3, H, W] float
+IMAGE_FEATURES = "image_features"  # vision out: [num_images, tokens_per_image, hidden]
+INPUT_IDS = "input_ids"  # embed in:   [batch, sequence_length] int64
+INPUTS_EMBEDS = "inputs_embeds"  # embed out:  [batch, sequence_length, hidden]
+HIDDEN_IN = "hidden_states"  # block in:   [batch, sequence_length, hidden]
+HIDDEN_OUT = "hidden_states_out"  # block out
+ATTENTION_MASK = "attention_mask"  # block in: [batch, 1, sequence_length, total_sequence_length], additive
+POSITION_IDS = "position_ids"  # block in: [batch, sequence_length] int64
+LOGITS = "logits"  # head out: [batch, sequence_length, vocab]
+TOP_K = "top_k"  # head in: [1] int64, how many candidates TopK returns
+TOPK_LOGPROBS = "topk_logprobs"  # head out: [batch, sequence_length, top_k] log-softmax values
+TOPK_IDS = "topk_ids"  # head out: [batch, sequence_length, top_k] int64
+
+
+def past_key(layer: int) -> str:
+    """Block input: cached keys of a layer, [batch, past_sequence_length, kv_heads, head_dim]."""
+    return f"past_key.{layer}"
+
+
+def past_value(layer: int) -> str:
+    return f"past_value.{layer}"
+
+
+def new_key(layer: int) -> str:
+    """Block output: the keys of this call's positions (RoPE applied), [batch, sequence_length, kv_heads, head_dim]."""
+    return f"new_key.{layer}"
+
+
+def new_value(layer: int) -> str:
+    return f"new_value.{layer}"
+
+
+@dataclass(frozen=True)
+class FileRef:
+    path: str  # relative to the artifact directory
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class GraphEntry:
+    role: str
+    file: FileRef
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    data_files: tuple[FileRef, ...] = ()  # ONNX external data, when a graph is over the protobuf limit
+    first_layer: int = -1  # blocks: global index of the first decoder layer in the graph
+    num_layers: int = 0  # blocks: how many decoder layers the graph holds
+
+
+@dataclass(frozen=True)
+class ModelSizes:
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    max_positions: int
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    tokenizer_file: str
+    chat_template_file: Optional[str]
+    bos_token: Optional[str]
+    eos_token: Optional[str]
+    pad_token: Optional[str]
+    bos_token_id: Optional[int]
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: Optional[int]
+    add_bos_token: bool  # prepend BOS to raw (non-chat) prompts
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """Image preprocessing equal to the model's HF image processor, and how images enter the prompt."""
+
+    image_token: str  # the placeholder a chat template writes once per image
+    image_token_id: int
+    tokens_per_image: int  # the placeholder expands to this many ids, one per image feature
+    resize: str  # "shortest_edge" | "exact" | "none"
+    size: tuple[int, ...]  # (shortest_edge,) or (height, width)
+    resample: str  # "nearest" | "bilinear" | "bicubic" | "lanczos"
+    crop: Optional[tuple[int, int]]  # center crop (height, width), None = no crop
+    rescale_factor: Optional[float]
+    mean: Optional[tuple[float, float, float]]
+    std: Optional[tuple[float, float, float]]
+    convert_rgb: bool
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    tool_version: str
+    block_size: int
+    source: str  # the checkpoint's name or folder name (never an absolute path)
+    opset: int
+    safety_calibrated: bool
+
+
+@dataclass(frozen=True)
+class Manifest:
+    schema_version: int
+    family: str
+    architecture: str
+    dtype: str
+    sizes: ModelSizes
+    graphs: tuple[GraphEntry, ...]
+    tokenizer: TokenizerInfo
+    export: ExportInfo
+    image: Optional[ImageInfo] = None
+    # SafeSteer calibration (probe block, vectors, default knobs); None when exported with --no-safety.
+    safety: Optional[dict[str, Any]] = None
+    extra_files: tuple[FileRef, ...] = field(default=())  # tokenizer, template, reports: hashed too
+
+    def graphs_of(self, role: str) -> list[GraphEntry]:
+        return [g for g in self.graphs if g.role == role]
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False) + "\n"
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_ref(root: Path, path: Path) -> FileRef:
+    return FileRef(path=path.relative_to(root).as_posix(), sha256=sha256_of(path), size=path.stat().st_size)
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(args[0], value, where)
+    if dataclasses.is_dataclass(tp):
+        return _from_dict(tp, value, where)
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ArtifactError(f"manifest key '{where}' must be a list, got {type(value).__name__}")
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ArtifactError(f"manifest key '{where}' must have {len(args)} items, got {len(value)}")
+        return tuple(_convert(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ArtifactError(f"manifest key '{where}' must be an object")
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, str, bool, float):
+        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+            raise ArtifactError(f"manifest key '{where}' must be {tp.__name__}, got {value!r}")
+        return value
+    raise TypeError(f"schema type {tp!r} is not handled")  # a bug in this module, not in the artifact
+
+
+def _from_dict(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ArtifactError(f"manifest key '{where}' must be an object")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ArtifactError(f"manifest '{where}' has unknown keys {unknown}: written by a newer safesteer?")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        key = f"{where}.{f.name}" if where else f.name
+        if f.name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ArtifactError(f"manifest is missing key '{key}'")
+            continue
+        kwargs[f.name] = _convert(hints[f.name], data[f.name], key)
+    return cls(**kwargs)
+
+
+def parse_manifest(text: str) -> Manifest:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{MANIFEST_NAME} is not valid JSON ({exc}); re-export the artifact") from None
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{MANIFEST_NAME} must hold a JSON object; re-export the artifact")
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ArtifactError(
+            f"manifest schema_version {version!r} is not supported by this runtime (it reads version "
+            f"{SCHEMA_VERSION}); re-export the model with a matching safesteer-export or upgrade safesteer"
+        )
+    return _from_dict(Manifest, data, "")
+
+
+def load_manifest(artifact_dir: str | Path, *, verify_files: bool = True) -> Manifest:
+    """Read and check an artifact's manifest; with ``verify_files`` every listed file's size and sha256 too."""
+    root = Path(artifact_dir)
+    path = root / MANIFEST_NAME
+    if not root.is_dir():
+        raise ArtifactError(f"artifact directory {root} does not exist; build one with `safesteer-export`")
+    if not path.is_file():
+        raise ArtifactError(f"{path} is missing: {root} is not a safesteer artifact; build one with `safesteer-export`")
+    manifest = parse_manifest(path.read_text(encoding="utf-8"))
+    refs = [g.file for g in manifest.graphs] + [d for g in manifest.graphs for d in g.data_files]
+    refs += list(manifest.extra_files)
+    for ref in refs:
+        check_file(root, ref, hash_it=verify_files)
+    return manifest
+
+
+def check_file(root: Path, ref: FileRef, *, hash_it: bool) -> Path:
+    path = root / ref.path
+    if not path.is_file():
+        raise ArtifactError(f"artifact file {ref.path} is missing from {root}; re-copy or re-export the artifact")
+    size = path.stat().st_size
+    if size != ref.size:
+        raise ArtifactError(
+            f"artifact file {ref.path} has {size} bytes, the manifest says {ref.size}: the copy is "
+            "truncated or was modified; re-copy or re-export the artifact"
+        )
+    if hash_it and sha256_of(path) != ref.sha256:
+        raise ArtifactError(
+            f"artifact file {ref.path} fails its sha256 check: the file is corrupt or was modified; "
+            "re-copy or re-export the artifact"
+        )
+    return path

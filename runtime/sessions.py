@@ -1,0 +1,75 @@
+"""Execution-provider choice and onnxruntime session creation."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import onnxruntime as ort
+
+from .errors import ArtifactError, ConfigError
+
+log = logging.getLogger("safesteer.runtime")
+
+TENSORRT = "TensorrtExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+AUTO_ORDER = (TENSORRT, CUDA, CPU)
+
+Providers = Union[str, Sequence[str]]
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    providers: tuple[str, ...]
+    intra_op_threads: int = 0  # 0 = onnxruntime's default (one per physical core)
+    cache_dir: Optional[Path] = None  # TensorRT engine + timing caches
+
+    def __post_init__(self):
+        if self.intra_op_threads < 0:
+            raise ConfigError(f"threads must be >= 0 (0 = onnxruntime default), got {self.intra_op_threads}")
+
+
+def resolve_providers(providers: Providers = "auto") -> tuple[str, ...]:
+    """'auto' = TensorRT, then CUDA, then CPU, keeping those this onnxruntime build has."""
+    available = ort.get_available_providers()
+    if providers == "auto":
+        return tuple(p for p in AUTO_ORDER if p in available)
+    names = [providers] if isinstance(providers, str) else list(providers)
+    if not names:
+        raise ConfigError("providers must be 'auto' or a non-empty list of execution provider names")
+    missing = [p for p in names if p not in available]
+    if missing:
+        raise ConfigError(
+            f"execution provider(s) {missing} are not available in this onnxruntime build (available: {available}). "
+            "For CUDA/TensorRT install safesteer[gpu] (onnxruntime-gpu) *instead of* safesteer[cpu]."
+        )
+    if CPU not in names:
+        names.append(CPU)  # nodes a GPU provider cannot take fall back to the CPU
+    return tuple(names)
+
+
+def _provider_options(name: str, cfg: SessionConfig) -> dict:
+    if name == TENSORRT and cfg.cache_dir is not None:
+        cache = str(cfg.cache_dir)
+        return {"trt_engine_cache_enable": "True", "trt_engine_cache_path": cache,
+                "trt_timing_cache_enable": "True", "trt_timing_cache_path": cache}
+    return {}
+
+
+def open_session(path: Path, cfg: SessionConfig) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if cfg.intra_op_threads:
+        opts.intra_op_num_threads = cfg.intra_op_threads
+    providers = [(p, _provider_options(p, cfg)) for p in cfg.providers]
+    try:
+        return ort.InferenceSession(str(path), opts, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own exception types for unreadable graphs
+        raise ArtifactError(
+            f"onnxruntime could not load {path.name} ({type(exc).__name__}: {exc}); the file is corrupt "
+            "or from an incompatible exporter; re-export the artifact"
+        ) from exc

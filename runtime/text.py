@@ -1,0 +1,93 @@
+"""Tokenization (``tokenizers``), chat templates in a sandboxed Jinja environment, streaming detokenization."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Optional
+
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+
+from .errors import ArtifactError, InputError
+from .manifest import TokenizerInfo
+
+
+class TextCodec:
+    def __init__(self, root: Path, info: TokenizerInfo):
+        try:
+            self.tokenizer = Tokenizer.from_file(str(root / info.tokenizer_file))
+        except Exception as exc:  # tokenizers raises a bare Exception on a bad file
+            raise ArtifactError(f"{info.tokenizer_file} could not be read ({exc}); re-export the artifact") from exc
+        self.info = info
+
+    def encode(self, text: str, *, add_bos: bool) -> list[int]:
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        if add_bos and self.info.bos_token_id is not None and (not ids or ids[0] != self.info.bos_token_id):
+            ids = [self.info.bos_token_id] + ids
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+class IncrementalDecoder:
+    """Turns a growing id list into text pieces without splitting multi-byte characters."""
+
+    def __init__(self, codec: TextCodec):
+        self.codec = codec
+        self.ids: list[int] = []
+        self.prefix = 0  # ids before this are settled
+        self.read = 0  # text of ids[prefix:read] was already emitted
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        before = self.codec.decode(self.ids[self.prefix : self.read])
+        after = self.codec.decode(self.ids[self.prefix :])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return after[len(before) :]
+        return ""
+
+
+def _tojson(value: Any, indent: Optional[int] = None, ensure_ascii: bool = False, sort_keys: bool = False) -> str:
+    return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, sort_keys=sort_keys)
+
+
+def _raise(message: str):
+    raise TemplateError(message)
+
+
+class ChatTemplate:
+    """A model's chat template, rendered with no access to Python internals (ImmutableSandboxedEnvironment)."""
+
+    def __init__(self, source: str, info: TokenizerInfo):
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env.filters["tojson"] = _tojson
+        env.globals["raise_exception"] = _raise
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        try:
+            self.template = env.from_string(source)
+        except TemplateError as exc:
+            raise ArtifactError(f"the artifact's chat template does not parse ({exc}); re-export the artifact") from exc
+        self.info = info
+        # Templates that walk content lists themselves ({"type": "image"} parts); others get plain strings.
+        self.takes_content_lists = "'type'" in source or '"type"' in source or ".type" in source
+
+    def render(self, messages: list[dict], *, add_generation_prompt: bool = True) -> str:
+        try:
+            return self.template.render(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                bos_token=self.info.bos_token or "", eos_token=self.info.eos_token or "",
+                pad_token=self.info.pad_token or "",
+            )
+        except TemplateError as exc:
+            raise InputError(f"the chat template rejected these messages: {exc}") from exc
+
+
+def load_chat_template(root: Path, info: TokenizerInfo) -> Optional[ChatTemplate]:
+    if info.chat_template_file is None:
+        return None
+    return ChatTemplate((root / info.chat_template_file).read_text(encoding="utf-8"), info)

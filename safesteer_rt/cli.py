@@ -1,0 +1,67 @@
+"""safesteer-generate ARTIFACT --prompt ... [--image PATH] [--max-new-tokens N] [--json]"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from safesteer_runtime.errors import SafeSteerError
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="safesteer-generate", description="Generate text from a safesteer artifact.")
+    p.add_argument("artifact", help="artifact directory written by safesteer-export")
+    p.add_argument("--prompt", required=True, help="the user message (rendered with the chat template)")
+    p.add_argument("--system", default=None, help="optional system message")
+    p.add_argument("--raw", action="store_true", help="send --prompt as raw text, without the chat template")
+    p.add_argument("--image", action="append", default=[], help="image file (repeatable)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--providers", default="auto", help="'auto' or a comma-separated list of onnxruntime EPs")
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads (0 = onnxruntime default)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from safesteer_rt import Generator
+
+    try:
+        providers = args.providers if args.providers == "auto" else args.providers.split(",")
+        gen = Generator(args.artifact, providers=providers, threads=args.threads)
+        knobs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
+                     top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop)
+        if args.raw:
+            request = dict(prompt=args.prompt, images=args.image or None)
+        else:
+            content = [{"type": "image", "image": path} for path in args.image]
+            content.append({"type": "text", "text": args.prompt})
+            messages = ([{"role": "system", "content": args.system}] if args.system else [])
+            messages.append({"role": "user", "content": content})
+            request = dict(messages=messages)
+        if args.json:
+            result = gen.generate(**request, **knobs)
+            print(json.dumps({
+                "text": result.text, "token_ids": result.token_ids, "finish_reason": result.finish_reason,
+                "timings": result.timings.as_dict(), "providers": gen.providers,
+                "safety_trace": result.safety_trace,
+            }, indent=2))
+        else:
+            for piece in gen.stream(**request, **knobs):
+                print(piece, end="", flush=True)
+            print()
+    except SafeSteerError as exc:
+        print(f"safesteer-generate: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Shared fixtures: tiny random-init checkpoints of every registered family, exported once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n"
+    "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "How do I bake bread at home? Mix flour, water, salt and yeast.",
+    "Safety matters: refuse harmful requests, answer ordinary questions helpfully.",
+    "Images of cats and dogs, numbers 0123456789, punctuation !?.,;:",
+] * 4
+
+
+def build_tokenizer(out: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|im_end|>", unk_token="<unk>")
+    fast.add_special_tokens({"additional_special_tokens": ["<image>"]})  # last id
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(str(out))
+    return fast
+
+
+def tiny_variants() -> list[tuple[str, str]]:
+    """(architecture, variant) for every registered family's tiny configs."""
+    from safesteer_models import family_class, supported_architectures
+
+    return [(arch, variant) for arch in supported_architectures() for variant in family_class(arch).tiny_configs(8)]
+
+
+def build_checkpoint(arch: str, variant: str, out: Path) -> Path:
+    import torch
+    import transformers
+
+    from safesteer_models import family_class
+
+    tok = build_tokenizer(out)
+    cfg = family_class(arch).tiny_configs(len(tok))[variant]
+    text_cfg = getattr(cfg, "text_config", cfg)
+    for c in {id(cfg): cfg, id(text_cfg): text_cfg}.values():
+        c.bos_token_id, c.eos_token_id, c.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    if hasattr(cfg, "image_token_id"):
+        cfg.image_token_id = tok.convert_tokens_to_ids("<image>")
+    cfg.architectures = [arch]
+    torch.manual_seed(1234)
+    model = getattr(transformers, arch)(cfg).eval()
+    with torch.no_grad():  # sharper logits than the default init: fewer near-ties in greedy parity
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 and "vision" not in name:
+                p.normal_(0.0, 0.15)
+    model.save_pretrained(str(out))
+    if hasattr(cfg, "vision_config"):
+        from transformers import CLIPImageProcessorPil, SiglipImageProcessorPil
+
+        if cfg.vision_config.model_type == "siglip_vision_model":
+            proc = SiglipImageProcessorPil(size={"height": 28, "width": 28})
+        else:
+            proc = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 28, "width": 28})
+        proc.save_pretrained(str(out))
+    return out
+
+
+class ArtifactFactory:
+    def __init__(self, root: Path):
+        self.root = root
+        self.cache: dict[tuple, Path] = {}
+
+    def checkpoint(self, arch: str, variant: str) -> Path:
+        key = ("ckpt", arch, variant)
+        if key not in self.cache:
+            self.cache[key] = build_checkpoint(arch, variant, self.root / f"{arch}-{variant}")
+        return self.cache[key]
+
+    def artifact(self, arch: str, variant: str, block_size: int = 2) -> Path:
+        from safesteer_export.pipeline import ExportConfig, export_artifact
+
+        key = ("art", arch, variant, block_size)
+        if key not in self.cache:
+            out = self.root / f"art-{arch}-{variant}-b{block_size}"
+            export_artifact(ExportConfig(self.checkpoint(arch, variant), out, block_size=block_size, safety=False))
+            self.cache[key] = out
+        return self.cache[key]
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> ArtifactFactory:
+    return ArtifactFactory(tmp_path_factory.mktemp("tiny"))

@@ -1,0 +1,82 @@
+"""Every registered family, tiny random weights: export -> Generator == transformers, token for token."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import tiny_variants
+from safesteer_rt import Generator
+
+NEW_TOKENS = 32
+LOGIT_ATOL = 2e-4  # fp32 graphs vs PyTorch eager, max |diff| over the vocabulary
+
+
+def hf_model(ckpt):
+    import json
+
+    import transformers
+
+    arch = json.loads((ckpt / "config.json").read_text())["architectures"][0]
+    return getattr(transformers, arch).from_pretrained(str(ckpt), dtype=torch.float32,
+                                                       attn_implementation="eager").eval()
+
+
+def test_image(seed: int = 0, size=(40, 30)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8))
+
+
+test_image.__test__ = False  # a helper, not a test
+
+
+def hf_greedy(model, ids, pixel_values=None, n=NEW_TOKENS):
+    kwargs = {"pixel_values": torch.from_numpy(pixel_values)} if pixel_values is not None else {}
+    out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, **kwargs)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("block_size", [1, 3, 0])
+@pytest.mark.parametrize("arch,variant", tiny_variants())
+def test_greedy_tokens_match_transformers(tiny, arch, variant, block_size):
+    gen = Generator(tiny.artifact(arch, variant, block_size))
+    model = hf_model(tiny.checkpoint(arch, variant))
+    messages = [{"role": "user", "content": "How do I bake bread at home?"}]
+    result = gen.generate(messages, max_new_tokens=NEW_TOKENS)
+    assert result.token_ids == hf_greedy(model, result.prompt_ids)
+    assert len(set(result.token_ids)) > 1, "degenerate tiny model: the comparison would be too weak"
+    if gen.manifest.image is not None:
+        image = test_image()
+        content = [{"type": "image", "image": image}, {"type": "text", "text": "What is in the picture?"}]
+        result = gen.generate([{"role": "user", "content": content}], max_new_tokens=NEW_TOKENS)
+        from safesteer_runtime.images import preprocess
+
+        pixels = preprocess(image, gen.manifest.image)[None]
+        assert result.token_ids == hf_greedy(model, result.prompt_ids, pixels)
+
+
+@pytest.mark.parametrize("arch,variant", tiny_variants())
+def test_logits_match_transformers(tiny, arch, variant):
+    """Prefill logits and ten cached decode steps within LOGIT_ATOL of PyTorch."""
+    from safesteer_runtime.masks import causal_mask
+
+    gen = Generator(tiny.artifact(arch, variant, 2))
+    model = hf_model(tiny.checkpoint(arch, variant))
+    ids = gen.codec.encode("Safety matters: answer ordinary questions.", add_bos=True)
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].numpy()
+    engine = gen.engine
+    cache = engine.new_cache(len(ids))
+    split = len(ids) - 10
+    hidden = engine.forward(engine.embed_ids(np.array([ids[:split]])), causal_mask(0, split), cache)
+    cache.advance(split)
+    got = [engine.logits(hidden)[0][0]]
+    for t in ids[split:]:
+        hidden = engine.forward(engine.embed_ids(np.array([[t]])), causal_mask(cache.length, 1), cache)
+        cache.advance(1)
+        got.append(engine.logits(hidden)[0][0])
+    got = np.concatenate(got)
+    assert got.shape == want.shape
+    assert np.max(np.abs(got - want)) < LOGIT_ATOL
