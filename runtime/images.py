@@ -62,13 +62,21 @@ def _center_crop(pixels: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:
     return pixels[top : top + crop_h, left : left + crop_w]
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB, with any transparency composited onto white (what HF's processors do)."""
+    if "A" in img.getbands() or img.info.get("transparency") is not None:
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
 def preprocess(image: ImageLike, info: ImageInfo) -> np.ndarray:
     """-> pixel values [3, H, W] float32."""
     img = load_image(image)
     if img.width == 0 or img.height == 0:
         raise ImageError(f"image has zero size ({img.width}x{img.height})")
-    if info.convert_rgb and img.mode != "RGB":
-        img = img.convert("RGB")
+    if info.convert_rgb:
+        img = to_rgb(img)
     if info.resize != "none":
         height, width = _resize_shape(img.height, img.width, info)
         img = img.resize((width, height), resample=_RESAMPLE[info.resample])

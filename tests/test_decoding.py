@@ -1,0 +1,65 @@
+"""Sampling, stop strings, streaming and EOS on a tiny exported model."""
+
+from __future__ import annotations
+
+import pytest
+
+from safesteer_rt import Generator
+
+LLAMA = ("LlamaForCausalLM", "gqa")
+
+
+@pytest.fixture(scope="module")
+def gen(tiny):
+    return Generator(tiny.artifact(*LLAMA))
+
+
+MSG = [{"role": "user", "content": "How do I bake bread at home?"}]
+
+
+def test_sampling_is_seeded(gen):
+    a = gen.generate(MSG, max_new_tokens=16, do_sample=True, temperature=1.3, seed=7)
+    b = gen.generate(MSG, max_new_tokens=16, do_sample=True, temperature=1.3, seed=7)
+    c = gen.generate(MSG, max_new_tokens=16, do_sample=True, temperature=1.3, seed=8)
+    assert a.token_ids == b.token_ids
+    assert a.token_ids != c.token_ids
+
+
+def test_top_k_one_is_greedy(gen):
+    greedy = gen.generate(MSG, max_new_tokens=16)
+    assert gen.generate(MSG, max_new_tokens=16, do_sample=True, top_k=1, seed=3).token_ids == greedy.token_ids
+    assert gen.generate(MSG, max_new_tokens=16, do_sample=True, top_p=1e-6, seed=3).token_ids == greedy.token_ids
+
+
+def test_stream_equals_generate(gen):
+    pieces = list(gen.stream(MSG, max_new_tokens=24))
+    assert "".join(pieces) == gen.generate(MSG, max_new_tokens=24).text
+    assert len(pieces) > 1
+
+
+def test_stop_string_truncates(gen):
+    full = gen.generate(MSG, max_new_tokens=32).text
+    assert len(full) > 6
+    stop = full[3:6]
+    cut = gen.generate(MSG, max_new_tokens=32, stop=[stop])
+    assert cut.finish_reason == "stop"
+    assert cut.text == full[: full.find(stop)]
+    assert "".join(gen.stream(MSG, max_new_tokens=32, stop=[stop])) == cut.text
+
+
+def test_eos_ends_generation(gen):
+    full = gen.generate(MSG, max_new_tokens=8)
+    eos = full.token_ids[3]  # pretend the 4th generated token is the end of sequence
+    object.__setattr__(gen.manifest.tokenizer, "eos_token_ids", (eos,))
+    try:
+        ended = gen.generate(MSG, max_new_tokens=8)
+    finally:
+        object.__setattr__(gen.manifest.tokenizer, "eos_token_ids", full_eos(gen))
+    assert ended.finish_reason == "eos"
+    assert ended.token_ids == full.token_ids[: full.token_ids.index(eos) + 1]
+
+
+def full_eos(gen):
+    from safesteer_runtime.manifest import load_manifest
+
+    return load_manifest(gen.root).tokenizer.eos_token_ids

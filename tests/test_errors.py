@@ -1,0 +1,149 @@
+"""Bad input gets a clear, typed error; the process and the Generator survive it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from safesteer_runtime.errors import (ArtifactError, ConfigError, ImageError, InputError, PromptTooLongError,
+                                      UnsupportedArchitectureError)
+from safesteer_rt import Generator
+
+LLAMA = ("LlamaForCausalLM", "gqa")
+LLAVA = ("LlavaForConditionalGeneration", "clip-llama")
+
+
+@pytest.fixture()
+def artifact_copy(tiny, tmp_path) -> Path:
+    dst = tmp_path / "artifact"
+    shutil.copytree(tiny.artifact(*LLAMA), dst)
+    return dst
+
+
+def test_unknown_architecture_lists_supported(tmp_path):
+    from safesteer_export.pipeline import ExportConfig, export_artifact
+
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["FalconForCausalLM"]}))
+    with pytest.raises(UnsupportedArchitectureError, match="LlamaForCausalLM.*Qwen2ForCausalLM|Supported"):
+        export_artifact(ExportConfig(tmp_path, tmp_path / "out", safety=False))
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_graph_file(artifact_copy):
+    (artifact_copy / "head.onnx").unlink()
+    with pytest.raises(ArtifactError, match="head.onnx is missing"):
+        Generator(artifact_copy)
+
+
+def test_sha256_mismatch(artifact_copy):
+    path = artifact_copy / "block_00.onnx"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one flipped byte
+    path.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="sha256"):
+        Generator(artifact_copy)
+
+
+def test_truncated_file(artifact_copy):
+    path = artifact_copy / "embed.onnx"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ArtifactError, match="truncated"):
+        Generator(artifact_copy)
+
+
+def test_unsupported_manifest_version(artifact_copy):
+    path = artifact_copy / "manifest.json"
+    data = json.loads(path.read_text())
+    data["schema_version"] = 99
+    path.write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match="schema_version 99"):
+        Generator(artifact_copy)
+
+
+def test_corrupt_manifest(artifact_copy):
+    (artifact_copy / "manifest.json").write_text("{not json")
+    with pytest.raises(ArtifactError, match="not valid JSON"):
+        Generator(artifact_copy)
+
+
+def test_not_an_artifact(tmp_path):
+    with pytest.raises(ArtifactError, match="safesteer-export"):
+        Generator(tmp_path)
+
+
+def test_prompt_too_long(tiny):
+    gen = Generator(tiny.artifact(*LLAMA))
+    limit = gen.manifest.sizes.max_positions
+    with pytest.raises(PromptTooLongError, match=f"context of {limit}"):
+        gen.generate(prompt_ids=[5] * (limit - 3), max_new_tokens=8)
+    assert gen.generate(prompt_ids=[5, 6, 7], max_new_tokens=2).token_ids  # still serves requests
+
+
+@pytest.mark.parametrize("knobs,match", [
+    ({"do_sample": True, "temperature": 0.0}, "temperature"),
+    ({"do_sample": True, "temperature": float("nan")}, "temperature"),
+    ({"do_sample": True, "top_p": 1.5}, "top_p"),
+    ({"do_sample": True, "top_k": -1}, "top_k"),
+    ({"seed": -3}, "seed"),
+    ({"max_new_tokens": 0}, "max_new_tokens"),
+    ({"stop": "x"}, "stop must be a list"),
+    ({"safety": True}, "SafeSteer"),
+])
+def test_invalid_knobs(tiny, knobs, match):
+    gen = Generator(tiny.artifact(*LLAMA))
+    with pytest.raises(ConfigError, match=match):
+        gen.generate(prompt="hello", **knobs)
+
+
+def test_invalid_providers(tiny):
+    with pytest.raises(ConfigError, match="not available"):
+        Generator(tiny.artifact(*LLAMA), providers=["NoSuchExecutionProvider"])
+
+
+@pytest.mark.parametrize("payload,match", [(b"", "empty"), (b"\x89PNG\r\n\x1a\nbroken", "not a readable image")])
+def test_broken_images(tiny, tmp_path, payload, match):
+    gen = Generator(tiny.artifact(*LLAVA))
+    path = tmp_path / "img.png"
+    path.write_bytes(payload)
+    with pytest.raises(ImageError, match=match):
+        gen.generate([{"role": "user", "content": [{"type": "image", "image": str(path)}]}], max_new_tokens=2)
+    with pytest.raises(ImageError, match="does not exist"):
+        gen.generate(prompt="hi", images=[str(tmp_path / "nope.png")], max_new_tokens=2)
+
+
+def test_image_on_text_only_artifact(tiny):
+    from PIL import Image
+
+    gen = Generator(tiny.artifact(*LLAMA))
+    with pytest.raises(InputError, match="no vision graph"):
+        gen.generate(prompt="hi", images=[Image.new("RGB", (8, 8))], max_new_tokens=2)
+
+
+def test_placeholder_count_mismatch(tiny):
+    from PIL import Image
+
+    gen = Generator(tiny.artifact(*LLAVA))
+    with pytest.raises(InputError, match="placeholder"):
+        gen.generate(prompt="<image><image> two?", images=[Image.new("RGB", (8, 8))], max_new_tokens=2)
+
+
+def test_exactly_one_prompt_form(tiny):
+    gen = Generator(tiny.artifact(*LLAMA))
+    with pytest.raises(InputError, match="exactly one"):
+        gen.generate(prompt="a", prompt_ids=[1, 2])
+    with pytest.raises(InputError, match="outside the vocabulary"):
+        gen.generate(prompt_ids=[10**9])
+
+
+def test_export_refuses_to_clobber(tiny, tmp_path):
+    from safesteer_export.pipeline import ExportConfig, export_artifact
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(ArtifactError, match="--overwrite"):
+        export_artifact(ExportConfig(tiny.checkpoint(*LLAMA), out, safety=False))
+    assert (out / "precious.txt").read_text() == "keep me"

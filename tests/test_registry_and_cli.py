@@ -1,0 +1,78 @@
+"""Registry meta-checks, the runtime's light imports, and the two console scripts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import tiny_variants
+
+
+def test_every_registered_family_has_tiny_test_configs():
+    from safesteer_models import family_class, supported_architectures
+
+    covered = {arch for arch, _ in tiny_variants()}
+    assert set(supported_architectures()) == covered
+    for arch in supported_architectures():
+        assert family_class(arch).tiny_configs(64), f"{arch} has no tiny config"
+    # LLaVA's tiny variants cover each supported vision tower
+    llava = family_class("LlavaForConditionalGeneration").tiny_configs(64)
+    from safesteer_models.llava import VISION_TOWERS
+
+    assert {c.vision_config.model_type for c in llava.values()} == set(VISION_TOWERS)
+
+
+def test_runtime_never_imports_torch():
+    code = ("import sys, safesteer_rt, safesteer_runtime.generator; "
+            "bad = [m for m in ('torch', 'transformers', 'safesteer_export', 'safesteer_models') if m in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_list_architectures():
+    from safesteer_export.cli import main
+
+    assert main(["--list-architectures"]) == 0
+
+
+def test_export_cli_rejects_unknown_architecture(tmp_path, capsys):
+    from safesteer_export.cli import main
+
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["MambaForCausalLM"]}))
+    assert main([str(tmp_path), "-o", str(tmp_path / "out"), "--no-safety"]) == 2
+    err = capsys.readouterr().err
+    assert "MambaForCausalLM" in err and "LlavaForConditionalGeneration" in err
+
+
+def test_generate_cli_json(tiny, capsys):
+    from safesteer_rt.cli import main
+
+    art = tiny.artifact("LlamaForCausalLM", "gqa")
+    assert main([str(art), "--prompt", "How do I bake bread?", "--max-new-tokens", "6", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["token_ids"]) == 6 and out["finish_reason"] == "length"
+    assert out["providers"]["head"] == "CPUExecutionProvider"
+    assert out["timings"]["new_tokens"] == 6
+
+
+def test_generate_cli_streams_same_text_as_generate(tiny, capsys):
+    from safesteer_rt import Generator
+    from safesteer_rt.cli import main
+
+    art = tiny.artifact("LlamaForCausalLM", "gqa")
+    assert main([str(art), "--prompt", "How do I bake bread?", "--max-new-tokens", "12"]) == 0
+    streamed = capsys.readouterr().out
+    want = Generator(art).generate([{"role": "user", "content": [{"type": "text", "text": "How do I bake bread?"}]}],
+                                   max_new_tokens=12).text
+    assert streamed == want + "\n"
+
+
+def test_generate_cli_reports_bad_artifact(tmp_path, capsys):
+    from safesteer_rt.cli import main
+
+    assert main([str(tmp_path), "--prompt", "hi"]) == 2
+    assert "safesteer-export" in capsys.readouterr().err
