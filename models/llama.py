@@ -46,6 +46,18 @@ def llama_layer_forward(layer, hidden, mask, cos, sin, past_k, past_v):
     return hidden, k, v
 
 
+def check_full_attention(cfg) -> None:
+    """Sliding-window layers need a windowed mask the runtime does not build yet: refuse, don't mis-export."""
+    from safesteer_runtime.errors import UnsupportedArchitectureError
+
+    kinds = set(getattr(cfg, "layer_types", None) or [])
+    if getattr(cfg, "use_sliding_window", False) or kinds - {"full_attention"}:
+        raise UnsupportedArchitectureError(
+            f"{cfg.model_type} checkpoints with sliding-window attention layers are not supported yet "
+            "(layer_types / use_sliding_window in config.json)"
+        )
+
+
 def causal_lm_stack(model) -> TextStack:
     return TextStack(
         config=model.config,
@@ -61,6 +73,10 @@ def causal_lm_stack(model) -> TextStack:
 class LlamaFamily(Family):
     name = "llama"
     model_type = "llama"
+
+    def __init__(self, model):
+        super().__init__(model)
+        check_full_attention(self.text.config)
 
     def text_stack(self) -> TextStack:
         return causal_lm_stack(self.model)

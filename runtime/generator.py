@@ -89,8 +89,9 @@ class Generator:
                  max_new_tokens: int = 128, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, seed: Optional[int] = None, stop: Optional[Sequence[str]] = None,
                  safety: Any = False) -> GenerationResult:
-        run = self._run(messages, prompt, prompt_ids, images, max_new_tokens,
-                        SamplingConfig(do_sample, temperature, top_k, top_p, seed), stop, safety)
+        run = self._run(messages, prompt=prompt, prompt_ids=prompt_ids, images=images,
+                        max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
+                        top_p=top_p, seed=seed, stop=stop, safety=safety)
         while True:
             try:
                 next(run)
@@ -98,15 +99,8 @@ class Generator:
                 return done.value
 
     def stream(self, messages: Optional[Sequence[dict]] = None, **kwargs) -> Iterator[str]:
-        """Like ``generate`` but yields text pieces as they decode."""
-        sampling = SamplingConfig(*(kwargs.pop(k, d) for k, d in
-                                    (("do_sample", False), ("temperature", 1.0), ("top_k", 0), ("top_p", 1.0), ("seed", None))))
-        args = [kwargs.pop(k, d) for k, d in (("prompt", None), ("prompt_ids", None), ("images", None),
-                                              ("max_new_tokens", 128))]
-        stop, safety = kwargs.pop("stop", None), kwargs.pop("safety", False)
-        if kwargs:
-            raise ConfigError(f"unknown argument(s) to stream(): {sorted(kwargs)}")
-        yield from self._run(messages, *args, sampling, stop, safety)
+        """Like ``generate`` (same keyword arguments) but yields text pieces as they decode."""
+        yield from self._run(messages, **kwargs)
 
     # --- request preparation -----------------------------------------------------------------
     def _check_safety(self, safety: Any) -> None:
@@ -218,15 +212,16 @@ class Generator:
         cache.advance(1)
         return hidden
 
-    def _run(self, messages, prompt, prompt_ids, images, max_new_tokens, sampling: SamplingConfig,
-             stop, safety) -> Iterator[str]:
+    def _run(self, messages, *, prompt=None, prompt_ids=None, images=None, max_new_tokens=128, do_sample=False,
+             temperature=1.0, top_k=0, top_p=1.0, seed=None, stop=None, safety=False) -> Iterator[str]:
         start = time.perf_counter()
         self._check_safety(safety)
+        sampling = SamplingConfig(do_sample, temperature, top_k, top_p, seed)
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        stops = [s for s in (stop or []) if s]
         if isinstance(stop, str):
             raise ConfigError("stop must be a list of strings, e.g. stop=['\\n\\n']")
+        stops = [s for s in (stop or []) if s]
         req = self._prepare(messages, prompt, prompt_ids, images)
         limit = self.manifest.sizes.max_positions
         if len(req.ids) + max_new_tokens > limit:

@@ -26,10 +26,9 @@ NEW_TOKENS = 32
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
     from safesteer_export.pipeline import ExportConfig, export_artifact
-    from safesteer_models.default import smollm2_checkpoint
-    from safesteer_models.wheels import cache_root
+    from safesteer_models.packaged import SMOLLM2, checkpoint
 
-    ckpt = smollm2_checkpoint(cache_root())
+    ckpt = checkpoint(SMOLLM2)
     out = tmp_path_factory.mktemp("smollm2") / "artifact"
     export_artifact(ExportConfig(ckpt, out, block_size=4, safety=False))
     return ckpt, out
