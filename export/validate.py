@@ -99,8 +99,17 @@ def _session(path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def validate_block(report: ValidationReport, path, ref: Reference, first: int, count: int, sizes) -> None:
+def neutral_safety_feeds(vectors: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+    """Safety inputs with alpha = beta = 0: the block must then equal the undefended checkpoint."""
+    zero = np.zeros(1, np.float32)
+    return {m.STEER_ALPHA: zero, m.GATE_LOGIT: zero, m.MSAV_BETA: zero,
+            m.MSAV_MASK: np.ones((1, rows), np.float32), **vectors}
+
+
+def validate_block(report: ValidationReport, path, ref: Reference, first: int, count: int, sizes,
+                   vectors: dict[str, np.ndarray] | None = None, probe_layer: int | None = None) -> None:
     sess = _session(path)
+    wanted = {i.name for i in sess.get_inputs()}
     n = ref.input_ids.shape[1]
     split = n - 4
     want = ref.layer_inputs[first + count] if first + count < len(ref.layer_inputs) else ref.last_hidden
@@ -110,15 +119,24 @@ def validate_block(report: ValidationReport, path, ref: Reference, first: int, c
              m.POSITION_IDS: np.arange(split, dtype=np.int64)[None]}
     for i in range(first, first + count):
         feeds[m.past_key(i)] = feeds[m.past_value(i)] = empty
+
+    def with_safety(feeds, rows):
+        extra = neutral_safety_feeds(vectors or {}, rows)
+        return {**feeds, **{k: v for k, v in extra.items() if k in wanted}}
+
     names = [o.name for o in sess.get_outputs()]
-    prefill = dict(zip(names, sess.run(None, feeds)))
+    prefill = dict(zip(names, sess.run(None, with_safety(feeds, split))))
     report.check(f"block {first}-{first + count - 1} prefill {m.HIDDEN_OUT}", prefill[m.HIDDEN_OUT], want[:, :split])
+    if m.HARM_LOGIT in prefill:
+        layer_out = ref.layer_inputs[probe_layer + 1] if probe_layer + 1 < len(ref.layer_inputs) else ref.last_hidden
+        probe = layer_out[0, :split].astype(np.float64) @ vectors[m.PROBE_WEIGHT] + vectors[m.PROBE_BIAS][0]
+        report.check(f"block {first}-{first + count - 1} {m.HARM_LOGIT}", prefill[m.HARM_LOGIT][0], probe)
     feeds = {m.HIDDEN_IN: hidden[:, split:], m.ATTENTION_MASK: causal_mask(split, n - split),
              m.POSITION_IDS: np.arange(split, n, dtype=np.int64)[None]}
     for i in range(first, first + count):
         feeds[m.past_key(i)] = prefill[m.new_key(i)]
         feeds[m.past_value(i)] = prefill[m.new_value(i)]
-    decode = dict(zip(names, sess.run(None, feeds)))
+    decode = dict(zip(names, sess.run(None, with_safety(feeds, n - split))))
     report.check(f"block {first}-{first + count - 1} cached {m.HIDDEN_OUT}", decode[m.HIDDEN_OUT], want[:, split:])
 
 

@@ -8,12 +8,15 @@ decode step allocates nothing but the small hidden-state buffers.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import onnxruntime as ort
 
 from . import manifest as m
+from .errors import ArtifactError
 from .kv_cache import KVCache
 from .sessions import SessionConfig, open_session
 
@@ -38,6 +41,14 @@ class Block:
     @property
     def layers(self) -> range:
         return range(self.entry.first_layer, self.entry.first_layer + self.entry.num_layers)
+
+    @cached_property
+    def extra_inputs(self) -> list[str]:
+        return [n for n in self.entry.inputs if n in m.PROBE_INPUTS or n in m.MSAV_INPUTS]
+
+    @cached_property
+    def has_probe(self) -> bool:
+        return m.HARM_LOGIT in self.entry.outputs
 
 
 class Engine:
@@ -74,19 +85,24 @@ class Engine:
         (embeds,) = self.embed.run([m.INPUTS_EMBEDS], {m.INPUT_IDS: ids})
         return embeds
 
-    def forward(self, hidden: np.ndarray, mask: np.ndarray, cache: KVCache) -> np.ndarray:
+    def forward(self, hidden: np.ndarray, mask: np.ndarray, cache: KVCache,
+                safety: Optional[dict[str, np.ndarray]] = None) -> tuple[np.ndarray, Optional[np.ndarray]]:
         """Run every block over ``hidden`` [1, rows, H]; new K/V land in the cache slots after ``cache.length``.
 
-        The cache length is not advanced: the caller commits the rows it keeps.
+        The cache length is not advanced: the caller commits the rows it keeps. Returns the last hidden
+        state and, when the artifact has a probe block, ``harm_logit`` [1, rows].
         """
         rows = hidden.shape[1]
         positions = np.arange(cache.length, cache.length + rows, dtype=np.int64)[None]
-        return self.forward_at(hidden, mask, positions, cache)
+        return self.forward_at(hidden, mask, positions, cache, safety)
 
-    def forward_at(self, hidden: np.ndarray, mask: np.ndarray, positions: np.ndarray, cache: KVCache) -> np.ndarray:
+    def forward_at(self, hidden: np.ndarray, mask: np.ndarray, positions: np.ndarray, cache: KVCache,
+                   safety: Optional[dict[str, np.ndarray]] = None) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """``safety``: the SafeSteer inputs (vectors, knobs, msav_mask) for the blocks that take them."""
         hidden = np.ascontiguousarray(hidden, dtype=np.float32)
         mask = np.ascontiguousarray(mask)
         rows = hidden.shape[1]
+        harm_logit = None
         for block in self.blocks:
             io = block.session.io_binding()
             _bind_in(io, m.HIDDEN_IN, hidden)
@@ -94,6 +110,13 @@ class Engine:
             _bind_in(io, m.POSITION_IDS, positions)
             out = np.empty_like(hidden)
             _bind_out(io, m.HIDDEN_OUT, out)
+            for name in block.extra_inputs:
+                if safety is None or name not in safety:
+                    raise ArtifactError(f"{block.entry.file.path} needs the SafeSteer input {name}")
+                _bind_in(io, name, np.ascontiguousarray(safety[name]))
+            if block.has_probe:
+                harm_logit = np.empty((1, rows), np.float32)
+                _bind_out(io, m.HARM_LOGIT, harm_logit)
             for layer in block.layers:
                 past_k, past_v = cache.past(layer)
                 new_k, new_v = cache.slot(layer, rows)
@@ -103,7 +126,7 @@ class Engine:
                 _bind_out(io, m.new_value(layer), new_v)
             block.session.run_with_iobinding(io)
             hidden = out
-        return hidden
+        return hidden, harm_logit
 
     def logits(self, hidden: np.ndarray, top_k: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Head over ``hidden`` [1, rows, H] -> (logits, top-k log-probs, top-k ids)."""

@@ -18,10 +18,12 @@ from .engine import Engine
 from .errors import ConfigError, InputError, PromptTooLongError
 from .images import ImageLike, preprocess
 from .kv_cache import KVCache
-from .masks import causal_mask
+from .masks import causal_mask, tree_mask
 from .sampling import Sampler, SamplingConfig
+from .safety import SafetyConfig, load_vectors, select, static_feeds
+from .safety import resolve as resolve_safety
 from .sessions import Providers, SessionConfig, resolve_providers
-from .text import ChatTemplate, IncrementalDecoder, TextCodec, load_chat_template
+from .text import ChatTemplate, IncrementalDecoder, TextCodec, load_chat_template, render_messages
 
 log = logging.getLogger("safesteer.runtime")
 
@@ -57,6 +59,7 @@ class GenerationResult:
     timings: Timings
     prompt_ids: list[int] = field(default_factory=list)
     safety_trace: list[dict[str, Any]] = field(default_factory=list)  # per-step SafeSteer telemetry
+    prompt_score: Optional[float] = None  # probe score at the last prompt position (artifacts with a probe)
 
 
 @dataclass
@@ -82,13 +85,17 @@ class Generator:
         self.codec = TextCodec(self.root, self.manifest.tokenizer)
         self.chat: Optional[ChatTemplate] = load_chat_template(self.root, self.manifest.tokenizer)
         self._cache: Optional[KVCache] = None
+        info = self.manifest.safety
+        self._vectors = load_vectors(self.root, info, self.manifest.sizes.hidden_size) if info else None
 
     # --- public API ----------------------------------------------------------------------------
     def generate(self, messages: Optional[Sequence[dict]] = None, *, prompt: Optional[str] = None,
                  prompt_ids: Optional[Sequence[int]] = None, images: Optional[Sequence[ImageLike]] = None,
                  max_new_tokens: int = 128, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, seed: Optional[int] = None, stop: Optional[Sequence[str]] = None,
-                 safety: Any = False) -> GenerationResult:
+                 safety: Any = "auto") -> GenerationResult:
+        """``safety``: "auto" (SafeSteer with the artifact's defaults when it was calibrated, else off),
+        True (the defaults; an error without calibration), False, or a SafetyConfig."""
         run = self._run(messages, prompt=prompt, prompt_ids=prompt_ids, images=images,
                         max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
                         top_p=top_p, seed=seed, stop=stop, safety=safety)
@@ -103,14 +110,6 @@ class Generator:
         yield from self._run(messages, **kwargs)
 
     # --- request preparation -----------------------------------------------------------------
-    def _check_safety(self, safety: Any) -> None:
-        if safety in (False, None):
-            return
-        raise ConfigError(
-            "SafeSteer decoding is not available in this version of the runtime (only safety=False); "
-            "see the README's 'not yet done' section"
-        )
-
     def _prepare(self, messages, prompt, prompt_ids, images) -> _Request:
         given = [x is not None for x in (messages, prompt, prompt_ids)]
         if sum(given) != 1:
@@ -118,7 +117,11 @@ class Generator:
         images = list(images or [])
         image_info = self.manifest.image
         if messages is not None:
-            text, images = self._render(messages, images)
+            if self.chat is None:
+                raise InputError("this artifact has no chat template; pass prompt= or prompt_ids= instead of messages")
+            placeholder = image_info.image_token if image_info else None
+            text, found = render_messages(self.chat, messages, placeholder)
+            images = found + images
             ids = self.codec.encode(text, add_bos=False)
         elif prompt is not None:
             if not isinstance(prompt, str):
@@ -143,37 +146,6 @@ class Generator:
                 pixels = np.stack([preprocess(img, image_info) for img in images])
         return _Request(ids, pixels)
 
-    def _render(self, messages, images: list) -> tuple[str, list]:
-        if self.chat is None:
-            raise InputError("this artifact has no chat template; pass prompt= or prompt_ids= instead of messages")
-        if not isinstance(messages, (list, tuple)) or not messages:
-            raise InputError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
-        placeholder = self.manifest.image.image_token if self.manifest.image else None
-        rendered = []
-        for i, msg in enumerate(messages):
-            if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
-                raise InputError(f"messages[{i}] must be a dict with 'role' and 'content'")
-            content = msg["content"]
-            if isinstance(content, str):
-                rendered.append(dict(msg))
-                continue
-            parts, flat = [], []
-            for part in content:
-                kind = part.get("type") if isinstance(part, dict) else None
-                if kind == "text":
-                    parts.append({"type": "text", "text": part.get("text", "")})
-                    flat.append(part.get("text", ""))
-                elif kind == "image":
-                    if "image" not in part:
-                        raise InputError(f"messages[{i}] has an image part without an 'image' (PIL.Image or path)")
-                    images.append(part["image"])
-                    parts.append({"type": "image"})
-                    flat.append((placeholder or "") + "\n")
-                else:
-                    raise InputError(f"messages[{i}] content parts must be {{'type': 'text'|'image', ...}}, got {part!r}")
-            rendered.append({**msg, "content": parts if self.chat.takes_content_lists else "".join(flat)})
-        return self.chat.render(rendered, add_generation_prompt=True), images
-
     def _expand_image_tokens(self, ids: list[int], num_images: int) -> list[int]:
         info = self.manifest.image
         count = sum(1 for i in ids if i == info.image_token_id)
@@ -196,26 +168,37 @@ class Generator:
         return self._cache
 
     # --- the loop --------------------------------------------------------------------------------
-    def _prefill(self, req: _Request, cache: KVCache) -> np.ndarray:
-        ids = np.asarray(req.ids, dtype=np.int64)[None]
-        embeds = self.engine.embed_ids(ids)
-        if req.pixels is not None:
-            features = self.engine.image_features(req.pixels)
-            embeds[0, ids[0] == self.manifest.image.image_token_id] = features.reshape(-1, features.shape[-1])
-        hidden = self.engine.forward(embeds, causal_mask(0, ids.shape[1]), cache)
-        cache.advance(ids.shape[1])
-        return hidden[:, -1:]
+    def _safety_feeds(self, cfg: Optional[SafetyConfig]) -> Optional[dict[str, np.ndarray]]:
+        return static_feeds(self._vectors, cfg) if self._vectors is not None else None
 
-    def _step(self, token: int, cache: KVCache) -> np.ndarray:
-        embeds = self.engine.embed_ids(np.array([[token]], dtype=np.int64))
-        hidden = self.engine.forward(embeds, causal_mask(cache.length, 1), cache)
-        cache.advance(1)
-        return hidden
+    def _run_rows(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, cache: KVCache,
+                  feeds: Optional[dict], msav_rows: np.ndarray, embeds: Optional[np.ndarray] = None):
+        if embeds is None:
+            embeds = self.engine.embed_ids(ids)
+        if feeds is not None:
+            feeds = {**feeds, m.MSAV_MASK: msav_rows}
+        return self.engine.forward_at(embeds, mask, positions, cache, feeds)
+
+    def _prefill(self, req: _Request, cache: KVCache, feeds, msav_on: bool):
+        ids = np.asarray(req.ids, dtype=np.int64)[None]
+        n = ids.shape[1]
+        embeds = self.engine.embed_ids(ids)
+        msav_rows = np.zeros((1, n), np.float32)
+        if req.pixels is not None:
+            is_image = ids[0] == self.manifest.image.image_token_id
+            features = self.engine.image_features(req.pixels)
+            embeds[0, is_image] = features.reshape(-1, features.shape[-1])
+            if msav_on:  # the text after the last image (and, later, every generated token)
+                msav_rows[0, int(np.nonzero(is_image)[0].max()) + 1 :] = 1.0
+        positions = np.arange(n, dtype=np.int64)[None]
+        hidden, harm = self._run_rows(ids, causal_mask(0, n), positions, cache, feeds, msav_rows, embeds)
+        cache.advance(n)
+        return hidden[:, -1:], (None if harm is None else float(harm[0, -1]))
 
     def _run(self, messages, *, prompt=None, prompt_ids=None, images=None, max_new_tokens=128, do_sample=False,
-             temperature=1.0, top_k=0, top_p=1.0, seed=None, stop=None, safety=False) -> Iterator[str]:
+             temperature=1.0, top_k=0, top_p=1.0, seed=None, stop=None, safety="auto") -> Iterator[str]:
         start = time.perf_counter()
-        self._check_safety(safety)
+        cfg = resolve_safety(safety, self.manifest.safety)
         sampling = SamplingConfig(do_sample, temperature, top_k, top_p, seed)
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
@@ -230,21 +213,34 @@ class Generator:
                 f"{len(req.ids) + max_new_tokens} > the model's context of {limit} positions; shorten the prompt or "
                 "lower max_new_tokens"
             )
-        cache = self._cache_for(len(req.ids) + max_new_tokens)
+        k = min(cfg.k, self.manifest.sizes.vocab_size) if cfg else 1
+        cache = self._cache_for(len(req.ids) + max_new_tokens + k)
         sampler = Sampler(sampling)
         eos = set(self.manifest.tokenizer.eos_token_ids)
         decoder = IncrementalDecoder(self.codec)
         timings = Timings(prompt_tokens=len(req.ids))
+        feeds = self._safety_feeds(cfg)
+        msav_on = bool(cfg and req.pixels is not None and self.manifest.safety.msav_layer is not None)
+        msav_one = np.full((1, 1), 1.0 if msav_on else 0.0, np.float32)
 
-        hidden = self._prefill(req, cache)
+        hidden, prompt_logit = self._prefill(req, cache, feeds, msav_on)
+        trace: list[dict[str, Any]] = []
         generated: list[int] = []
         text, emitted, finish = "", 0, "length"
         hold = max((len(s) for s in stops), default=1) - 1
         first_token_at = None
+        step = 0
         while True:
-            logits, _, _ = self.engine.logits(hidden)
-            token = sampler(logits[0, -1])
+            logits, top_lp, top_ids = self.engine.logits(hidden, top_k=k)
+            if cfg is not None and k > 1 and step < cfg.lookahead_steps:
+                token, hidden, record = self._lookahead(cache, feeds, msav_on, cfg, sampler, logits[0, -1],
+                                                        top_lp[0, -1], top_ids[0, -1])
+            else:
+                token, hidden, record = self._plain(cache, feeds, msav_one, sampler, logits[0, -1], cfg)
+            if record is not None:
+                trace.append({"step": step, **record})
             generated.append(token)
+            step += 1
             if first_token_at is None:
                 first_token_at = time.perf_counter()
             if token in eos:
@@ -260,11 +256,66 @@ class Generator:
                 emitted = len(text) - hold
             if len(generated) == max_new_tokens:
                 break
-            hidden = self._step(token, cache)
         if len(text) > emitted:
             yield text[emitted:]
         end = time.perf_counter()
         timings.new_tokens = len(generated)
         timings.prefill_s = first_token_at - start
         timings.decode_s = end - first_token_at
-        return GenerationResult(text, generated, finish, timings, prompt_ids=list(req.ids))
+        result = GenerationResult(text, generated, finish, timings, prompt_ids=list(req.ids), safety_trace=trace)
+        if prompt_logit is not None:
+            result.prompt_score = float(1.0 / (1.0 + np.exp(-prompt_logit)))
+        return result
+
+    def _plain(self, cache: KVCache, feeds, msav_one, sampler: Sampler, logits: np.ndarray,
+               cfg: Optional[SafetyConfig]):
+        """Choose from the logits, then feed the token (its K/V and next logits; probe + correction in-graph)."""
+        token = sampler(logits)
+        t = cache.length
+        hidden, harm = self._run_rows(np.array([[token]], np.int64), causal_mask(t, 1),
+                                      np.array([[t]], np.int64), cache, feeds, msav_one)
+        cache.advance(1)
+        if cfg is None or harm is None:
+            return token, hidden, None
+        score = float(_sigmoid(harm[0, 0]))
+        return token, hidden, {"token": token, "lookahead": False, "score_chosen": score,
+                               "gate": bool(harm[0, 0] >= feeds[m.GATE_LOGIT][0])}
+
+    def _lookahead(self, cache: KVCache, feeds, msav_on: bool, cfg: SafetyConfig, sampler: Sampler,
+                   logits: np.ndarray, top_lp: np.ndarray, top_ids: np.ndarray):
+        """Feed the K candidates as K rows at one position (tree mask), score, select, commit the chosen row."""
+        k = len(top_ids)
+        t = cache.length
+        rows = np.asarray(top_ids, np.int64)[None]
+        msav_rows = np.full((1, k), 1.0 if msav_on else 0.0, np.float32)
+        hidden, harm = self._run_rows(rows, tree_mask(t, k), np.full((1, k), t, np.int64), cache, feeds, msav_rows)
+        scores = _sigmoid(harm[0])
+        if sampler.cfg.do_sample:
+            if scores[0] < cfg.tau:  # undefended sampling; reuse the row if the sample is a candidate
+                token = sampler(logits)
+                hits = np.nonzero(top_ids == token)[0]
+                choice = int(hits[0]) if len(hits) else None
+            else:
+                choice = select(top_lp, scores, cfg, sampler.rng, sampler.cfg.temperature)
+                token = int(top_ids[choice])
+        else:
+            choice = select(top_lp, scores, cfg, None, 1.0)
+            token = int(top_ids[choice])
+        if choice is None:  # a sampled token outside the candidates: one more single-row pass
+            hidden, harm_one = self._run_rows(np.array([[token]], np.int64), causal_mask(t, 1),
+                                              np.array([[t]], np.int64), cache, feeds, msav_rows[:, :1])
+            cache.advance(1)
+            score_chosen, gate = float(_sigmoid(harm_one[0, 0])), bool(harm_one[0, 0] >= feeds[m.GATE_LOGIT][0])
+        else:
+            cache.keep_row(choice)
+            hidden = hidden[:, choice : choice + 1]
+            score_chosen, gate = float(scores[choice]), bool(harm[0, choice] >= feeds[m.GATE_LOGIT][0])
+        return token, np.ascontiguousarray(hidden), {
+            "token": token, "lookahead": True, "top1": int(top_ids[0]), "score_top1": float(scores[0]),
+            "score_chosen": score_chosen, "changed": token != int(top_ids[0]), "gate": gate,
+            "candidates": [int(i) for i in top_ids], "candidate_scores": [float(x) for x in scores],
+        }
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-np.asarray(x, np.float64)))

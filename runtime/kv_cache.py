@@ -27,6 +27,13 @@ class KVCache:
             raise RuntimeError(f"KV cache overflow: {end} > capacity {self.capacity}")  # sized by the caller
         return self.keys[layer, :, self.length : end], self.values[layer, :, self.length : end]
 
+    def keep_row(self, row: int) -> None:
+        """Commit one of several scratch rows written after ``length`` (lookahead): move it to ``length``."""
+        if row:
+            self.keys[:, :, self.length] = self.keys[:, :, self.length + row]
+            self.values[:, :, self.length] = self.values[:, :, self.length + row]
+        self.length += 1
+
     def advance(self, rows: int) -> None:
         self.length += rows
 

@@ -41,6 +41,21 @@ TOPK_LOGPROBS = "topk_logprobs"  # head out: [batch, sequence_length, top_k] log
 TOPK_IDS = "topk_ids"  # head out: [batch, sequence_length, top_k] int64
 
 
+# SafeSteer inputs/outputs of the block(s) holding the probe layer and the MSAV layer.
+PROBE_WEIGHT = "probe_weight"  # [hidden]    harm_logit = h . probe_weight + probe_bias
+PROBE_BIAS = "probe_bias"  # [1]
+SAFETY_DIRECTION = "safety_direction"  # [hidden]  unit r
+STEER_ALPHA = "steer_alpha"  # [1]      h += steer_alpha * gate * r
+GATE_LOGIT = "gate_logit"  # [1]        gate = harm_logit >= gate_logit  (= logit(tau))
+MSAV_VECTOR = "msav_vector"  # [hidden]
+MSAV_BETA = "msav_beta"  # [1]          h += msav_beta * msav_mask * v
+MSAV_MASK = "msav_mask"  # [batch, sequence_length] float, 1 where the MSAV applies
+HARM_LOGIT = "harm_logit"  # out: [batch, sequence_length], read before the correction
+PROBE_INPUTS = (PROBE_WEIGHT, PROBE_BIAS, SAFETY_DIRECTION, STEER_ALPHA, GATE_LOGIT)
+MSAV_INPUTS = (MSAV_VECTOR, MSAV_BETA, MSAV_MASK)
+VECTOR_NAMES = (PROBE_WEIGHT, PROBE_BIAS, SAFETY_DIRECTION, MSAV_VECTOR)  # arrays in the safety .npz
+
+
 def past_key(layer: int) -> str:
     """Block input: cached keys of a layer, [batch, past_sequence_length, kv_heads, head_dim]."""
     return f"past_key.{layer}"
@@ -119,6 +134,29 @@ class ImageInfo:
 
 
 @dataclass(frozen=True)
+class SafetyDefaults:
+    """Run-time knobs of SafeSteer; a deployment overrides them per request (SafetyConfig)."""
+
+    k: int  # lookahead candidates
+    lam: float  # selection penalty: argmax(logprob - lam * score)
+    tau: float  # probe score threshold (probability)
+    alpha: float  # activation correction strength
+    beta: float  # MSAV strength (requests with an image)
+    lookahead_steps: int  # first T_look decoding steps use lookahead
+
+
+@dataclass(frozen=True)
+class SafetyInfo:
+    probe_layer: int
+    msav_layer: Optional[int]  # None for text-only models
+    vectors_file: str  # .npz (loaded with allow_pickle=False): probe_weight, probe_bias, safety_direction[, msav_vector]
+    defaults: SafetyDefaults
+    auroc_validation: float
+    auroc_held_out: Optional[float]
+    report_file: str  # calibration.json
+
+
+@dataclass(frozen=True)
 class ExportInfo:
     tool_version: str
     block_size: int
@@ -138,8 +176,8 @@ class Manifest:
     tokenizer: TokenizerInfo
     export: ExportInfo
     image: Optional[ImageInfo] = None
-    # SafeSteer calibration (probe block, vectors, default knobs); None when exported with --no-safety.
-    safety: Optional[dict[str, Any]] = None
+    # SafeSteer calibration (probe layer, vectors, default knobs); None when exported with --no-safety.
+    safety: Optional[SafetyInfo] = None
     extra_files: tuple[FileRef, ...] = field(default=())  # tokenizer, template, reports: hashed too
 
     def graphs_of(self, role: str) -> list[GraphEntry]:

@@ -91,3 +91,39 @@ def load_chat_template(root: Path, info: TokenizerInfo) -> Optional[ChatTemplate
     if info.chat_template_file is None:
         return None
     return ChatTemplate((root / info.chat_template_file).read_text(encoding="utf-8"), info)
+
+
+def render_messages(chat: ChatTemplate, messages, placeholder: Optional[str]) -> tuple[str, list]:
+    """HF/OpenAI-style messages -> (prompt text, images in order).
+
+    Content may be a string or a list of {"type": "text", "text": ...} / {"type": "image", "image": ...}
+    parts. Templates that walk content lists get them (image parts without the pixels); for templates
+    that expect strings, each image part becomes the image placeholder followed by a newline.
+    """
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise InputError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+    images: list = []
+    rendered = []
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
+            raise InputError(f"messages[{i}] must be a dict with 'role' and 'content'")
+        content = msg["content"]
+        if isinstance(content, str):
+            rendered.append(dict(msg))
+            continue
+        parts, flat = [], []
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                parts.append({"type": "text", "text": part.get("text", "")})
+                flat.append(part.get("text", ""))
+            elif kind == "image":
+                if "image" not in part:
+                    raise InputError(f"messages[{i}] has an image part without an 'image' (PIL.Image or path)")
+                images.append(part["image"])
+                parts.append({"type": "image"})
+                flat.append((placeholder or "") + "\n")
+            else:
+                raise InputError(f"messages[{i}] content parts must be {{'type': 'text'|'image', ...}}, got {part!r}")
+        rendered.append({**msg, "content": parts if chat.takes_content_lists else "".join(flat)})
+    return chat.render(rendered, add_generation_prompt=True), images

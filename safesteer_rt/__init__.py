@@ -9,10 +9,11 @@ from safesteer_runtime.errors import (ArtifactError, ConfigError, ImageError, In
                                       SafeSteerError)
 from safesteer_runtime.generator import GenerationResult, Generator, Timings
 from safesteer_runtime.manifest import Manifest, load_manifest
+from safesteer_runtime.safety import SafetyConfig
 from safesteer_runtime.sampling import SamplingConfig
 from safesteer_runtime.sessions import resolve_providers
 
 __all__ = [
-    "Generator", "GenerationResult", "Timings", "SamplingConfig", "Manifest", "load_manifest", "resolve_providers",
+    "Generator", "GenerationResult", "Timings", "SamplingConfig", "SafetyConfig", "Manifest", "load_manifest", "resolve_providers",
     "SafeSteerError", "ArtifactError", "InputError", "PromptTooLongError", "ImageError", "ConfigError",
 ]

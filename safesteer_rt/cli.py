@@ -25,8 +25,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--providers", default="auto", help="'auto' or a comma-separated list of onnxruntime EPs")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0 = onnxruntime default)")
+    p.add_argument("--safety", choices=["auto", "on", "off"], default="auto",
+                   help="SafeSteer: auto = on when the artifact was calibrated (default)")
+    for knob, typ in (("k", int), ("lam", float), ("tau", float), ("alpha", float), ("beta", float),
+                      ("lookahead-steps", int)):
+        p.add_argument(f"--{knob}", type=typ, default=None, help=f"SafeSteer knob {knob} (default: the artifact's)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     return p.parse_args(argv)
+
+
+def safety_arg(args, gen):
+    from safesteer_rt import SafetyConfig
+
+    overrides = {name: getattr(args, name) for name in ("k", "lam", "tau", "alpha", "beta", "lookahead_steps")
+                 if getattr(args, name) is not None}
+    if args.safety == "off":
+        return False
+    if not overrides:
+        return True if args.safety == "on" else "auto"
+    if gen.manifest.safety is None:
+        return True  # raises the "exported without calibration" error with what to do
+    return SafetyConfig.from_manifest(gen.manifest.safety, **overrides)
 
 
 def main(argv=None) -> int:
@@ -37,7 +56,8 @@ def main(argv=None) -> int:
         providers = args.providers if args.providers == "auto" else args.providers.split(",")
         gen = Generator(args.artifact, providers=providers, threads=args.threads)
         knobs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
-                     top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop)
+                     top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop,
+                     safety=safety_arg(args, gen))
         if args.raw:
             request = dict(prompt=args.prompt, images=args.image or None)
         else:
@@ -51,7 +71,7 @@ def main(argv=None) -> int:
             print(json.dumps({
                 "text": result.text, "token_ids": result.token_ids, "finish_reason": result.finish_reason,
                 "timings": result.timings.as_dict(), "providers": gen.providers,
-                "safety_trace": result.safety_trace,
+                "prompt_score": result.prompt_score, "safety_trace": result.safety_trace,
             }, indent=2))
         else:
             for piece in gen.stream(**request, **knobs):

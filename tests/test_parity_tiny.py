@@ -70,11 +70,11 @@ def test_logits_match_transformers(tiny, arch, variant):
     engine = gen.engine
     cache = engine.new_cache(len(ids))
     split = len(ids) - 10
-    hidden = engine.forward(engine.embed_ids(np.array([ids[:split]])), causal_mask(0, split), cache)
+    hidden, _ = engine.forward(engine.embed_ids(np.array([ids[:split]])), causal_mask(0, split), cache)
     cache.advance(split)
     got = [engine.logits(hidden)[0][0]]
     for t in ids[split:]:
-        hidden = engine.forward(engine.embed_ids(np.array([[t]])), causal_mask(cache.length, 1), cache)
+        hidden, _ = engine.forward(engine.embed_ids(np.array([[t]])), causal_mask(cache.length, 1), cache)
         cache.advance(1)
         got.append(engine.logits(hidden)[0][0])
     got = np.concatenate(got)

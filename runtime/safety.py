@@ -1,0 +1,122 @@
+"""SafeSteer's run-time side: knobs (SafetyConfig), the graph feeds, and the candidate selection rule."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from . import manifest as m
+from .errors import ArtifactError, ConfigError
+
+
+@dataclass(frozen=True)
+class SafetyConfig:
+    """SafeSteer knobs (method.md). ``SafetyConfig.from_manifest`` fills the artifact's calibrated defaults.
+
+    enabled=False, or alpha = beta = 0 with lookahead_steps = 0, gives exactly the undefended model.
+    """
+
+    enabled: bool = True
+    k: int = 8  # lookahead candidates (top-K of the next-token distribution)
+    lam: float = 8.0  # choose argmax(logprob - lam * score) when the top-1 candidate scores >= tau
+    tau: float = 0.5  # probe score threshold, a probability in (0, 1)
+    alpha: float = 0.0  # in-graph correction h += alpha * gate * r at the probe layer
+    beta: float = 0.0  # in-graph MSAV h += beta * v at the MSAV layer (requests with an image)
+    lookahead_steps: int = 16  # lookahead for the first T_look steps, then probe + correction only
+
+    def __post_init__(self):
+        def real(name, lo=-math.inf, hi=math.inf, lo_open=False):
+            v = getattr(self, name)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            if not ok or v < lo or v > hi or (lo_open and v == lo):
+                raise ConfigError(f"safety knob {name} must be a finite number in [{lo}, {hi}], got {v!r}")
+
+        if not isinstance(self.enabled, bool):
+            raise ConfigError(f"safety knob enabled must be True or False, got {self.enabled!r}")
+        for name, lo, hi in (("k", 1, 256), ("lookahead_steps", 0, 1 << 20)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+                raise ConfigError(f"safety knob {name} must be an integer in [{lo}, {hi}], got {v!r}")
+        real("lam", 0.0)
+        real("tau", 0.0, 1.0, lo_open=True)
+        if self.tau >= 1.0:
+            raise ConfigError(f"safety knob tau must be < 1, got {self.tau!r}")
+        real("alpha")
+        real("beta")
+
+    @classmethod
+    def from_manifest(cls, info: m.SafetyInfo, **overrides) -> "SafetyConfig":
+        d = info.defaults
+        base = cls(k=d.k, lam=d.lam, tau=d.tau, alpha=d.alpha, beta=d.beta, lookahead_steps=d.lookahead_steps)
+        try:
+            return replace(base, **overrides)
+        except TypeError as exc:
+            raise ConfigError(f"unknown safety knob: {exc}") from None
+
+    @property
+    def gate_logit(self) -> float:
+        return math.log(self.tau / (1.0 - self.tau))
+
+
+def resolve(safety: Any, info: Optional[m.SafetyInfo]) -> Optional[SafetyConfig]:
+    """"auto" -> the artifact's defaults if it was calibrated, else off; False/None -> off;
+    True -> the artifact's defaults; a SafetyConfig as given."""
+    if isinstance(safety, str) and safety == "auto":
+        safety = info is not None
+    if safety is None or safety is False:
+        return None
+    if safety is True:
+        cfg = SafetyConfig.from_manifest(info) if info is not None else None
+    elif isinstance(safety, SafetyConfig):
+        cfg = safety
+    else:
+        raise ConfigError(f"safety must be 'auto', True, False or a SafetyConfig, got {safety!r}")
+    if info is None:
+        raise ConfigError(
+            "this artifact was exported without SafeSteer calibration (--no-safety); re-export it without "
+            "--no-safety to use safety=..."
+        )
+    return cfg if cfg.enabled else None
+
+
+def load_vectors(root: Path, info: m.SafetyInfo, hidden: int) -> dict[str, np.ndarray]:
+    try:
+        with np.load(root / info.vectors_file, allow_pickle=False) as data:
+            vectors = {k: np.ascontiguousarray(data[k], dtype=np.float32) for k in data.files}
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{info.vectors_file} could not be read ({exc}); re-export the artifact") from None
+    need = [m.PROBE_WEIGHT, m.PROBE_BIAS, m.SAFETY_DIRECTION] + ([m.MSAV_VECTOR] if info.msav_layer is not None else [])
+    for name in need:
+        size = 1 if name == m.PROBE_BIAS else hidden
+        if name not in vectors or vectors[name].shape != (size,):
+            raise ArtifactError(f"{info.vectors_file} lacks a [{size}] array '{name}'; re-export the artifact")
+    return vectors
+
+
+def static_feeds(vectors: dict[str, np.ndarray], cfg: Optional[SafetyConfig]) -> dict[str, np.ndarray]:
+    """Graph inputs that stay fixed for a request; alpha = beta = 0 when SafeSteer is off."""
+    one = lambda x: np.array([x], np.float32)  # noqa: E731
+    feeds = dict(vectors)
+    feeds[m.STEER_ALPHA] = one(cfg.alpha if cfg else 0.0)
+    feeds[m.GATE_LOGIT] = one(cfg.gate_logit if cfg else 0.0)
+    feeds[m.MSAV_BETA] = one(cfg.beta if cfg else 0.0)
+    if m.MSAV_VECTOR not in feeds:
+        feeds[m.MSAV_VECTOR] = np.zeros_like(vectors[m.SAFETY_DIRECTION])
+    return feeds
+
+
+def select(logprobs: np.ndarray, scores: np.ndarray, cfg: SafetyConfig, rng: Optional[np.random.Generator],
+           temperature: float) -> int:
+    """Index of the chosen candidate: top-1 if it scores under tau, else argmax(lp - lam * s) (or a sample)."""
+    if scores[0] < cfg.tau:
+        return 0
+    adjusted = logprobs.astype(np.float64) - cfg.lam * scores.astype(np.float64)
+    if rng is None:
+        return int(np.argmax(adjusted))
+    z = adjusted / temperature
+    p = np.exp(z - z.max())
+    return int(rng.choice(len(p), p=p / p.sum()))
