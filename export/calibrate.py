@@ -21,6 +21,7 @@ import torch
 from safesteer_runtime.images import preprocess
 from safesteer_runtime.text import ChatTemplate, render_messages
 
+from .judges import KeywordJudge
 from .probe import Probe, auroc, fit_probe, sigmoid, threshold_at_fpr
 from .prompt_sets import HARMFUL, HARMLESS, Prompt, PromptSets, build_sets, load_user_file, packaged_prompts
 from .typography import NEUTRAL_INSTRUCTION, render_request
@@ -55,6 +56,7 @@ class Calibration:
     image_form: Optional[dict]
     sets: PromptSets
     scores: dict = field(default_factory=dict)  # validation scores by step and label (plots)
+    refused_harmful: tuple[int, int] = (0, 0)  # calibration harmful prompts the model itself refused / all
 
 
 class FeatureReader:
@@ -77,8 +79,9 @@ class FeatureReader:
         return ids
 
     @torch.no_grad()
-    def read(self, batch_ids: list[list[int]], steps: int, pixel_values=None) -> np.ndarray:
-        """-> [layers, batch, steps, hidden]: step 0 = last prompt position, step i = i-th reply token."""
+    def read(self, batch_ids: list[list[int]], steps: int, pixel_values=None) -> tuple[np.ndarray, list[str]]:
+        """-> ([layers, batch, steps, hidden], replies): step 0 = last prompt position, step i = i-th reply
+        token; replies = the greedy reply text of each row (``steps`` tokens)."""
         layers = self.family.text.layers
         width = max(len(x) for x in batch_ids)
         ids = torch.full((len(batch_ids), width), self.pad, dtype=torch.long)
@@ -96,21 +99,25 @@ class FeatureReader:
         handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
         try:
             kwargs = {"pixel_values": pixel_values} if pixel_values is not None else {}
-            self.family.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps,
-                                       min_new_tokens=steps, do_sample=False, pad_token_id=self.pad, **kwargs)
+            out = self.family.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps,
+                                             min_new_tokens=steps, do_sample=False, pad_token_id=self.pad, **kwargs)
         finally:
             for h in handles:
                 h.remove()
-        return torch.stack([torch.stack(c[:steps], dim=1) for c in calls]).numpy()
+        replies = self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+        return torch.stack([torch.stack(c[:steps], dim=1) for c in calls]).numpy(), replies
 
-    def features(self, prompts: list[Prompt], steps: int, batch_size: int, tick: Callable[[int], None]) -> np.ndarray:
-        out = []
+    def features(self, prompts: list[Prompt], steps: int, batch_size: int,
+                 tick: Callable[[int], None]) -> tuple[np.ndarray, list[str]]:
+        feats, replies = [], []
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
             ids = [self.prompt_ids([{"role": "user", "content": p.text}]) for p in chunk]
-            out.append(self.read(ids, steps))
+            f, r = self.read(ids, steps)
+            feats.append(f)
+            replies += r
             tick(len(chunk))
-        return np.concatenate(out, axis=1)
+        return np.concatenate(feats, axis=1), replies
 
     def image_form_features(self, prompts: list[Prompt], layer: int, tick: Callable[[int], None]) -> np.ndarray:
         rows = []
@@ -119,13 +126,26 @@ class FeatureReader:
             content = [{"type": "image", "image": image}, {"type": "text", "text": NEUTRAL_INSTRUCTION}]
             ids = self.prompt_ids([{"role": "user", "content": content}])
             pixels = torch.from_numpy(preprocess(image, self.image_info)[None])
-            rows.append(self.read([ids], 1, pixel_values=pixels)[layer, 0, 0])
+            rows.append(self.read([ids], 1, pixel_values=pixels)[0][layer, 0, 0])
             tick(1)
         return np.stack(rows)
 
 
 def _labels(prompts: list[Prompt]) -> np.ndarray:
     return np.array([p.label for p in prompts])
+
+
+def output_labels(prompts: list[Prompt], replies: list[str], steps: int) -> np.ndarray:
+    """[n, steps] labels of the positions read. Step 0 (the prompt) carries the prompt's label; reply
+    positions are harmful only when the prompt is harmful AND the model's own reply does not refuse
+    (keyword judge): the probe is meant to flag harmful *output* while decoding, and a refusal of a
+    harmful request is the safe output that lookahead should steer toward."""
+    judge = KeywordJudge()
+    y = np.repeat(_labels(prompts)[:, None], steps, axis=1)
+    for i, reply in enumerate(replies):
+        if y[i, 0] == HARMFUL and judge.is_refusal(reply):
+            y[i, 1:] = HARMLESS
+    return y
 
 
 def calibrate(family, tokenizer, chat: Optional[ChatTemplate], image_info, cfg: CalibrationConfig,
@@ -143,29 +163,30 @@ def calibrate(family, tokenizer, chat: Optional[ChatTemplate], image_info, cfg: 
         if progress:
             progress(done[0], total)
 
-    cal = reader.features(sets.calibration, steps, cfg.batch_size, tick)  # [L, n, steps, H]
-    val = reader.features(sets.validation, steps, cfg.batch_size, tick)
-    held = reader.features(sets.held_out, steps, cfg.batch_size, tick) if sets.held_out else None
+    cal, cal_replies = reader.features(sets.calibration, steps, cfg.batch_size, tick)  # [L, n, steps, H]
+    val, val_replies = reader.features(sets.validation, steps, cfg.batch_size, tick)
+    held, held_replies = (reader.features(sets.held_out, steps, cfg.batch_size, tick) if sets.held_out
+                          else (None, []))
     y_cal, y_val = _labels(sets.calibration), _labels(sets.validation)
+    out_cal = output_labels(sets.calibration, cal_replies, steps).ravel()
+    out_val = output_labels(sets.validation, val_replies, steps)
     hidden = cal.shape[-1]
 
     def flat(feats, layer):
         return feats[layer].reshape(-1, hidden)
 
-    def rep(y):
-        return np.repeat(y, steps)
-
     sweep, probes = [], []
     harmless_val = y_val == HARMLESS
     for layer in range(cal.shape[0]):
-        probe = fit_probe(flat(cal, layer), rep(y_cal), pca_k=cfg.pca_k, l2=cfg.l2)
+        probe = fit_probe(flat(cal, layer), out_cal, pca_k=cfg.pca_k, l2=cfg.l2)
         probes.append(probe)
-        row = {"layer": layer, "auroc_validation": auroc(probe.logits(flat(val, layer)), rep(y_val))}
+        row = {"layer": layer, "auroc_validation": auroc(probe.logits(flat(val, layer)), out_val.ravel())}
         if held is not None:
+            out_held = output_labels(sets.held_out, held_replies, steps).ravel()
             neg = val[layer][harmless_val].reshape(-1, hidden)
             pos = held[layer].reshape(-1, hidden)
             scores = np.concatenate([probe.logits(pos), probe.logits(neg)])
-            row["auroc_held_out"] = auroc(scores, np.r_[np.ones(len(pos)), np.zeros(len(neg))])
+            row["auroc_held_out"] = auroc(scores, np.r_[out_held, np.zeros(len(neg))])
         sweep.append(row)
 
     def merit(row):
@@ -175,12 +196,15 @@ def calibrate(family, tokenizer, chat: Optional[ChatTemplate], image_info, cfg: 
     probe = probes[best]
     val_scores = sigmoid(probe.logits(flat(val, best))).reshape(-1, steps)
     tau = threshold_at_fpr(val_scores[harmless_val].ravel(), cfg.fpr)
-    x, y = flat(cal, best), rep(y_cal)
-    gap_vec = x[y == HARMFUL].mean(0) - x[y == HARMLESS].mean(0)
+    # r: harmful minus harmless prompts at the last prompt position (the refusal-direction recipe)
+    x = cal[best, :, 0]
+    gap_vec = x[y_cal == HARMFUL].mean(0) - x[y_cal == HARMLESS].mean(0)
     direction = gap_vec / (np.linalg.norm(gap_vec) + 1e-12)
-    per_step = [{"step": s, "auroc_validation": auroc(val_scores[:, s], y_val),
+    per_step = [{"step": s, "auroc_validation": auroc(val_scores[:, s], out_val[:, s]),
                  "mean_score_harmful": float(val_scores[~harmless_val, s].mean()),
                  "mean_score_harmless": float(val_scores[harmless_val, s].mean())} for s in range(steps)]
+    judge = KeywordJudge()
+    refused = sum(judge.is_refusal(r) for r, p in zip(cal_replies, sets.calibration) if p.label == HARMFUL)
 
     msav, image_form = None, None
     if image_info is not None:
@@ -206,4 +230,5 @@ def calibrate(family, tokenizer, chat: Optional[ChatTemplate], image_info, cfg: 
         class_gap=float(gap_vec @ direction), msav_layer=best if msav is not None else None, msav=msav,
         sweep=sweep, per_step=per_step, image_form=image_form, sets=sets,
         scores={"validation": val_scores.tolist(), "validation_labels": y_val.tolist()},
+        refused_harmful=(refused, int((y_cal == HARMFUL).sum())),
     )

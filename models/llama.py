@@ -83,17 +83,18 @@ class LlamaFamily(Family):
 
     layer_forward = staticmethod(llama_layer_forward)
 
+    config_class = "LlamaConfig"
+    tiny = dict(num_key_value_heads=2, tie_word_embeddings=True)  # what the tiny test config varies
+
     @classmethod
     def text_config(cls, vocab_size: int, **overrides):
-        from transformers import LlamaConfig
+        import transformers
 
-        kw = dict(
-            vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-            tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-        )
+        kw = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                  num_attention_heads=4, max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
+                  pad_token_id=2, **cls.tiny)
         kw.update(overrides)
-        return LlamaConfig(**kw)
+        return getattr(transformers, cls.config_class)(**kw)
 
     @classmethod
     def tiny_configs(cls, vocab_size: int) -> dict[str, object]:
@@ -104,18 +105,8 @@ class LlamaFamily(Family):
 class Qwen2Family(LlamaFamily):
     name = "qwen2"
     model_type = "qwen2"
-
-    @classmethod
-    def text_config(cls, vocab_size: int, **overrides):
-        from transformers import Qwen2Config
-
-        kw = dict(
-            vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-            num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=512,
-            tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-        )
-        kw.update(overrides)
-        return Qwen2Config(**kw)
+    config_class = "Qwen2Config"
+    tiny = dict(num_key_value_heads=1, tie_word_embeddings=False)
 
 
 # Text families a multimodal wrapper (LLaVA) can hold, by the text config's model_type.

@@ -13,19 +13,11 @@ def test_wrong_graph_fails_validation_with_every_mismatch(tiny, tmp_path, monkey
     from safesteer_export.pipeline import ExportConfig, export_artifact
     from safesteer_models import llama
 
-    def no_mlp(layer, hidden, mask, cos, sin, past_k, past_v):  # a plausible export bug: the MLP is dropped
-        attn = layer.self_attn
-        b, s, _ = hidden.shape
-        x = layer.input_layernorm(hidden)
-        q = attn.q_proj(x).view(b, s, -1, attn.head_dim)
-        k = attn.k_proj(x).view(b, s, -1, attn.head_dim)
-        v = attn.v_proj(x).view(b, s, -1, attn.head_dim)
-        c, si = cos.unsqueeze(2), sin.unsqueeze(2)
-        q, k = q * c + llama.rotate_half(q) * si, k * c + llama.rotate_half(k) * si
-        out = llama.attention(q, llama.torch.cat((past_k, k), 1), llama.torch.cat((past_v, v), 1), mask, attn.scaling)
-        return hidden + attn.o_proj(out), k, v
+    def off_by_one_percent(*args):  # a plausible export bug: a layer's output slightly wrong
+        hidden, k, v = llama.llama_layer_forward(*args)
+        return hidden * 1.01, k, v
 
-    monkeypatch.setattr(llama.LlamaFamily, "layer_forward", staticmethod(no_mlp))
+    monkeypatch.setattr(llama.LlamaFamily, "layer_forward", staticmethod(off_by_one_percent))
     out = tmp_path / "out"
     with pytest.raises(ExportValidationError) as err:
         export_artifact(ExportConfig(tiny.checkpoint("LlamaForCausalLM", "gqa"), out, block_size=2, safety=False))
