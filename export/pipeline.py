@@ -22,7 +22,7 @@ from .validate import (ValidationReport, reference, sample_inputs, validate_bloc
                        validate_head, validate_vision)
 
 log = logging.getLogger("safesteer.export")
-TOOL_VERSION = "0.1.0"
+TOOL_VERSION = "0.2.0"
 
 
 @dataclass(frozen=True)
