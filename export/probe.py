@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from safesteer_runtime.safety import sigmoid  # noqa: F401  (one definition; calibration imports it from here)
+
 
 @dataclass(frozen=True)
 class Probe:
@@ -79,10 +81,6 @@ def threshold_at_fpr(harmless_scores: np.ndarray, fpr: float) -> float:
     if allowed >= len(s):
         return float(s[-1])
     return float(np.nextafter(s[allowed], np.inf))
-
-
-def sigmoid(x):
-    return 1.0 / (1.0 + np.exp(-np.asarray(x, np.float64)))
 
 
 def logit(p: float) -> float:

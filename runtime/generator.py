@@ -20,7 +20,7 @@ from .images import ImageLike, preprocess
 from .kv_cache import KVCache
 from .masks import causal_mask, tree_mask
 from .sampling import Sampler, SamplingConfig
-from .safety import SafetyConfig, load_vectors, select, static_feeds
+from .safety import SafetyConfig, load_vectors, select, sigmoid, static_feeds
 from .safety import resolve as resolve_safety
 from .sessions import Providers, SessionConfig, resolve_providers
 from .text import ChatTemplate, IncrementalDecoder, TextCodec, load_chat_template, render_messages
@@ -264,22 +264,26 @@ class Generator:
         timings.decode_s = end - first_token_at
         result = GenerationResult(text, generated, finish, timings, prompt_ids=list(req.ids), safety_trace=trace)
         if prompt_logit is not None:
-            result.prompt_score = float(1.0 / (1.0 + np.exp(-prompt_logit)))
+            result.prompt_score = float(sigmoid(prompt_logit))
         return result
+
+    def _feed_one(self, token: int, cache: KVCache, feeds, msav_one: np.ndarray):
+        """Feed one token at the next position and commit it; -> (hidden, its harm_logit or None)."""
+        t = cache.length
+        hidden, harm = self._run_rows(np.array([[token]], np.int64), causal_mask(t, 1),
+                                      np.array([[t]], np.int64), cache, feeds, msav_one)
+        cache.advance(1)
+        return hidden, (None if harm is None else float(harm[0, 0]))
 
     def _plain(self, cache: KVCache, feeds, msav_one, sampler: Sampler, logits: np.ndarray,
                cfg: Optional[SafetyConfig]):
         """Choose from the logits, then feed the token (its K/V and next logits; probe + correction in-graph)."""
         token = sampler(logits)
-        t = cache.length
-        hidden, harm = self._run_rows(np.array([[token]], np.int64), causal_mask(t, 1),
-                                      np.array([[t]], np.int64), cache, feeds, msav_one)
-        cache.advance(1)
+        hidden, harm = self._feed_one(token, cache, feeds, msav_one)
         if cfg is None or harm is None:
             return token, hidden, None
-        score = float(_sigmoid(harm[0, 0]))
-        return token, hidden, {"token": token, "lookahead": False, "score_chosen": score,
-                               "gate": bool(harm[0, 0] >= feeds[m.GATE_LOGIT][0])}
+        return token, hidden, {"token": token, "lookahead": False, "score_chosen": float(sigmoid(harm)),
+                               "gate": bool(harm >= feeds[m.GATE_LOGIT][0])}
 
     def _lookahead(self, cache: KVCache, feeds, msav_on: bool, cfg: SafetyConfig, sampler: Sampler,
                    logits: np.ndarray, top_lp: np.ndarray, top_ids: np.ndarray):
@@ -289,7 +293,7 @@ class Generator:
         rows = np.asarray(top_ids, np.int64)[None]
         msav_rows = np.full((1, k), 1.0 if msav_on else 0.0, np.float32)
         hidden, harm = self._run_rows(rows, tree_mask(t, k), np.full((1, k), t, np.int64), cache, feeds, msav_rows)
-        scores = _sigmoid(harm[0])
+        scores = sigmoid(harm[0])
         if sampler.cfg.do_sample:
             if scores[0] < cfg.tau:  # undefended sampling; reuse the row if the sample is a candidate
                 token = sampler(logits)
@@ -302,20 +306,13 @@ class Generator:
             choice = select(top_lp, scores, cfg, None, 1.0)
             token = int(top_ids[choice])
         if choice is None:  # a sampled token outside the candidates: one more single-row pass
-            hidden, harm_one = self._run_rows(np.array([[token]], np.int64), causal_mask(t, 1),
-                                              np.array([[t]], np.int64), cache, feeds, msav_rows[:, :1])
-            cache.advance(1)
-            score_chosen, gate = float(_sigmoid(harm_one[0, 0])), bool(harm_one[0, 0] >= feeds[m.GATE_LOGIT][0])
+            hidden, chosen_logit = self._feed_one(token, cache, feeds, msav_rows[:, :1])
         else:
             cache.keep_row(choice)
-            hidden = hidden[:, choice : choice + 1]
-            score_chosen, gate = float(scores[choice]), bool(harm[0, choice] >= feeds[m.GATE_LOGIT][0])
+            hidden, chosen_logit = hidden[:, choice : choice + 1], float(harm[0, choice])
+        score_chosen, gate = float(sigmoid(chosen_logit)), bool(chosen_logit >= feeds[m.GATE_LOGIT][0])
         return token, np.ascontiguousarray(hidden), {
             "token": token, "lookahead": True, "top1": int(top_ids[0]), "score_top1": float(scores[0]),
             "score_chosen": score_chosen, "changed": token != int(top_ids[0]), "gate": gate,
             "candidates": [int(i) for i in top_ids], "candidate_scores": [float(x) for x in scores],
         }
-
-
-def _sigmoid(x):
-    return 1.0 / (1.0 + np.exp(-np.asarray(x, np.float64)))

@@ -62,6 +62,11 @@ class SafetyConfig:
         return math.log(self.tau / (1.0 - self.tau))
 
 
+def sigmoid(x):
+    """Probe score from harm_logit (float64, any shape)."""
+    return 1.0 / (1.0 + np.exp(-np.asarray(x, np.float64)))
+
+
 def resolve(safety: Any, info: Optional[m.SafetyInfo]) -> Optional[SafetyConfig]:
     """"auto" -> the artifact's defaults if it was calibrated, else off; False/None -> off;
     True -> the artifact's defaults; a SafetyConfig as given."""
