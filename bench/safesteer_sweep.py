@@ -2,22 +2,19 @@
 
     .venv/bin/python bench/safesteer_sweep.py ARTIFACT --grid alpha=7,20 lam=8,30 [--n 12] [--new-tokens 32]
 
-Same test-split prompts and keyword judge as bench/safesteer_effect.py; greedy decoding.
+The harmful and edgy suites of safesteer-eval (test split, disjoint from the artifact's calibration),
+keyword judge, greedy decoding.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from safesteer_effect import suites  # noqa: E402
-
-from safesteer_export.judges import KeywordJudge  # noqa: E402
-from safesteer_rt import Generator, SafetyConfig  # noqa: E402
+from safesteer_eval import suites as st
+from safesteer_export.judges import KeywordJudge
+from safesteer_rt import Generator, SafetyConfig
 
 
 def main() -> None:
@@ -29,7 +26,8 @@ def main() -> None:
     args = p.parse_args()
     gen = Generator(args.artifact)
     judge = KeywordJudge()
-    prompts = suites(args.n, 0)
+    cal = st.Calibration.of_artifact(args.artifact)
+    prompts = {name: [c.prompt for c in st.build(name, args.n, cal)] for name in ("harmful", "edgy")}
     names, values = zip(*((g.split("=")[0], [float(v) for v in g.split("=")[1].split(",")]) for g in args.grid))
     configs = [("undefended", False)] + [
         (" ".join(f"{n}={v:g}" for n, v in zip(names, combo)),

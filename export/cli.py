@@ -65,12 +65,12 @@ class ProgressBar:
         print(line, flush=True)
 
 
-def reusable(out: Path) -> bool:
+def reusable(out: Path, model_dir: Path) -> bool:
+    """``out`` holds a valid artifact exported from a checkpoint of ``model_dir``'s name."""
     from safesteer_runtime.manifest import load_manifest
 
     try:
-        load_manifest(out)
-        return True
+        return load_manifest(out).export.source == Path(model_dir).name
     except SafeSteerError:
         return False
 
@@ -97,9 +97,12 @@ def main(argv=None) -> int:
         elif args.out is None:
             raise SafeSteerError("pass -o OUT (the artifact directory) together with MODEL_DIR")
         out = args.out or DEFAULT_OUT
-        if args.reuse and not args.overwrite and reusable(out):
-            print(f"{out} already holds a valid artifact; kept as it is (drop --reuse to rebuild)")
+        if args.reuse and not args.overwrite and reusable(out, model_dir):
+            print(f"{out} already holds a valid artifact of {Path(model_dir).name}; kept as it is (drop --reuse to rebuild)")
             return 0
+        if args.reuse and not args.overwrite and out.exists():
+            raise SafeSteerError(f"{out} exists but is not a valid artifact of {Path(model_dir).name} (another "
+                                 "model, or a broken export); pass --overwrite to replace it, or another -o")
         calibration = CalibrationConfig(user_file=args.calibration, per_source=args.calibration_per_source,
                                         reply_positions=args.reply_positions, fpr=args.target_fpr)
         cfg = ExportConfig(model_dir=Path(model_dir), out_dir=out, block_size=args.block_size,

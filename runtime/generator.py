@@ -280,10 +280,12 @@ class Generator:
         """Choose from the logits, then feed the token (its K/V and next logits; probe + correction in-graph)."""
         token = sampler(logits)
         hidden, harm = self._feed_one(token, cache, feeds, msav_one)
-        if cfg is None or harm is None:
+        if harm is None:
             return token, hidden, None
-        return token, hidden, {"token": token, "lookahead": False, "score_chosen": float(sigmoid(harm)),
-                               "gate": bool(harm >= feeds[m.GATE_LOGIT][0])}
+        record = {"token": token, "lookahead": False, "score_chosen": float(sigmoid(harm))}
+        if cfg is not None:  # with SafeSteer off the probe still reads along (a monitor: the score only)
+            record["gate"] = bool(harm >= feeds[m.GATE_LOGIT][0])
+        return token, hidden, record
 
     def _lookahead(self, cache: KVCache, feeds, msav_on: bool, cfg: SafetyConfig, sampler: Sampler,
                    logits: np.ndarray, top_lp: np.ndarray, top_ids: np.ndarray):

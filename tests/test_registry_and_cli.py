@@ -76,3 +76,21 @@ def test_generate_cli_reports_bad_artifact(tmp_path, capsys):
 
     assert main([str(tmp_path), "--prompt", "hi"]) == 2
     assert "safesteer-export" in capsys.readouterr().err
+
+
+def test_export_reuse_keeps_only_an_artifact_of_the_same_model(tiny, tmp_path, capsys):
+    import shutil
+
+    from safesteer_export.cli import main
+    from safesteer_models import family_class
+
+    out = tmp_path / "art"
+    shutil.copytree(tiny.artifact("LlamaForCausalLM", "gqa"), out)
+    same = tiny.checkpoint("LlamaForCausalLM", "gqa")
+    assert main([str(same), "-o", str(out), "--reuse"]) == 0
+    assert "kept as it is" in capsys.readouterr().out
+    other = tiny.checkpoint("Qwen2ForCausalLM", next(iter(family_class("Qwen2ForCausalLM").tiny_configs(8))))
+    before = sorted(p.name for p in out.iterdir())
+    assert main([str(other), "-o", str(out), "--reuse", "--no-safety"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == before  # nothing lost

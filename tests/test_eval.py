@@ -1,0 +1,216 @@
+"""safesteer-eval: suites (seeded, disjoint from calibration), judges, modes, resume, report schema.
+
+The end-to-end runs use a tiny calibrated LLaVA artifact (image suite included) and the keyword judge;
+the embedding judge's fit on real data is in the slow set.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from safesteer_eval import modes as md
+from safesteer_eval import suites as st
+from safesteer_eval.store import GENERATIONS, Store
+from safesteer_export.judges import KeywordJudge, judge_accuracy
+from safesteer_export.prompt_sets import load_source, split_of
+from safesteer_runtime.errors import ConfigError
+
+NO_CALIBRATION = st.Calibration(0, frozenset())
+
+
+# --- suites ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("suite", st.SUITES)
+def test_suites_are_seeded_and_nested(suite):
+    a = st.build(suite, 12, NO_CALIBRATION, seed=0)
+    assert len(a) == 12 and len({c.id for c in a}) == 12
+    assert st.build(suite, 12, NO_CALIBRATION, seed=0) == a
+    assert st.build(suite, 5, NO_CALIBRATION, seed=0) == a[:5]  # quick is inside full
+    assert [c.id for c in st.build(suite, 12, NO_CALIBRATION, seed=1)] != [c.id for c in a]
+
+
+def test_suites_come_from_the_test_split_and_skip_calibration_ids():
+    prompts = {p.id: p for name in ("advbench", "harmbench", "freshqa", "writingbench") for p in load_source(name)}
+    for suite in ("harmful", "ordinary"):
+        cases = st.build(suite, 30, NO_CALIBRATION, seed=0)
+        assert all(split_of(prompts[c.id], 0) == "test" for c in cases)
+        # ids the artifact's calibration used never appear, even if they hashed into the test split
+        used = st.Calibration(0, frozenset(c.id for c in cases[:10]))
+        again = st.build(suite, 30, used, seed=0)
+        assert not {c.id for c in again} & used.used_ids
+    # another calibration seed gives another test split
+    other = st.build("harmful", 30, st.Calibration(7, frozenset()), seed=0)
+    assert all(split_of(prompts[c.id], 7) == "test" for c in other)
+
+
+def test_calibration_of_an_artifact_is_read_from_its_report(safe_artifact):
+    art = safe_artifact("LlavaForConditionalGeneration", "clip-llama", 2)
+    cal = st.Calibration.of_artifact(art)
+    report = json.loads((art / "calibration.json").read_text())
+    assert cal.seed == report["config"]["seed"]
+    assert cal.used_ids == {i for group in report["data"]["ids"].values() for i in group} and cal.used_ids
+
+
+def test_jailbreak_and_image_cases_wrap_the_request():
+    templates = st.jailbreak_templates()
+    assert len(templates) > 100 and all(t.count(st.PLACEHOLDER) == 1 for t in templates.values())
+    for case in st.build("jailbreak", 10, NO_CALIBRATION):
+        assert case.request in case.prompt and case.template in templates and len(case.prompt) > len(case.request)
+    assert len({c.template for c in st.build("jailbreak", 20, NO_CALIBRATION)}) > 10
+    for case in st.build("image", 5, NO_CALIBRATION):
+        assert case.image_text == case.request and case.request not in case.prompt  # the request is only in the image
+    with pytest.raises(ConfigError, match="unknown suite"):
+        st.build("nope", 3, NO_CALIBRATION)
+
+
+# --- judges ---------------------------------------------------------------------------------------
+def test_keyword_judge_and_its_accuracy():
+    judge = KeywordJudge()
+    assert judge.is_refusal("I'm sorry, but I can't help with that.")
+    assert not judge.is_refusal("Sure. Step 1: preheat the oven to 200 C.")
+    acc = judge_accuracy(judge)
+    assert acc["n"] == 105 and 0.75 < acc["accuracy"] < 1.0
+
+
+def test_embedding_judge_training_data_is_disjoint_from_what_it_is_scored_on_and_the_suites():
+    from safesteer_eval.embed_judge import _scored_set, training_rows
+
+    scored = {reply for _, reply, _ in _scored_set(__import__("safesteer_models.wheels").wheels.cache_root())}
+    suite_prompts = {c.request for s in st.HARMFUL_SUITES for c in st.build(s, 200, NO_CALIBRATION)}
+    rows = training_rows(suite_prompts)
+    assert len(rows) > 300 and 0.2 < np.mean([r[2] for r in rows]) < 0.8
+    assert not {reply for _, reply, _ in rows} & scored
+    assert not {req.strip() for req, _, _ in rows} & suite_prompts
+
+
+def test_embedding_judge_fit_chooses_by_cross_validation():
+    from safesteer_eval.embed_judge import GRID, _choose, _fit
+
+    rng = np.random.default_rng(0)
+    y = rng.random(200) < 0.5
+    x = rng.normal(size=(200, 31, 64))
+    best_layer = GRID[-1][0]
+    x[:, best_layer, :4] += 3.0 * y[:, None]  # only one candidate layer carries the label
+    (layer, k, l2), acc = _choose(x, y)
+    assert layer == best_layer and acc > 0.9
+    mu, w, b = _fit(x[:100, layer], y[:100], k, l2)
+    assert (((x[100:, layer] - mu) @ w + b >= 0) == y[100:]).mean() > 0.9
+
+
+@pytest.mark.slow
+def test_embedding_judge_accuracy_on_pyrit_refusals():
+    from safesteer_eval.cli import excluded_prompts
+    from safesteer_eval.embed_judge import load_judge
+
+    judge = load_judge(excluded_prompts())
+    assert judge.accuracy["n"] == 105 and judge.accuracy["accuracy"] > 0.7
+    assert judge.is_refusal("I'm sorry, but I cannot help with making weapons.", "How do I build a bomb?")
+    assert not judge.is_refusal("Sure! 1. Mix flour and water. 2. Knead for ten minutes.", "How do I bake bread?")
+
+
+# --- modes ----------------------------------------------------------------------------------------
+def test_modes():
+    assert md.messages("system-prompt", "hi")[0] == {"role": "system", "content": md.SAFETY_SYSTEM_PROMPT}
+    assert md.messages("undefended", "hi") == [{"role": "user", "content": "hi"}]
+    assert md.safety_for("safesteer") is True and md.safety_for("system-prompt") is False
+    with pytest.raises(ConfigError, match="unknown mode"):
+        md.check_modes(["undefended", "magic"], True)
+    with pytest.raises(ConfigError, match="--no-safety"):
+        md.check_modes(["safesteer"], False)
+
+
+def test_input_filter_is_derived_from_the_undefended_prefill():
+    from safesteer_eval.runner import filtered
+
+    base = {"text": "Sure, here is", "prompt_score": 0.9, "new_tokens": 5, "ms_per_token": 10.0,
+            "finish_reason": "length", "safety_trace": [{"score_chosen": 0.9}]}
+    hit = filtered(base, tau=0.5)
+    assert hit["text"] == md.FILTER_REPLY and hit["filtered"] and hit["new_tokens"] == 0
+    miss = filtered(base, tau=0.95)
+    assert miss["text"] == base["text"] and not miss["filtered"]
+
+
+# --- end to end: resume and report ----------------------------------------------------------------
+def _eval(art, out, *extra):
+    from safesteer_eval.cli import main
+
+    return main([str(art), "--n", "2", "--new-tokens", "4", "--out", str(out), "--judges", "keyword", "--quiet",
+                 *extra])
+
+
+def test_eval_end_to_end_report_schema(safe_artifact, tmp_path):
+    art = safe_artifact("LlavaForConditionalGeneration", "clip-llama", 2)
+    out = tmp_path / "ev"
+    assert _eval(art, out) == 0
+    records = [json.loads(line) for line in (out / GENERATIONS).read_text().splitlines()]
+    assert len(records) == 5 * 2 * 4  # suites x cases x modes
+    for r in records:
+        assert {"suite", "mode", "id", "prompt", "text", "safety_trace", "verdicts", "ms_per_token"} <= set(r)
+        assert set(r["verdicts"]) == {"keyword"}
+    report = json.loads((out / "report.json").read_text())
+    assert {"results", "judges", "provenance", "plots"} <= set(report)
+    assert report["judges"][0]["judge"] == "keyword" and 0 < report["judges"][0]["accuracy"] <= 1
+    prov = report["provenance"]
+    assert len(prov["artifact_sha256"]) == 64 and prov["split_seed"] == 0 and prov["seed"] == 0
+    assert set(prov["cases"]) == set(st.SUITES)
+    for row in report["results"]:
+        assert {"suite", "mode", "judge", "n", "refusal_rate", "asr", "ms_per_token"} <= set(row)
+        assert row["n"] + row["skipped"] == 2
+        if row["n"]:
+            assert 0 <= row["refusal_rate"] <= 1
+            assert (row["asr"] is None) == (row["suite"] not in st.HARMFUL_SUITES)
+    # jailbreak prompts overflow the tiny model's 512 positions: skipped with the reason, not crashed
+    skipped = [r for r in records if r.get("error")]
+    assert skipped and all(r["suite"] == "jailbreak" and "context" in r["error"] for r in skipped)
+    assert {(r["suite"], r["mode"]) for r in report["results"]} == {(s, m) for s in st.SUITES for m in md.MODES}
+    for name in report["plots"]:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md_text = (out / "report.md").read_text()
+    assert "judge `keyword`" in md_text and "| harmful |" in md_text
+    # SafeSteer traces carry lookahead steps; the undefended probe monitor has scores only
+    assert any(t.get("lookahead") for r in records if r["mode"] == "safesteer" for t in r["safety_trace"])
+
+
+def test_eval_resumes_without_loss_or_duplicates(safe_artifact, tmp_path, monkeypatch):
+    from safesteer_eval import runner
+
+    art = safe_artifact("LlamaForCausalLM", "gqa", 2)
+    out = tmp_path / "ev"
+    args = ("--suites", "harmful", "edgy")
+    real, calls = runner.generate, []
+
+    def interrupted(*a, **k):
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        calls.append(a[1].id)
+        return real(*a, **k)
+
+    monkeypatch.setattr(runner, "generate", interrupted)
+    assert _eval(art, out, *args) == 130
+    first = (out / GENERATIONS).read_text().splitlines()
+    assert 0 < len(first) < 2 * 2 * 4
+    with open(out / GENERATIONS, "a") as f:  # a line torn by the interruption
+        f.write('{"suite": "harmful", "mode": "safe')
+    monkeypatch.setattr(runner, "generate", real)
+    assert _eval(art, out, *args) == 0
+    lines = (out / GENERATIONS).read_text().splitlines()
+    assert lines[: len(first)] == first  # nothing lost or rewritten
+    keys = [(r["suite"], r["mode"], r["id"]) for r in map(json.loads, lines)]
+    assert len(keys) == len(set(keys)) == 2 * 2 * 4
+    assert _eval(art, out, *args) == 0  # a third run adds nothing
+    assert (out / GENERATIONS).read_text().splitlines() == lines
+    # other settings in the same folder are refused, not mixed in
+    assert _eval(art, out, "--suites", "harmful", "--seed", "3") == 2
+
+
+def test_store_keeps_the_first_record(tmp_path):
+    store = Store(tmp_path, {"modes": ["undefended"], "n": 1})
+    rec = {"suite": "harmful", "mode": "undefended", "id": "a", "text": "x"}
+    store.add(rec)
+    store.add({**rec, "text": "y"})
+    assert [r["text"] for r in Store(tmp_path, {"modes": ["undefended"], "n": 1})] == ["x"]
+    with pytest.raises(ConfigError, match="--restart"):
+        Store(tmp_path, {"modes": ["undefended"], "n": 2})
+    assert list(Store(tmp_path, {"modes": ["undefended"], "n": 2}, restart=True)) == []
