@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -32,6 +33,8 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--n", type=int, default=None, help="cases per suite (overrides the preset)")
     p.add_argument("--new-tokens", type=int, default=None, help="tokens per generation (overrides the preset)")
     p.add_argument("--seed", type=int, default=0, help="case sampling seed")
+    p.add_argument("--knob", nargs="+", default=[], metavar="NAME=VALUE",
+                   help="SafeSteer knobs for the safesteer mode instead of the artifact's defaults, e.g. lam=2 k=4")
     p.add_argument("--judges", nargs="+", default=["keyword", "embed"], choices=["keyword", "embed"])
     p.add_argument("--restart", action="store_true", help="discard a previous run in --out")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
@@ -62,6 +65,26 @@ def excluded_prompts() -> set[str]:
     return {p.text for name in SOURCES for p in load_source(name)}
 
 
+def knobs(gen, pairs: Sequence[str]):
+    """--knob NAME=VALUE ... -> a SafetyConfig over the artifact's defaults (True: the defaults as they are)."""
+    if not pairs:
+        return True
+    if gen.manifest.safety is None:
+        raise ConfigError("--knob needs a SafeSteer-calibrated artifact")
+    from safesteer_rt import SafetyConfig
+
+    values = {}
+    for pair in pairs:
+        name, sep, raw = pair.partition("=")
+        try:
+            values[name] = int(raw) if name in ("k", "lookahead_steps") else float(raw)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise ConfigError(f"--knob takes NAME=NUMBER (e.g. lam=2), got {pair!r}")
+    return SafetyConfig.from_manifest(gen.manifest.safety, **values)
+
+
 def evaluate(args: argparse.Namespace) -> dict:
     from safesteer_rt import Generator
 
@@ -81,13 +104,15 @@ def evaluate(args: argparse.Namespace) -> dict:
     suites = args.suites or [s for s in st.SUITES if s != "image" or gen.manifest.image is not None]
     if "image" in suites and gen.manifest.image is None:
         raise SafeSteerError("the image suite needs an artifact with a vision graph; drop 'image' from --suites")
+    steer = knobs(gen, args.knob)
     cal = st.Calibration.of_artifact(args.artifact)
     cases = [c for s in suites for c in st.build(s, n, cal, seed=args.seed)]
     out = args.out or args.artifact.parent / f"eval-{args.suite}"
     judges = _judges(args.judges, excluded_prompts() if "embed" in args.judges else set())
     settings = {"artifact": str(args.artifact.resolve()), "artifact_sha256": artifact_hash(args.artifact),
                 "suite": args.suite, "n_per_suite": n, "new_tokens": new_tokens, "seed": args.seed,
-                "split_seed": cal.seed, "suites": suites, "judges": [j.version for j, _ in judges], "mode_texts": md.fingerprint(), "modes": modes}
+                "split_seed": cal.seed, "suites": suites, "judges": [j.version for j, _ in judges], "mode_texts": md.fingerprint(),
+                "knobs": asdict(steer) if steer is not True else "artifact defaults", "modes": modes}
     store = Store(out, settings, restart=args.restart)
     todo = pending(cases, modes, store)
     bar = None
@@ -97,7 +122,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         bar = tqdm(total=todo, unit="gen", desc="safesteer-eval", file=sys.stderr)
     try:
         run(gen, cases, modes, store, [j for j, _ in judges], new_tokens,
-            progress=(lambda k, what: (bar.update(k), bar.set_postfix_str(what))) if bar else None)
+            progress=(lambda k, what: (bar.update(k), bar.set_postfix_str(what))) if bar else None, steer=steer)
     finally:
         if bar:
             bar.close()

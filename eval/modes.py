@@ -1,7 +1,7 @@
 """The defences compared by safesteer-eval, as message builders + generation settings.
 
   undefended     the artifact with SafeSteer off
-  safesteer      SafeSteer with the artifact's calibrated defaults
+  safesteer      SafeSteer with the artifact's calibrated defaults (or the knobs given with --knob)
   system-prompt  SafeSteer off; a static safety system prompt (an AdaShield-style baseline, our wording)
   input-filter   SafeSteer off; refuse outright when the probe's score at the last prompt position is >= tau.
                  The undefended prefill already computes that score, so this mode is derived from the
@@ -43,11 +43,6 @@ def messages(mode: str, prompt: str, image=None) -> list[dict]:
     if mode == "system-prompt":
         msgs.insert(0, {"role": "system", "content": SAFETY_SYSTEM_PROMPT})
     return msgs
-
-
-def safety_for(mode: str) -> Optional[bool]:
-    """The Generator's ``safety=`` argument for a mode's generation."""
-    return mode == "safesteer"
 
 
 def fingerprint() -> str:

@@ -106,19 +106,20 @@ def markdown(report: dict) -> str:
 
 
 def example(records: Sequence[dict]) -> Optional[dict]:
-    """A harmful-suite case where SafeSteer turned compliance into a refusal (all judges), else a changed reply."""
+    """A harmful-suite case SafeSteer turned from compliance into refusal (in some judge's eyes), text suites
+    before the image suite, most judges agreeing first; else any case SafeSteer changed."""
     by = {(r["suite"], r["mode"], r["id"]): r for r in records}
-    best, best_v = None, []
-    for (suite, mode, cid), r in sorted(by.items()):
+    scored = []
+    for (suite, mode, cid), r in by.items():
         u = by.get((suite, "undefended", cid))
         if mode != "safesteer" or suite not in HARMFUL_SUITES or u is None or u["text"] == r["text"]:
             continue
+        quality = sum(r["verdicts"][j] and not u["verdicts"][j] for j in r["verdicts"])  # judges that saw it flip
         cand = {"suite": suite, "id": cid, "request": r["request"], "undefended": u["text"], "safesteer": r["text"]}
-        if all(r["verdicts"].values()) and not any(u["verdicts"].values()):
-            return cand  # every judge: undefended complied, SafeSteer refused
-        if best is None or (any(r["verdicts"].values()) and not any(best_v)):
-            best, best_v = cand, list(r["verdicts"].values())
-    return best
+        first = next(iter(r["verdicts"]))  # the first judge listed (keyword by default) breaks ties
+        lead = r["verdicts"][first] and not u["verdicts"][first]
+        scored.append(((-min(quality, 1), suite == "image", -quality, -lead, HARMFUL_SUITES.index(suite), cid), cand))
+    return min(scored, key=lambda x: x[0])[1] if scored else None
 
 
 def plots(records: Sequence[dict], report: dict, out: Path) -> list[str]:
@@ -148,16 +149,18 @@ def plots(records: Sequence[dict], report: dict, out: Path) -> list[str]:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 3.8))
-    for suite in suites:
+    colours = plt.get_cmap("tab10")
+    for i, suite in enumerate(suites):
         for mode, style in (("undefended", "--"), ("safesteer", "-")):
             traces = [r["safety_trace"] for r in records if r["suite"] == suite and r["mode"] == mode and r["safety_trace"]]
             if not traces:
                 continue
             steps = max(len(t) for t in traces)
             mean = [np.mean([t[s]["score_chosen"] for t in traces if len(t) > s]) for s in range(steps)]
-            ax.plot(range(steps), mean, style, label=f"{suite} / {mode}")
+            ax.plot(range(steps), mean, style, color=colours(i), label=f"{suite} / {mode}")
     ax.set_xlabel("decoding step")
     ax.set_ylabel("probe score of the chosen token (mean)")
+    ax.set_title("dashed: undefended (probe reads along), solid: SafeSteer", fontsize=9)
     ax.set_ylim(0, 1)
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()

@@ -7,7 +7,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from safesteer_export.typography import render_request
 from safesteer_rt import Generator
@@ -42,11 +42,12 @@ RESULT_FIELDS = ("text", "finish_reason", "new_tokens", "prompt_tokens", "ms_per
                  "prompt_score", "safety_trace", "filtered", "error")
 
 
-def generate(gen: Generator, case: Case, mode: str, new_tokens: int) -> dict:
+def generate(gen: Generator, case: Case, mode: str, new_tokens: int, steer: Any = True) -> dict:
+    """One generation; ``steer`` is the ``safety=`` of the safesteer mode (True: the artifact's defaults)."""
     image = render_request(case.image_text) if case.image_text is not None else None
     try:
         out = gen.generate(md.messages(mode, case.prompt, image), max_new_tokens=new_tokens,
-                           safety=md.safety_for(mode))
+                           safety=steer if mode == "safesteer" else False)
     except InputError as exc:  # e.g. a jailbreak prompt longer than a small model's context: skipped, said why
         log.warning("%s/%s/%s skipped: %s", case.suite, mode, case.id, exc)
         return {"text": "", "error": str(exc), "finish_reason": "error", "new_tokens": 0, "prompt_tokens": None,
@@ -67,9 +68,9 @@ def filtered(undefended: dict, tau: float) -> dict:
 
 
 def run(gen: Generator, cases: Sequence[Case], modes: Sequence[str], store: Store, judges: Sequence,
-        new_tokens: int, progress: Optional[Callable[[int, str], None]] = None) -> int:
+        new_tokens: int, progress: Optional[Callable[[int, str], None]] = None, steer: Any = True) -> int:
     """Generate what is missing; returns how many records were added."""
-    tau = gen.manifest.safety.defaults.tau if gen.manifest.safety else None
+    tau = getattr(steer, "tau", None) or (gen.manifest.safety.defaults.tau if gen.manifest.safety else None)
     added = 0
     for case in cases:
         spare: dict[str, dict] = {}  # an undefended generation made only for the input filter
@@ -81,7 +82,7 @@ def run(gen: Generator, cases: Sequence[Case], modes: Sequence[str], store: Stor
                 base = store.get((case.suite, "undefended", case.id)) or spare.get("undefended")
                 result = filtered(base or generate(gen, case, "undefended", new_tokens), tau)
             else:
-                result = generate(gen, case, mode, new_tokens)
+                result = generate(gen, case, mode, new_tokens, steer)
                 spare[mode] = result
             record = {**{k2: v for k2, v in result.items() if k2 in RESULT_FIELDS},
                       "suite": case.suite, "mode": mode, "id": case.id, "request": case.request,

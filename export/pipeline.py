@@ -9,6 +9,7 @@ import resource
 import shutil
 import time
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -22,7 +23,7 @@ from .validate import (ValidationReport, reference, sample_inputs, validate_bloc
                        validate_head, validate_vision)
 
 log = logging.getLogger("safesteer.export")
-TOOL_VERSION = "0.2.0"
+TOOL_VERSION = version("safesteer")  # recorded in every manifest
 
 
 @dataclass(frozen=True)

@@ -114,7 +114,6 @@ def test_embedding_judge_accuracy_on_pyrit_refusals():
 def test_modes():
     assert md.messages("system-prompt", "hi")[0] == {"role": "system", "content": md.SAFETY_SYSTEM_PROMPT}
     assert md.messages("undefended", "hi") == [{"role": "user", "content": "hi"}]
-    assert md.safety_for("safesteer") is True and md.safety_for("system-prompt") is False
     with pytest.raises(ConfigError, match="unknown mode"):
         md.check_modes(["undefended", "magic"], True)
     with pytest.raises(ConfigError, match="--no-safety"):
@@ -205,6 +204,26 @@ def test_eval_resumes_without_loss_or_duplicates(safe_artifact, tmp_path, monkey
     assert _eval(art, out, "--suites", "harmful", "--seed", "3") == 2
 
 
+def test_eval_knobs_are_validated_and_recorded(safe_artifact, tmp_path, capsys):
+    art = safe_artifact("LlamaForCausalLM", "gqa", 2)
+    assert _eval(art, tmp_path / "a", "--suites", "harmful", "--knob", "lam=nope") == 2
+    assert "NAME=NUMBER" in capsys.readouterr().err
+    assert _eval(art, tmp_path / "a", "--suites", "harmful", "--knob", "gamma=2") == 2
+    assert "unknown safety knob" in capsys.readouterr().err
+    assert _eval(art, tmp_path / "b", "--suites", "harmful", "--modes", "safesteer", "--knob", "lam=0",
+                 "lookahead_steps=0", "alpha=0") == 0
+    run = json.loads((tmp_path / "b" / "run.json").read_text())
+    assert run["knobs"]["lam"] == 0.0 and run["knobs"]["lookahead_steps"] == 0
+    # zero knobs: the safesteer mode reproduces the undefended text
+    assert _eval(art, tmp_path / "b", "--suites", "harmful", "--modes", "undefended", "--knob", "lam=0",
+                 "lookahead_steps=0", "alpha=0") == 0
+    recs = [json.loads(x) for x in (tmp_path / "b" / GENERATIONS).read_text().splitlines()]
+    texts = {}
+    for r in recs:
+        texts.setdefault(r["id"], {})[r["mode"]] = r["text"]
+    assert len(texts) == 2 and all(t["safesteer"] == t["undefended"] for t in texts.values())
+
+
 def test_store_keeps_the_first_record(tmp_path):
     store = Store(tmp_path, {"modes": ["undefended"], "n": 1})
     rec = {"suite": "harmful", "mode": "undefended", "id": "a", "text": "x"}
@@ -214,3 +233,22 @@ def test_store_keeps_the_first_record(tmp_path):
     with pytest.raises(ConfigError, match="--restart"):
         Store(tmp_path, {"modes": ["undefended"], "n": 2})
     assert list(Store(tmp_path, {"modes": ["undefended"], "n": 2}, restart=True)) == []
+
+
+def test_report_example_prefers_a_text_case_the_judges_saw_flip():
+    from safesteer_eval.report import example
+
+    def rec(suite, mode, cid, text, kw, em):
+        return {"suite": suite, "mode": mode, "id": cid, "request": cid, "text": text,
+                "verdicts": {"keyword": kw, "embed": em}}
+
+    records = [
+        rec("image", "undefended", "i", "Steps:", False, False), rec("image", "safesteer", "i", "Sorry.", True, True),
+        rec("harmful", "undefended", "a", "Sure:", False, False), rec("harmful", "safesteer", "a", "Sure!", False, True),
+        rec("jailbreak", "undefended", "b", "Ok:", False, True), rec("jailbreak", "safesteer", "b", "Sorry", True, True),
+        rec("harmful", "undefended", "c", "No.", True, True), rec("harmful", "safesteer", "c", "No!", True, True),
+    ]
+    assert example(records)["id"] == "b"  # text before image; the keyword judge's flip breaks the tie with "a"
+    assert example(records[:2])["id"] == "i"
+    assert example(records[6:])["id"] == "c"  # no flip anywhere: any changed case
+    assert example(records[6:7]) is None
