@@ -162,7 +162,10 @@ def plots(records: Sequence[dict], report: dict, out: Path) -> list[str]:
     ax.set_ylabel("probe score of the chosen token (mean)")
     ax.set_title("dashed: undefended (probe reads along), solid: SafeSteer", fontsize=9)
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=6, ncol=2)
+    if ax.lines:
+        ax.legend(fontsize=6, ncol=2)
+    else:
+        ax.text(0.5, 0.5, "no probe scores: the artifact has no SafeSteer calibration", ha="center", fontsize=8)
     fig.tight_layout()
     fig.savefig(out / PLOTS[1], dpi=110)
     plt.close(fig)

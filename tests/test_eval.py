@@ -252,3 +252,14 @@ def test_report_example_prefers_a_text_case_the_judges_saw_flip():
     assert example(records[:2])["id"] == "i"
     assert example(records[6:])["id"] == "c"  # no flip anywhere: any changed case
     assert example(records[6:7]) is None
+
+
+def test_eval_on_an_uncalibrated_artifact_runs_the_modes_that_apply(tiny, tmp_path, capsys):
+    art = tiny.artifact("LlamaForCausalLM", "gqa")  # exported with --no-safety
+    assert _eval(art, tmp_path / "a", "--suites", "edgy", "--modes", "safesteer") == 2
+    assert "--no-safety" in capsys.readouterr().err
+    assert _eval(art, tmp_path / "b", "--suites", "edgy") == 0
+    report = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert report["modes"] == ["undefended", "system-prompt"]
+    assert _eval(tmp_path / "missing", tmp_path / "c") == 2
+    assert "does not exist" in capsys.readouterr().err
