@@ -30,6 +30,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="calibration prompts per source (validation gets half)")
     p.add_argument("--reply-positions", type=int, default=4, help="reply positions read per prompt besides the last prompt position")
     p.add_argument("--target-fpr", type=float, default=0.05, help="tau's false-positive rate on validation harmless prompts")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="weight-only MatMulNBits quantization of the block and head graphs (onnxruntime's quantizer), "
+                        "with an accuracy check against the float32 export written to quantization.json")
     p.add_argument("--no-validate", action="store_true", help="skip the comparison of every graph with PyTorch")
     p.add_argument("--overwrite", action="store_true", help="replace an existing artifact directory")
     p.add_argument("--reuse", action="store_true", help="keep OUT as it is if it already holds a valid artifact")
@@ -107,7 +110,7 @@ def main(argv=None) -> int:
                                         reply_positions=args.reply_positions, fpr=args.target_fpr)
         cfg = ExportConfig(model_dir=Path(model_dir), out_dir=out, block_size=args.block_size,
                            safety=not args.no_safety, calibration=calibration, validate=not args.no_validate,
-                           overwrite=args.overwrite)
+                           overwrite=args.overwrite, quantize=args.quantize)
         with ProgressBar("calibrating") as bar:
             result = export_artifact(cfg, progress=lambda line: bar.write(f"  {line}"), tick=bar.update)
     except SafeSteerError as exc:
@@ -122,6 +125,13 @@ def main(argv=None) -> int:
     print(f"wrote {result.out_dir} ({len(result.manifest.graphs)} graphs) in {result.seconds:.1f}s, "
           f"peak RSS {result.peak_rss_mb:.0f} MB; validated {len(result.validation.max_diff)} outputs against "
           f"PyTorch, worst max|diff| {worst:.2e}")
+    q = result.quantization
+    if q is not None:
+        line = (f"{args.quantize} weights: greedy tokens before first divergence {q['greedy_tokens_before_first_divergence']}"
+                f" of {q['greedy_tokens']}, perplexity {q['perplexity_float32']:.2f} -> {q['perplexity_quantized']:.2f}")
+        if "probe_auroc_quantized" in q:
+            line += f", probe AUROC {q['probe_auroc_float32']:.3f} -> {q['probe_auroc_quantized']:.3f}"
+        print(line + f" (quantization.json)")
     return 0
 
 

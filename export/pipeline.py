@@ -8,7 +8,7 @@ import logging
 import resource
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib.metadata import version
 from pathlib import Path
 from typing import Callable, Optional
@@ -18,6 +18,7 @@ from safesteer_runtime.errors import ArtifactError, ConfigError
 
 from . import graphs
 from .calibrate import Calibration, CalibrationConfig, calibrate
+from .quantize import BITS, quantize_artifact
 from .tokenizer_files import load_tokenizer, write_tokenizer_files
 from .validate import (ValidationReport, reference, sample_inputs, validate_block, validate_embed,
                        validate_head, validate_vision)
@@ -35,10 +36,13 @@ class ExportConfig:
     calibration: CalibrationConfig = CalibrationConfig()
     validate: bool = True
     overwrite: bool = False
+    quantize: Optional[str] = None  # None (float32 weights), "int8" or "int4": weight-only, see quantize.py
 
     def __post_init__(self):
         if self.block_size < 0:
             raise ConfigError(f"--block-size must be >= 0 (0 = whole model in one block), got {self.block_size}")
+        if self.quantize not in (None, *BITS):
+            raise ConfigError(f"--quantize must be one of {', '.join(BITS)}, got {self.quantize!r}")
 
 
 @dataclass
@@ -49,6 +53,7 @@ class ExportResult:
     peak_rss_mb: float
     validation: ValidationReport
     steps: list[tuple[str, float, float]] = field(default_factory=list)  # (what, seconds, peak RSS MB)
+    quantization: Optional[dict] = None  # the accuracy check of a quantized export (quantization.json)
 
 
 def peak_rss_mb() -> float:
@@ -123,6 +128,25 @@ def safety_info(cal: Calibration) -> m.SafetyInfo:
 
 
 def export_artifact(cfg: ExportConfig, progress: Optional[Callable[[str], None]] = None,
+                    tick: Optional[Callable[[int, int], None]] = None) -> ExportResult:
+    """Export (and validate) float32 graphs; with ``cfg.quantize``, export them beside OUT, write the
+    quantized artifact to OUT with its accuracy check, then remove the float32 copy."""
+    if cfg.quantize is None:
+        return _export_float32(cfg, progress, tick)
+    if cfg.out_dir.exists() and any(cfg.out_dir.iterdir()) and not cfg.overwrite:
+        raise ArtifactError(f"{cfg.out_dir} exists and is not empty; choose another -o or pass --overwrite")
+    float32_dir = cfg.out_dir.with_name(cfg.out_dir.name + ".float32")
+    result = _export_float32(replace(cfg, out_dir=float32_dir, overwrite=True, quantize=None), progress, tick)
+    t0 = time.perf_counter()
+    result.quantization = quantize_artifact(float32_dir, cfg.out_dir, cfg.quantize, progress)
+    shutil.rmtree(float32_dir)
+    result.out_dir, result.manifest = cfg.out_dir, m.load_manifest(cfg.out_dir)
+    result.seconds += time.perf_counter() - t0
+    result.steps.append((f"{cfg.quantize} quantization + accuracy check", time.perf_counter() - t0, peak_rss_mb()))
+    return result
+
+
+def _export_float32(cfg: ExportConfig, progress: Optional[Callable[[str], None]] = None,
                     tick: Optional[Callable[[int, int], None]] = None) -> ExportResult:
     import torch
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from safesteer_runtime.errors import ExportValidationError
+from safesteer_runtime.errors import ConfigError, ExportValidationError
 
 
 def test_wrong_graph_fails_validation_with_every_mismatch(tiny, tmp_path, monkeypatch):
@@ -54,3 +54,51 @@ def test_sliding_window_checkpoints_are_refused():
     cfg = Qwen2Family.text_config(64, use_sliding_window=True, sliding_window=16, max_window_layers=0)
     with pytest.raises(UnsupportedArchitectureError, match="sliding-window"):
         Qwen2Family(transformers.Qwen2ForCausalLM(cfg))
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_quantized_export_runs_and_reports_its_accuracy(safe_artifact, tmp_path, precision):
+    """Weight-only MatMulNBits: block and head graphs change, the rest is the float32 export; the
+    accuracy check (greedy agreement, perplexity, probe AUROC) lands in quantization.json."""
+    import json
+
+    import onnx
+
+    from safesteer_export.quantize import quantize_artifact
+    from safesteer_runtime import manifest as m
+    from safesteer_rt import Generator
+
+    src = safe_artifact("LlamaForCausalLM", "gqa", 2)
+    out = tmp_path / precision
+    report = quantize_artifact(src, out, precision)
+    manifest = m.load_manifest(out)  # every file's sha256 matches the rewritten manifest
+    assert manifest.export.weights == precision and m.load_manifest(src).export.weights == "float32"
+    for entry in manifest.graphs:
+        ops = {n.op_type for n in onnx.load(str(out / entry.file.path), load_external_data=False).graph.node}
+        assert ("MatMulNBits" in ops) == (entry.role in (m.ROLE_BLOCK, m.ROLE_HEAD)), entry.file.path
+    saved = json.loads((out / "quantization.json").read_text())
+    assert saved["precision"] == precision and saved["perplexity_quantized"] > 1.0
+    assert 0.5 <= report["probe_auroc_quantized"] <= 1.0 and len(report["greedy_tokens_before_first_divergence"]) == 3
+    if precision == "int8":  # int8 weights barely move a tiny model
+        assert abs(report["perplexity_quantized"] / report["perplexity_float32"] - 1) < 0.05
+    result = Generator(out).generate([{"role": "user", "content": "hi"}], max_new_tokens=4)
+    assert len(result.token_ids) >= 1 and result.safety_trace
+
+
+def test_quantize_rejects_unknown_precision(tmp_path):
+    from safesteer_export.pipeline import ExportConfig
+
+    with pytest.raises(ConfigError, match="--quantize"):
+        ExportConfig(tmp_path, tmp_path / "out", quantize="int3")
+
+
+def test_export_with_quantize_leaves_only_the_quantized_artifact(tiny, calibration_file, tmp_path):
+    from safesteer_export.calibrate import CalibrationConfig
+    from safesteer_export.pipeline import ExportConfig, export_artifact
+
+    out = tmp_path / "art"
+    cal = CalibrationConfig(user_file=calibration_file, per_source=24, reply_positions=2)
+    result = export_artifact(ExportConfig(tiny.checkpoint("Qwen2ForCausalLM", "gqa"), out, quantize="int4",
+                                          calibration=cal))
+    assert result.manifest.export.weights == "int4" and result.quantization["perplexity_quantized"] > 1.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]  # no .float32 or .partial left behind

@@ -1,0 +1,141 @@
+"""Weight-only int8 / int4 quantization of an exported artifact, with an accuracy check.
+
+onnxruntime's own MatMulNBits quantizer rewrites every MatMul with a constant weight in the block and
+head graphs (block size 32, symmetric; activations stay float32); vision and embedding graphs stay
+float32. The check compares the float32 artifact with the quantized one on the runtime itself:
+greedy agreement on fixed chat prompts, perplexity on a fixed text, and (calibrated artifacts) the
+probe's AUROC at the last prompt position on packaged validation prompts. It is written into the
+artifact as quantization.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from safesteer_runtime import manifest as m
+from safesteer_runtime.errors import ConfigError
+
+log = logging.getLogger("safesteer.export")
+
+BITS = {"int8": 8, "int4": 4}
+BLOCK = 32
+REPORT = "quantization.json"
+CHECK_PROMPTS = ("Explain how a refrigerator keeps food cold, step by step.",
+                 "Write a short poem about autumn leaves.", "What are three good habits for learning to code?")
+CHECK_TOKENS = 32
+CHECK_TEXT = (
+    "The river rose slowly through the night. By morning the low fields were under water, and the farmers "
+    "who had moved their animals to the ridge watched the brown current carry fence posts and branches past "
+    "the old mill. Nobody had seen a flood like it since the spring their grandparents were married."
+)
+PROBE_PROMPTS_PER_CLASS = 24
+
+
+def _quantize_graph(path: Path, bits: int) -> None:
+    from onnxruntime.quantization import matmul_nbits_quantizer as mq
+    from onnxruntime.quantization import quant_utils
+
+    cfg = mq.DefaultWeightOnlyQuantConfig(block_size=BLOCK, is_symmetric=True, accuracy_level=4 if bits == 4 else 0,
+                                          quant_format=quant_utils.QuantFormat.QOperator,
+                                          op_types_to_quantize=("MatMul",), bits=bits)
+    quantizer = mq.MatMulNBitsQuantizer(quant_utils.load_model_with_shape_infer(path), algo_config=cfg)
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(path), False)
+
+
+def _nll(gen, ids: list[int]) -> float:
+    """Mean next-token negative log-likelihood of ``ids`` under the artifact (teacher-forced, one pass)."""
+    from safesteer_runtime.masks import causal_mask
+    from safesteer_runtime.safety import static_feeds
+
+    x = np.asarray(ids, np.int64)[None]
+    cache = gen.engine.new_cache(len(ids))
+    feeds = static_feeds(gen._vectors, None) if gen._vectors is not None else None
+    if feeds is not None:
+        feeds = {**feeds, m.MSAV_MASK: np.zeros((1, len(ids)), np.float32)}
+    hidden, _ = gen.engine.forward(gen.engine.embed_ids(x), causal_mask(0, len(ids)), cache, feeds)
+    logits = gen.engine.logits(hidden)[0][0, :-1].astype(np.float64)
+    logits -= logits.max(-1, keepdims=True)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    return float(-logp[np.arange(len(ids) - 1), x[0, 1:]].mean())
+
+
+def _probe_prompts(root: Path) -> tuple[list[str], list[int]]:
+    from .prompt_sets import HARMFUL, build_sets, packaged_prompts
+
+    seed = json.loads((root / "calibration.json").read_text())["config"]["seed"]
+    val = build_sets(packaged_prompts(), seed=seed).validation
+    pick = [p for p in val if p.label == HARMFUL][:PROBE_PROMPTS_PER_CLASS]
+    pick += [p for p in val if p.label != HARMFUL][:PROBE_PROMPTS_PER_CLASS]
+    return [p.text for p in pick], [int(p.label == HARMFUL) for p in pick]
+
+
+def check(fp32_dir: Path, quant_dir: Path) -> dict:
+    """Float32 vs quantized on the runtime: greedy agreement, perplexity, probe AUROC."""
+    from safesteer_rt import Generator
+
+    from .probe import auroc
+
+    ref, quant = Generator(fp32_dir, verify=False), Generator(quant_dir, verify=False)
+    agree, matched, total = [], 0, 0
+    for prompt in CHECK_PROMPTS:
+        msgs = [{"role": "user", "content": prompt}]
+        a = ref.generate(msgs, max_new_tokens=CHECK_TOKENS, safety=False).token_ids
+        b = quant.generate(msgs, max_new_tokens=CHECK_TOKENS, safety=False).token_ids
+        agree.append(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b))))
+        matched += sum(x == y for x, y in zip(a, b))
+        total += max(len(a), len(b))
+    ids = ref.codec.encode(CHECK_TEXT, add_bos=ref.manifest.tokenizer.add_bos_token)
+    nll_ref, nll_quant = _nll(ref, ids), _nll(quant, ids)
+    out = {"greedy_tokens_before_first_divergence": agree, "greedy_tokens": CHECK_TOKENS,
+           "greedy_position_match": matched / total, "perplexity_float32": float(np.exp(nll_ref)),
+           "perplexity_quantized": float(np.exp(nll_quant)), "perplexity_text_tokens": len(ids)}
+    if ref.manifest.safety is not None:
+        texts, labels = _probe_prompts(fp32_dir)
+        scores = {name: [g.generate([{"role": "user", "content": t}], max_new_tokens=1, safety=False).prompt_score
+                         for t in texts] for name, g in (("float32", ref), ("quantized", quant))}
+        out["probe_auroc_float32"] = auroc(np.array(scores["float32"]), np.array(labels))
+        out["probe_auroc_quantized"] = auroc(np.array(scores["quantized"]), np.array(labels))
+        out["probe_prompts"] = f"{len(texts)} packaged validation prompts (half harmful), last prompt position"
+    return out
+
+
+def quantize_artifact(fp32_dir: Path, out_dir: Path, precision: str,
+                      progress: Optional[Callable[[str], None]] = None) -> dict:
+    """Write a quantized copy of the artifact at ``fp32_dir`` to ``out_dir`` (via out_dir.partial)."""
+    if precision not in BITS:
+        raise ConfigError(f"--quantize must be one of {', '.join(BITS)}, got {precision!r}")
+    say = progress or log.info
+    manifest = m.load_manifest(fp32_dir)
+    staging = out_dir.with_name(out_dir.name + ".partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+    shutil.copytree(fp32_dir, staging)
+    graphs = []
+    for entry in manifest.graphs:
+        if entry.role in (m.ROLE_BLOCK, m.ROLE_HEAD):
+            _quantize_graph(staging / entry.file.path, BITS[precision])
+            say(f"quantized {entry.file.path} to {precision}")
+        graphs.append(dataclasses.replace(entry, file=m.file_ref(staging, staging / entry.file.path)))
+    report = check(fp32_dir, _with_manifest(staging, manifest, graphs, precision, extra=()))
+    (staging / REPORT).write_text(json.dumps({"precision": precision, "block_size": BLOCK, **report}, indent=2))
+    _with_manifest(staging, manifest, graphs, precision, extra=(m.file_ref(staging, staging / REPORT),))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    staging.rename(out_dir)
+    return report
+
+
+def _with_manifest(root: Path, manifest: m.Manifest, graphs: list, precision: str, extra: tuple) -> Path:
+    updated = dataclasses.replace(manifest, graphs=tuple(graphs),
+                                  export=dataclasses.replace(manifest.export, weights=precision),
+                                  extra_files=tuple(manifest.extra_files) + tuple(extra))
+    (root / m.MANIFEST_NAME).write_text(updated.to_json(), encoding="utf-8")
+    return root
