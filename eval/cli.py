@@ -111,8 +111,9 @@ def evaluate(args: argparse.Namespace) -> dict:
     judges = _judges(args.judges, excluded_prompts() if "embed" in args.judges else set())
     settings = {"artifact": str(args.artifact.resolve()), "artifact_sha256": artifact_hash(args.artifact),
                 "suite": args.suite, "n_per_suite": n, "new_tokens": new_tokens, "seed": args.seed,
-                "split_seed": cal.seed, "suites": suites, "judges": [j.version for j, _ in judges], "mode_texts": md.fingerprint(),
-                "knobs": asdict(steer) if steer is not True else "artifact defaults", "modes": modes}
+                "split_seed": cal.seed, "suites": suites, "judges": [j.version for j, _ in judges],
+                "mode_texts": md.fingerprint(), "knobs": asdict(steer) if steer is not True else "artifact defaults",
+                "modes": modes}
     store = Store(out, settings, restart=args.restart)
     todo = pending(cases, modes, store)
     bar = None

@@ -15,6 +15,7 @@ from safesteer_runtime.errors import ConfigError
 
 RUN_FILE = "run.json"
 GENERATIONS = "generations.jsonl"
+FREE = ("modes", "artifact")  # may change between runs: modes add up; a moved artifact keeps its sha256
 
 
 def key(record: dict) -> tuple[str, str, str]:
@@ -32,7 +33,7 @@ class Store:
             run_file.unlink(missing_ok=True)
         if run_file.is_file():
             old = json.loads(run_file.read_text(encoding="utf-8"))
-            diff = sorted(k for k in set(old) | set(settings) if k != "modes" and old.get(k) != settings.get(k))
+            diff = sorted(k for k in set(old) | set(settings) if k not in FREE and old.get(k) != settings.get(k))
             if diff:
                 raise ConfigError(
                     f"{self.out} holds a run with other settings ({', '.join(diff)} differ); pass another --out, "
