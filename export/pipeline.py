@@ -91,10 +91,14 @@ def block_ranges(num_layers: int, block_size: int) -> list[tuple[int, int]]:
     return [(start, min(size, num_layers - start)) for start in range(0, num_layers, size)]
 
 
-def prepare_out_dir(out_dir: Path, overwrite: bool) -> Path:
-    """Export into OUT.partial and move it into place at the end: a failed export never leaves a broken OUT."""
+def check_out_dir(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise ArtifactError(f"{out_dir} exists and is not empty; choose another -o or pass --overwrite")
+
+
+def prepare_out_dir(out_dir: Path, overwrite: bool) -> Path:
+    """Export into OUT.partial and move it into place at the end: a failed export never leaves a broken OUT."""
+    check_out_dir(out_dir, overwrite)
     staging = out_dir.with_name(out_dir.name + ".partial")
     if staging.exists():
         shutil.rmtree(staging)
@@ -133,8 +137,7 @@ def export_artifact(cfg: ExportConfig, progress: Optional[Callable[[str], None]]
     quantized artifact to OUT with its accuracy check, then remove the float32 copy."""
     if cfg.quantize is None:
         return _export_float32(cfg, progress, tick)
-    if cfg.out_dir.exists() and any(cfg.out_dir.iterdir()) and not cfg.overwrite:
-        raise ArtifactError(f"{cfg.out_dir} exists and is not empty; choose another -o or pass --overwrite")
+    check_out_dir(cfg.out_dir, cfg.overwrite)
     float32_dir = cfg.out_dir.with_name(cfg.out_dir.name + ".float32")
     result = _export_float32(replace(cfg, out_dir=float32_dir, overwrite=True, quantize=None), progress, tick)
     t0 = time.perf_counter()

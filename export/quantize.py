@@ -50,23 +50,6 @@ def _quantize_graph(path: Path, bits: int) -> None:
     quantizer.model.save_model_to_file(str(path), False)
 
 
-def _nll(gen, ids: list[int]) -> float:
-    """Mean next-token negative log-likelihood of ``ids`` under the artifact (teacher-forced, one pass)."""
-    from safesteer_runtime.masks import causal_mask
-    from safesteer_runtime.safety import static_feeds
-
-    x = np.asarray(ids, np.int64)[None]
-    cache = gen.engine.new_cache(len(ids))
-    feeds = static_feeds(gen._vectors, None) if gen._vectors is not None else None
-    if feeds is not None:
-        feeds = {**feeds, m.MSAV_MASK: np.zeros((1, len(ids)), np.float32)}
-    hidden, _ = gen.engine.forward(gen.engine.embed_ids(x), causal_mask(0, len(ids)), cache, feeds)
-    logits = gen.engine.logits(hidden)[0][0, :-1].astype(np.float64)
-    logits -= logits.max(-1, keepdims=True)
-    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-    return float(-logp[np.arange(len(ids) - 1), x[0, 1:]].mean())
-
-
 def _probe_prompts(root: Path) -> tuple[list[str], list[int]]:
     from .prompt_sets import HARMFUL, build_sets, packaged_prompts
 
@@ -93,7 +76,7 @@ def check(fp32_dir: Path, quant_dir: Path) -> dict:
         matched += sum(x == y for x, y in zip(a, b))
         total += max(len(a), len(b))
     ids = ref.codec.encode(CHECK_TEXT, add_bos=ref.manifest.tokenizer.add_bos_token)
-    nll_ref, nll_quant = _nll(ref, ids), _nll(quant, ids)
+    nll_ref, nll_quant = -ref.token_logprobs(ids).mean(), -quant.token_logprobs(ids).mean()
     out = {"greedy_tokens_before_first_divergence": agree, "greedy_tokens": CHECK_TOKENS,
            "greedy_position_match": matched / total, "perplexity_float32": float(np.exp(nll_ref)),
            "perplexity_quantized": float(np.exp(nll_quant)), "perplexity_text_tokens": len(ids)}

@@ -109,6 +109,20 @@ class Generator:
         """Like ``generate`` (same keyword arguments) but yields text pieces as they decode."""
         yield from self._run(messages, **kwargs)
 
+    def token_logprobs(self, prompt_ids: Sequence[int]) -> np.ndarray:
+        """Teacher-forced log-probability of each token after the first, in one pass (SafeSteer off):
+        [len(prompt_ids) - 1]. For perplexity checks; not a generation."""
+        ids = np.asarray(prompt_ids, np.int64)[None]
+        n = ids.shape[1]
+        if n < 2 or n > self.manifest.sizes.max_positions:
+            raise InputError(f"token_logprobs needs 2 to {self.manifest.sizes.max_positions} tokens, got {n}")
+        hidden, _ = self._run_rows(ids, causal_mask(0, n), np.arange(n, dtype=np.int64)[None], self._cache_for(n),
+                                   self._safety_feeds(None), np.zeros((1, n), np.float32))
+        logits = self.engine.logits(hidden)[0][0, :-1].astype(np.float64)
+        logits -= logits.max(-1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        return logp[np.arange(n - 1), ids[0, 1:]]
+
     # --- request preparation -----------------------------------------------------------------
     def _prepare(self, messages, prompt, prompt_ids, images) -> _Request:
         given = [x is not None for x in (messages, prompt, prompt_ids)]

@@ -80,3 +80,16 @@ def test_logits_match_transformers(tiny, arch, variant):
     got = np.concatenate(got)
     assert got.shape == want.shape
     assert np.max(np.abs(got - want)) < LOGIT_ATOL
+
+
+def test_token_logprobs_match_transformers(tiny, safe_artifact):
+    """Generator.token_logprobs (the perplexity of quantization checks) = PyTorch's log-softmax, calibrated too."""
+    arch, variant = "LlamaForCausalLM", "gqa"
+    model = hf_model(tiny.checkpoint(arch, variant))
+    for art in (tiny.artifact(arch, variant, 2), safe_artifact(arch, variant, 2)):
+        gen = Generator(art)
+        ids = gen.codec.encode("The river rose slowly through the night.", add_bos=True)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].double(), -1)
+        want = logp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].numpy()
+        np.testing.assert_allclose(gen.token_logprobs(ids), want, atol=2e-4)
