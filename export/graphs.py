@@ -46,8 +46,8 @@ class LayerScope(nn.Module):
         except AttributeError:
             return getattr(object.__getattribute__(self, "_hf_layer"), name)
 
-    def forward(self, hidden, mask, cos, sin, past_k, past_v):
-        return self.family.layer_forward(self, hidden, mask, cos, sin, past_k, past_v)
+    def forward(self, hidden, mask, rope, past_k, past_v):
+        return self.family.layer_forward(self, hidden, mask, rope, past_k, past_v)
 
 
 class ProbeOps(nn.Module):
@@ -81,17 +81,19 @@ class BlockGraph(nn.Module):
         self.probe_layer = probe_layer if probe_layer in layers else None
         self.msav_layer = msav_layer if msav_layer in layers else None
         self.layers = nn.ModuleDict({str(i): LayerScope(family, family.text.layers[i]) for i in layers})
-        self.rotary = family.text.rotary
+        cos, sin = family.rope_tables()
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
         self.probe = ProbeOps()
         self.msav = MsavOps()
 
     def forward(self, hidden, mask, position_ids, *rest):
         past = rest[: 2 * self.count]
         extra = dict(zip(self.extra_inputs(), rest[2 * self.count :]))
-        cos, sin = self.family.rope(hidden, position_ids)
+        rope = (position_ids, self.rope_cos, self.rope_sin)
         new_kv, harm_logit = [], None
         for j, (name, layer) in enumerate(self.layers.items()):
-            hidden, k, v = layer(hidden, mask, cos, sin, past[2 * j], past[2 * j + 1])
+            hidden, k, v = layer(hidden, mask, rope, past[2 * j], past[2 * j + 1])
             new_kv += [k, v]
             if int(name) == self.msav_layer:
                 hidden = self.msav(hidden, extra[m.MSAV_VECTOR], extra[m.MSAV_BETA], extra[m.MSAV_MASK])
@@ -148,7 +150,7 @@ class HeadGraph(nn.Module):
 
     def forward(self, hidden):
         logits = self.lm_head(self.norm(hidden))
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        logprobs = torch.log_softmax(logits if logits.dtype == torch.float32 else logits.float(), dim=-1)
         values, ids = torch.topk(logprobs, TOPK_PLACEHOLDER, dim=-1)
         return logits, values, ids
 

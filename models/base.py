@@ -55,11 +55,23 @@ class Family:
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.text.embed_tokens(input_ids)
 
-    def rope(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.text.rotary(hidden, position_ids)
+    @torch.no_grad()
+    def rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of position * frequency, [max_positions, head_dim / 2], from the checkpoint's own rotary
+        module (so its scaling variant is kept); the graphs look rows up by position id."""
+        from safesteer_runtime.errors import UnsupportedArchitectureError
 
-    def layer_forward(self, layer, hidden, mask, cos, sin, past_k, past_v):
-        """One decoder layer: returns (hidden, new_k, new_v); K/V are [batch, seq, kv_heads, head_dim]."""
+        sizes = self.sizes()
+        positions = torch.arange(sizes.max_positions)[None]
+        cos, sin = self.text.rotary(torch.zeros(1, 1, sizes.hidden_size), positions)
+        half = sizes.head_dim // 2
+        if not (torch.equal(cos[..., :half], cos[..., half:]) and torch.equal(sin[..., :half], sin[..., half:])):
+            raise UnsupportedArchitectureError("this checkpoint's rotary embedding is not in rotate-half layout")
+        return cos[0, :, :half].float().contiguous(), sin[0, :, :half].float().contiguous()
+
+    def layer_forward(self, layer, hidden, mask, rope, past_k, past_v):
+        """One decoder layer: returns (hidden, new_k, new_v); K/V are [batch, seq, kv_heads, head_dim].
+        ``rope`` = (position_ids, cos table, sin table)."""
         raise NotImplementedError
 
     def vision_module(self) -> Optional[nn.Module]:

@@ -5,43 +5,40 @@ from __future__ import annotations
 import torch
 
 from .base import Family, TextStack
+from .onnx_ops import reshape, rotary
 from .registry import register
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def attention(q, keys, values, mask, scaling: float):
-    """Grouped-query attention without materialising repeated K/V.
+def attention(q, keys, values, mask, scaling: float, heads: int, kv_heads: int, head_dim: int):
+    """Grouped-query attention without materialising repeated K/V, with constant reshapes only.
 
     q [b, s, heads, d]; keys/values [b, t, kv_heads, d]; mask [b, 1, s, t] additive. Returns [b, s, heads*d].
     """
-    b, s, heads, d = q.shape
-    kv_heads = keys.shape[2]
     groups = heads // kv_heads
-    q = q.transpose(1, 2).reshape(b, kv_heads, groups * s, d)  # head h uses kv head h // groups
+    q = reshape(q.transpose(1, 2), (0, kv_heads, -1, head_dim))  # row g*s + i: query i of head kvh*groups + g
     scores = torch.matmul(q, keys.permute(0, 2, 3, 1)) * scaling  # [b, kvh, groups*s, t]
-    scores = scores.view(b, kv_heads, groups, s, -1) + mask.unsqueeze(1)
-    probs = torch.softmax(scores.float(), dim=-1).to(values.dtype).view(b, kv_heads, groups * s, -1)
+    scores = scores + (mask.repeat(1, 1, groups, 1) if groups > 1 else mask)
+    probs = torch.softmax(_float(scores), dim=-1).to(values.dtype)
     out = torch.matmul(probs, values.transpose(1, 2))  # [b, kvh, groups*s, d]
-    return out.view(b, heads, s, d).transpose(1, 2).reshape(b, s, heads * d)
+    out = reshape(out, (0, heads, -1, head_dim)).transpose(1, 2)  # [b, s, heads, d]
+    return reshape(out, (0, -1, heads * head_dim))
 
 
-def llama_layer_forward(layer, hidden, mask, cos, sin, past_k, past_v):
-    attn = layer.self_attn
-    b, s, _ = hidden.shape
+def _float(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float32 else x.float()  # no Cast node when it is float32 already
+
+
+def llama_layer_forward(layer, hidden, mask, rope, past_k, past_v):
+    """``rope``: (position_ids [b, s], cos table, sin table), see Family.rope_tables."""
+    attn, cfg = layer.self_attn, layer.self_attn.config
+    d, heads, kv_heads = attn.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
     x = layer.input_layernorm(hidden)
-    q = attn.q_proj(x).view(b, s, -1, attn.head_dim)
-    k = attn.k_proj(x).view(b, s, -1, attn.head_dim)
-    v = attn.v_proj(x).view(b, s, -1, attn.head_dim)
-    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-    q = q * cos + rotate_half(q) * sin
-    k = k * cos + rotate_half(k) * sin
+    q = reshape(rotary(attn.q_proj(x), *rope, heads), (0, -1, heads, d))
+    k = reshape(rotary(attn.k_proj(x), *rope, kv_heads), (0, -1, kv_heads, d))
+    v = reshape(attn.v_proj(x), (0, -1, kv_heads, d))
     keys = torch.cat((past_k, k), dim=1)
     values = torch.cat((past_v, v), dim=1)
-    hidden = hidden + attn.o_proj(attention(q, keys, values, mask, attn.scaling))
+    hidden = hidden + attn.o_proj(attention(q, keys, values, mask, attn.scaling, heads, kv_heads, d))
     hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
     return hidden, k, v
 

@@ -69,8 +69,8 @@ class LlavaFamily(Family):
             rotary=lm.rotary_emb,
         )
 
-    def layer_forward(self, layer, hidden, mask, cos, sin, past_k, past_v):
-        return self._text_family.layer_forward(layer, hidden, mask, cos, sin, past_k, past_v)
+    def layer_forward(self, layer, hidden, mask, rope, past_k, past_v):
+        return self._text_family.layer_forward(layer, hidden, mask, rope, past_k, past_v)
 
     def vision_module(self) -> nn.Module:
         cfg = self.model.config

@@ -64,6 +64,7 @@ class Engine:
         self.embed = load(manifest.graphs_of(m.ROLE_EMBED)[0])
         self.blocks = [Block(e, load(e)) for e in sorted(manifest.graphs_of(m.ROLE_BLOCK), key=lambda e: e.first_layer)]
         self.head = load(manifest.graphs_of(m.ROLE_HEAD)[0])
+        self.has_probe = any(b.has_probe for b in self.blocks)
 
     def providers(self) -> dict[str, str]:
         """Which execution provider each graph's session got (the first one it will use)."""

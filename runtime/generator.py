@@ -93,12 +93,13 @@ class Generator:
                  prompt_ids: Optional[Sequence[int]] = None, images: Optional[Sequence[ImageLike]] = None,
                  max_new_tokens: int = 128, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, seed: Optional[int] = None, stop: Optional[Sequence[str]] = None,
-                 safety: Any = "auto") -> GenerationResult:
+                 safety: Any = "auto", min_new_tokens: int = 0) -> GenerationResult:
         """``safety``: "auto" (SafeSteer with the artifact's defaults when it was calibrated, else off),
-        True (the defaults; an error without calibration), False, or a SafetyConfig."""
+        True (the defaults; an error without calibration), False, or a SafetyConfig.
+        ``min_new_tokens``: end-of-sequence tokens are not chosen before this many tokens (benchmarks)."""
         run = self._run(messages, prompt=prompt, prompt_ids=prompt_ids, images=images,
                         max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
-                        top_p=top_p, seed=seed, stop=stop, safety=safety)
+                        top_p=top_p, seed=seed, stop=stop, safety=safety, min_new_tokens=min_new_tokens)
         while True:
             try:
                 next(run)
@@ -210,12 +211,15 @@ class Generator:
         return hidden[:, -1:], (None if harm is None else float(harm[0, -1]))
 
     def _run(self, messages, *, prompt=None, prompt_ids=None, images=None, max_new_tokens=128, do_sample=False,
-             temperature=1.0, top_k=0, top_p=1.0, seed=None, stop=None, safety="auto") -> Iterator[str]:
+             temperature=1.0, top_k=0, top_p=1.0, seed=None, stop=None, safety="auto",
+             min_new_tokens=0) -> Iterator[str]:
         start = time.perf_counter()
         cfg = resolve_safety(safety, self.manifest.safety)
         sampling = SamplingConfig(do_sample, temperature, top_k, top_p, seed)
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        if not isinstance(min_new_tokens, int) or isinstance(min_new_tokens, bool) or min_new_tokens < 0:
+            raise ConfigError(f"min_new_tokens must be an integer >= 0, got {min_new_tokens!r}")
         if isinstance(stop, str):
             raise ConfigError("stop must be a list of strings, e.g. stop=['\\n\\n']")
         stops = [s for s in (stop or []) if s]
@@ -238,38 +242,48 @@ class Generator:
         msav_one = np.full((1, 1), 1.0 if msav_on else 0.0, np.float32)
 
         hidden, prompt_logit = self._prefill(req, cache, feeds, msav_on)
+        monitor = self.engine.has_probe  # the chosen token's probe score is recorded even with SafeSteer off
         trace: list[dict[str, Any]] = []
         generated: list[int] = []
         text, emitted, finish = "", 0, "length"
         hold = max((len(s) for s in stops), default=1) - 1
         first_token_at = None
+        pending = None  # a chosen token not yet fed (its K/V and the next hidden state come from feeding it)
         step = 0
         while True:
+            if pending is not None:
+                hidden, record = self._feed_chosen(pending, cache, feeds, msav_one, cfg)
+                if record is not None:
+                    trace.append({"step": step - 1, **record})
+                pending = None
+            if finish != "length" or len(generated) == max_new_tokens:
+                break
             logits, top_lp, top_ids = self.engine.logits(hidden, top_k=k)
+            banned = eos if len(generated) < min_new_tokens else ()
             if cfg is not None and k > 1 and step < cfg.lookahead_steps:
                 token, hidden, record = self._lookahead(cache, feeds, msav_on, cfg, sampler, logits[0, -1],
-                                                        top_lp[0, -1], top_ids[0, -1])
-            else:
-                token, hidden, record = self._plain(cache, feeds, msav_one, sampler, logits[0, -1], cfg)
-            if record is not None:
+                                                        top_lp[0, -1], top_ids[0, -1], banned)
                 trace.append({"step": step, **record})
+            else:
+                token = sampler(_ban(logits[0, -1], banned))
+                pending = token
             generated.append(token)
             step += 1
             if first_token_at is None:
                 first_token_at = time.perf_counter()
             if token in eos:
                 finish = "eos"
-                break
-            text += decoder.push(token)
-            hit = min((i for i in (text.find(s, max(0, emitted - hold)) for s in stops) if i >= 0), default=-1)
-            if hit >= 0:
-                text, finish = text[:hit], "stop"
-                break
-            if len(text) - hold > emitted:
-                yield text[emitted : len(text) - hold]
-                emitted = len(text) - hold
-            if len(generated) == max_new_tokens:
-                break
+            else:
+                text += decoder.push(token)
+                hit = min((i for i in (text.find(s, max(0, emitted - hold)) for s in stops) if i >= 0), default=-1)
+                if hit >= 0:
+                    text, finish = text[:hit], "stop"
+                elif len(text) - hold > emitted:
+                    yield text[emitted : len(text) - hold]
+                    emitted = len(text) - hold
+            done = finish != "length" or len(generated) == max_new_tokens
+            if done and not monitor:
+                break  # nothing needs the last token fed
         if len(text) > emitted:
             yield text[emitted:]
         end = time.perf_counter()
@@ -289,21 +303,24 @@ class Generator:
         cache.advance(1)
         return hidden, (None if harm is None else float(harm[0, 0]))
 
-    def _plain(self, cache: KVCache, feeds, msav_one, sampler: Sampler, logits: np.ndarray,
-               cfg: Optional[SafetyConfig]):
-        """Choose from the logits, then feed the token (its K/V and next logits; probe + correction in-graph)."""
-        token = sampler(logits)
+    def _feed_chosen(self, token: int, cache: KVCache, feeds, msav_one, cfg: Optional[SafetyConfig]):
+        """Feed a chosen token (its K/V and the next hidden state; probe + correction in-graph)."""
         hidden, harm = self._feed_one(token, cache, feeds, msav_one)
         if harm is None:
-            return token, hidden, None
+            return hidden, None
         record = {"token": token, "lookahead": False, "score_chosen": float(sigmoid(harm))}
         if cfg is not None:  # with SafeSteer off the probe still reads along (a monitor: the score only)
             record["gate"] = bool(harm >= feeds[m.GATE_LOGIT][0])
-        return token, hidden, record
+        return hidden, record
 
     def _lookahead(self, cache: KVCache, feeds, msav_on: bool, cfg: SafetyConfig, sampler: Sampler,
-                   logits: np.ndarray, top_lp: np.ndarray, top_ids: np.ndarray):
+                   logits: np.ndarray, top_lp: np.ndarray, top_ids: np.ndarray, banned=()):
         """Feed the K candidates as K rows at one position (tree mask), score, select, commit the chosen row."""
+        if banned:  # min_new_tokens: end-of-sequence candidates are dropped before scoring
+            keep = ~np.isin(top_ids, list(banned))
+            if not keep.any():
+                raise ConfigError("min_new_tokens: every lookahead candidate is an end token; raise the safety knob k")
+            top_lp, top_ids, logits = top_lp[keep], top_ids[keep], _ban(logits, banned)
         k = len(top_ids)
         t = cache.length
         rows = np.asarray(top_ids, np.int64)[None]
@@ -332,3 +349,12 @@ class Generator:
             "score_chosen": score_chosen, "changed": token != int(top_ids[0]), "gate": gate,
             "candidates": [int(i) for i in top_ids], "candidate_scores": [float(x) for x in scores],
         }
+
+
+def _ban(logits: np.ndarray, banned) -> np.ndarray:
+    """``logits`` with the ``banned`` ids made unchoosable (a copy; the input is left as it is)."""
+    if not banned:
+        return logits
+    out = logits.copy()
+    out[list(banned)] = -np.inf
+    return out

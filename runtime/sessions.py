@@ -63,8 +63,10 @@ def open_session(path: Path, cfg: SessionConfig) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if cfg.intra_op_threads:
-        opts.intra_op_num_threads = cfg.intra_op_threads
+    opts.intra_op_num_threads = cfg.intra_op_threads
+    # The graphs run one after another, each with its own thread pool: workers spin during a run (fast
+    # hand-off between nodes) but stop at its end, so they do not hold the cores the next graph needs.
+    opts.add_session_config_entry("session.force_spinning_stop", "1")
     providers = [(p, _provider_options(p, cfg)) for p in cfg.providers]
     try:
         return ort.InferenceSession(str(path), opts, providers=providers)

@@ -1,0 +1,256 @@
+"""Decode speed of the Generator against onnxruntime-genai and transformers, in one run.
+
+    .venv/bin/python bench/speed.py HF_DIR --work DIR [--precisions fp32 int8 int4] [--blocks 4 0]
+        [--new-tokens 128] [--prompt-tokens 40 256] [--runs 3] [--threads 2] [--skip-transformers]
+
+For each precision it builds (once, reused from DIR) the safesteer artifacts (calibrated, one per block size)
+with ``safesteer-export`` and the onnxruntime-genai model with its model builder, from the same HF folder.
+Every engine then runs in its own child process, one after the other (its peak RSS is its own), on the
+same prompt token ids (the model's chat template around a fixed request, padded to the prompt sizes),
+greedy, batch 1, ``--threads`` intra-op threads everywhere (onnxruntime-genai through its config overlay).
+
+Reported per engine and prompt size: decode ms/token and tokens/s (median over runs; the first token is
+excluded), time to first token (prefill + choosing the first token), peak RSS of the process, and the
+speed ratio against onnxruntime-genai at the same precision from the same run. Generator modes:
+``off`` (safety=False), ``probe`` (probe + in-graph correction every step, no lookahead) and
+``lookahead`` (K=8 candidates for the first 16 steps, then probe + correction).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REQUEST = ("Write a long, detailed guide to keeping a vegetable garden healthy through a dry summer: soil, "
+           "watering schedules, mulching, shade, pests and harvest timing.")
+FILLER = ("Some background on my garden: it is a raised bed of about ten square metres in a sunny yard, with "
+          "tomatoes, beans, courgettes, lettuce and herbs, clay soil improved with compost last spring, and a "
+          "rain barrel that runs dry by July. ")
+GENAI_PRECISION = {"fp32": "fp32", "int8": "int8", "int4": "int4"}
+
+
+# --- children: one engine each -------------------------------------------------------------------
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _child_generator(job: dict) -> dict:
+    from safesteer_rt import Generator, SafetyConfig
+
+    gen = Generator(job["path"], providers="CPUExecutionProvider", threads=job["threads"])
+    if job["mode"] == "off":
+        safety = False
+    else:
+        base = SafetyConfig.from_manifest(gen.manifest.safety)
+        steps = 0 if job["mode"] == "probe" else 16
+        safety = base.replace(k=8, lookahead_steps=steps)
+    out = {}
+    for size, ids in job["prompts"].items():
+        gen.generate(prompt_ids=ids, max_new_tokens=4, safety=safety)  # warm-up
+        runs = [gen.generate(prompt_ids=ids, max_new_tokens=job["new_tokens"], safety=safety,
+                             min_new_tokens=job["new_tokens"]) for _ in range(job["runs"])]
+        out[size] = {"ms_per_token": statistics.median(r.timings.ms_per_token for r in runs),
+                     "ttft_s": statistics.median(r.timings.prefill_s for r in runs),
+                     "new_tokens": len(runs[0].token_ids), "tokens": runs[0].token_ids[:32]}
+    return out
+
+
+def _child_genai(job: dict) -> dict:
+    import onnxruntime_genai as og
+
+    config = og.Config(job["path"])
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+        "intra_op_num_threads": job["threads"], "inter_op_num_threads": 1}}}}))
+    model = og.Model(config)
+
+    def run(ids: list[int], new_tokens: int) -> tuple[float, float, list[int]]:
+        params = og.GeneratorParams(model)
+        params.set_search_options(do_sample=False, max_length=len(ids) + new_tokens,
+                                  min_length=len(ids) + new_tokens)
+        start = time.perf_counter()
+        gen = og.Generator(model, params)
+        gen.append_tokens(ids)
+        gen.generate_next_token()
+        first = time.perf_counter()
+        tokens = [int(gen.get_next_tokens()[0])]
+        while not gen.is_done():
+            gen.generate_next_token()
+            tokens.append(int(gen.get_next_tokens()[0]))
+        end = time.perf_counter()
+        return first - start, 1000.0 * (end - first) / max(len(tokens) - 1, 1), tokens
+
+    out = {}
+    for size, ids in job["prompts"].items():
+        run(ids, 4)
+        runs = [run(ids, job["new_tokens"]) for _ in range(job["runs"])]
+        out[size] = {"ms_per_token": statistics.median(r[1] for r in runs),
+                     "ttft_s": statistics.median(r[0] for r in runs),
+                     "new_tokens": len(runs[0][2]), "tokens": runs[0][2][:32]}
+    return out
+
+
+def _child_transformers(job: dict) -> dict:
+    import torch
+    import transformers
+
+    torch.set_num_threads(job["threads"])
+    arch = json.loads((Path(job["path"]) / "config.json").read_text())["architectures"][0]
+    model = getattr(transformers, arch).from_pretrained(job["path"], dtype=torch.float32,
+                                                        attn_implementation="eager").eval()
+
+    def timed(ids: torch.Tensor, n: int) -> tuple[float, list[int]]:
+        start = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        return time.perf_counter() - start, out[0, ids.shape[1]:].tolist()
+
+    out = {}
+    with torch.no_grad():
+        for size, ids in job["prompts"].items():
+            t = torch.tensor([ids])
+            timed(t, 4)
+            firsts = [timed(t, 1)[0] for _ in range(job["runs"])]
+            fulls = [timed(t, job["new_tokens"]) for _ in range(job["runs"])]
+            ttft = statistics.median(firsts)
+            total = statistics.median(f[0] for f in fulls)
+            out[size] = {"ms_per_token": 1000.0 * (total - ttft) / (job["new_tokens"] - 1), "ttft_s": ttft,
+                         "new_tokens": len(fulls[0][1]), "tokens": fulls[0][1][:32]}
+    return out
+
+
+CHILDREN = {"generator": _child_generator, "genai": _child_genai, "transformers": _child_transformers}
+
+
+def child_main(job_file: str) -> None:
+    job = json.loads(Path(job_file).read_text())
+    result = CHILDREN[job["engine"]](job)
+    print("RESULT " + json.dumps({"sizes": result, "peak_rss_mb": _peak_rss_mb()}))
+
+
+# --- parent: build, run children, print ----------------------------------------------------------
+def prompt_ids(artifact: Path, sizes: list[int]) -> dict[str, list[int]]:
+    """The chat-templated request, with background text prepended until it is about ``size`` tokens."""
+    from safesteer_runtime import manifest as m
+    from safesteer_runtime.text import TextCodec, load_chat_template, render_messages
+
+    man = m.load_manifest(artifact, verify_files=False)
+    codec, chat = TextCodec(artifact, man.tokenizer), load_chat_template(artifact, man.tokenizer)
+    out = {}
+    for size in sizes:
+        content, ids = REQUEST, []
+        while True:
+            text, _ = render_messages(chat, [{"role": "user", "content": content}], None)
+            ids = codec.encode(text, add_bos=False)
+            if len(ids) >= size:
+                break
+            content = FILLER + content
+        out[str(size)] = ids
+    return out
+
+
+def build(hf_dir: Path, work: Path, precision: str, blocks: list[int]) -> tuple[dict[int, Path], Path]:
+    """The safesteer artifacts (float32 exported and calibrated once per block size; int8/int4 quantized
+    from those, with the exporter's accuracy check) and the onnxruntime-genai model; reused when present."""
+    artifacts = {}
+    for b in blocks:
+        fp32 = work / f"safesteer-fp32-b{b}"
+        if not (fp32 / "manifest.json").is_file():
+            _sh([sys.executable, "-m", "safesteer_export.cli", str(hf_dir), "-o", str(fp32), "--overwrite",
+                 "--block-size", str(b)])
+        out = fp32 if precision == "fp32" else work / f"safesteer-{precision}-b{b}"
+        if not (out / "manifest.json").is_file():
+            _sh([sys.executable, "-c", "import sys; from pathlib import Path; "
+                 "from safesteer_export.quantize import quantize_artifact; "
+                 "quantize_artifact(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3])", str(fp32), str(out), precision])
+        artifacts[b] = out
+    genai = work / f"genai-{precision}"
+    if not (genai / "genai_config.json").is_file():
+        _sh([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(genai),
+             "-p", GENAI_PRECISION[precision], "-e", "cpu", "-c", str(work / "genai-cache"),
+             "--extra_options", "hf_token=false"], env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return artifacts, genai
+
+
+def _sh(cmd: list[str], env=None) -> None:
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
+
+
+def run_child(job: dict, work: Path) -> dict:
+    job_file = work / "job.json"
+    job_file.write_text(json.dumps(job))
+    done = subprocess.run([sys.executable, __file__, "--child", str(job_file)], capture_output=True, text=True)
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
+    if done.returncode or not lines:
+        raise RuntimeError(f"{job['engine']} {job['path']} failed:\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--child":
+        return child_main(sys.argv[2])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("hf_dir", type=Path)
+    p.add_argument("--work", type=Path, required=True, help="where artifacts and genai models are built (reused)")
+    p.add_argument("--precisions", nargs="+", default=["fp32", "int8", "int4"], choices=list(GENAI_PRECISION))
+    p.add_argument("--blocks", nargs="+", type=int, default=[4, 0], help="safesteer block sizes (0 = whole model)")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--prompt-tokens", nargs="+", type=int, default=[40, 256])
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--modes", nargs="+", default=["off", "probe", "lookahead"])
+    p.add_argument("--skip-transformers", action="store_true")
+    p.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    args = p.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    built = {prec: build(args.hf_dir.resolve(), args.work, prec, args.blocks) for prec in args.precisions}
+    first = next(iter(built.values()))[0]
+    prompts = prompt_ids(next(iter(first.values())), args.prompt_tokens)
+    base = {"prompts": prompts, "new_tokens": args.new_tokens, "runs": args.runs, "threads": args.threads}
+
+    rows = []  # (precision, engine label, result)
+    if not args.skip_transformers:
+        rows.append(("fp32", "transformers eager", run_child({**base, "engine": "transformers",
+                                                              "path": str(args.hf_dir)}, args.work)))
+        print(rows[-1][1], "done", flush=True)
+    for prec, (artifacts, genai) in built.items():
+        rows.append((prec, "onnxruntime-genai", run_child({**base, "engine": "genai", "path": str(genai)}, args.work)))
+        print(prec, rows[-1][1], "done", flush=True)
+        for b, art in artifacts.items():
+            for mode in args.modes:
+                label = f"Generator {'whole model' if b == 0 else f'{b}-layer blocks'}, {mode}"
+                job = {**base, "engine": "generator", "path": str(art), "mode": mode}
+                rows.append((prec, label, run_child(job, args.work)))
+                print(prec, label, "done", flush=True)
+    print_table(rows, args)
+    if args.json:
+        args.json.write_text(json.dumps([{"precision": p, "engine": e, **r} for p, e, r in rows], indent=1))
+
+
+def print_table(rows, args) -> None:
+    genai = {prec: r for prec, e, r in rows if e == "onnxruntime-genai"}
+    sizes = [str(s) for s in args.prompt_tokens]
+    head = "| precision | engine | " + " | ".join(
+        f"{s}-tok prompt: tok/s | ms/token | TTFT s | vs genai" for s in sizes) + " | peak RSS MB |"
+    print(f"\n{args.new_tokens} new tokens, greedy, batch 1, {args.threads} threads, median of {args.runs} runs\n")
+    print(head)
+    print("|" + "---|" * (3 + 4 * len(sizes)))
+    for prec, engine, r in rows:
+        cells = []
+        for s in sizes:
+            x = r["sizes"][s]
+            ref = genai.get(prec, {}).get("sizes", {}).get(s)
+            ratio = f"{ref['ms_per_token'] / x['ms_per_token']:.2f}x" if ref else "-"
+            short = "" if x["new_tokens"] == args.new_tokens else f" ({x['new_tokens']} tok)"
+            cells += [f"{1000 / x['ms_per_token']:.1f}{short}", f"{x['ms_per_token']:.1f}", f"{x['ttft_s']:.2f}", ratio]
+        print(f"| {prec} | {engine} | " + " | ".join(cells) + f" | {r['peak_rss_mb']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
