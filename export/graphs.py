@@ -9,13 +9,16 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
 from torch import nn
 
+from safesteer_models.onnx_ops import OPSET23_DOMAIN
 from safesteer_runtime import manifest as m
 
-OPSET = 17
+OPSET = 17  # what the TorchScript exporter writes
+BLOCK_OPSET = 23  # decoder blocks, after finish_block: the standard Attention op
 TOPK_PLACEHOLDER = 7  # exported as a constant, then rewired to the graph input `top_k`
 
 
@@ -190,8 +193,9 @@ def rewire_topk(path: Path) -> None:
     onnx.save(model, str(path))
 
 
-def fix_output_dims(path: Path, dims: dict[str, list]) -> None:
-    """Name the output dims the exporter left anonymous (e.g. head_dim after RoPE's slicing)."""
+def finish_block(path: Path, dims: dict[str, list]) -> None:
+    """Name the output dims the exporter left anonymous (the K/V head_dim) and move the graph to opset 23
+    for the standard Attention op (TorchScript exports up to opset 20; see to_opset23)."""
     model = onnx.load(str(path))
     for out in model.graph.output:
         if out.name in dims:
@@ -202,7 +206,32 @@ def fix_output_dims(path: Path, dims: dict[str, list]) -> None:
                     dim.dim_param = want
                 else:
                     dim.dim_value = want
+    to_opset23(model)
     onnx.save(model, str(path))
+
+
+def to_opset23(model: onnx.ModelProto) -> None:
+    """Raise the default-domain opset of a graph exported at OPSET to BLOCK_OPSET in place: the ops our blocks use
+    are unchanged between them except the Reduce* family (axes became an input in opset 18); nodes in the
+    placeholder domain (onnx_ops.OPSET23_DOMAIN) become standard ops."""
+    graph = model.graph
+    for node in graph.node:
+        if node.domain == OPSET23_DOMAIN:
+            node.domain = ""
+        elif node.domain == "" and node.op_type.startswith("Reduce") and node.op_type != "ReduceSum":
+            axes = [a for a in node.attribute if a.name == "axes"]
+            if axes:
+                name = f"{node.name}/axes"
+                graph.initializer.append(onnx.numpy_helper.from_array(np.array(axes[0].ints, np.int64), name))
+                node.input.append(name)
+                node.attribute.remove(axes[0])
+    imports = [o for o in model.opset_import if o.domain != OPSET23_DOMAIN]
+    for o in imports:
+        if o.domain == "":
+            o.version = BLOCK_OPSET
+    del model.opset_import[:]
+    model.opset_import.extend(imports)
+    model.ir_version = max(model.ir_version, 10)
 
 
 def export_embed(family, path: Path) -> tuple[list[str], list[str]]:
@@ -221,12 +250,12 @@ def export_block(family, first: int, count: int, path: Path, probe_layer: int | 
     hidden = torch.randn(1, rows, sizes.hidden_size)
     mask = torch.zeros(1, 1, rows, past_len + rows)
     positions = torch.arange(past_len, past_len + rows).unsqueeze(0)
-    past = [torch.randn(1, past_len, sizes.num_kv_heads, sizes.head_dim) for _ in range(2 * count)]
+    past = [torch.randn(1, past_len, sizes.num_kv_heads * sizes.head_dim) for _ in range(2 * count)]
     inputs, outputs = block.io_names()
     args = (hidden, mask, positions, *past, *block.sample_extra(sizes.hidden_size, rows))
     export_module(block, args, path, inputs, outputs, block.dynamic_axes())
-    kv_shape = ["batch", "sequence_length", sizes.num_kv_heads, sizes.head_dim]
-    fix_output_dims(path, {name: kv_shape for name in outputs[1:] if name != m.HARM_LOGIT})
+    kv_shape = ["batch", "sequence_length", sizes.num_kv_heads * sizes.head_dim]
+    finish_block(path, {name: kv_shape for name in outputs[1:] if name != m.HARM_LOGIT})
     return inputs, outputs
 
 

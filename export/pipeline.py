@@ -258,7 +258,7 @@ def _export_float32(cfg: ExportConfig, progress: Optional[Callable[[str], None]]
         tokenizer=token_info,
         export=m.ExportInfo(
             tool_version=TOOL_VERSION, block_size=cfg.block_size, source=cfg.model_dir.name,
-            opset=graphs.OPSET, safety_calibrated=cal is not None,
+            opset=graphs.BLOCK_OPSET, safety_calibrated=cal is not None,
         ),
         image=image_info,
         safety=safety_info(cal) if cal is not None else None,

@@ -114,7 +114,7 @@ def validate_block(report: ValidationReport, path, ref: Reference, first: int, c
     split = n - 4
     want = ref.layer_inputs[first + count] if first + count < len(ref.layer_inputs) else ref.last_hidden
     hidden = ref.layer_inputs[first]
-    empty = np.zeros((1, 0, sizes.num_kv_heads, sizes.head_dim), np.float32)
+    empty = np.zeros((1, 0, sizes.num_kv_heads * sizes.head_dim), np.float32)
     feeds = {m.HIDDEN_IN: hidden[:, :split], m.ATTENTION_MASK: causal_mask(0, split),
              m.POSITION_IDS: np.arange(split, dtype=np.int64)[None]}
     for i in range(first, first + count):

@@ -70,7 +70,7 @@ class Family:
         return cos[0, :, :half].float().contiguous(), sin[0, :, :half].float().contiguous()
 
     def layer_forward(self, layer, hidden, mask, rope, past_k, past_v):
-        """One decoder layer: returns (hidden, new_k, new_v); K/V are [batch, seq, kv_heads, head_dim].
+        """One decoder layer: returns (hidden, new_k, new_v); K/V are [batch, seq, kv_heads * head_dim].
         ``rope`` = (position_ids, cos table, sin table)."""
         raise NotImplementedError
 

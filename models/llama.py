@@ -5,40 +5,30 @@ from __future__ import annotations
 import torch
 
 from .base import Family, TextStack
-from .onnx_ops import reshape, rotary
+from .onnx_ops import attention, rotary
 from .registry import register
 
 
-def attention(q, keys, values, mask, scaling: float, heads: int, kv_heads: int, head_dim: int):
-    """Grouped-query attention without materialising repeated K/V, with constant reshapes only.
-
-    q [b, s, heads, d]; keys/values [b, t, kv_heads, d]; mask [b, 1, s, t] additive. Returns [b, s, heads*d].
-    """
-    groups = heads // kv_heads
-    q = reshape(q.transpose(1, 2), (0, kv_heads, -1, head_dim))  # row g*s + i: query i of head kvh*groups + g
-    scores = torch.matmul(q, keys.permute(0, 2, 3, 1)) * scaling  # [b, kvh, groups*s, t]
-    scores = scores + (mask.repeat(1, 1, groups, 1) if groups > 1 else mask)
-    probs = torch.softmax(_float(scores), dim=-1).to(values.dtype)
-    out = torch.matmul(probs, values.transpose(1, 2))  # [b, kvh, groups*s, d]
-    out = reshape(out, (0, heads, -1, head_dim)).transpose(1, 2)  # [b, s, heads, d]
-    return reshape(out, (0, -1, heads * head_dim))
-
-
-def _float(x: torch.Tensor) -> torch.Tensor:
-    return x if x.dtype == torch.float32 else x.float()  # no Cast node when it is float32 already
+def packed_qkv(attn, x, heads: int, kv_heads: int):
+    """q, k and v from one MatMul: the three weights (and biases) are concatenated, which the exporter's
+    constant folding turns into a single initializer; one weight-streaming kernel instead of three."""
+    projs = (attn.q_proj, attn.k_proj, attn.v_proj)
+    weight = torch.cat([p.weight for p in projs])
+    bias = torch.cat([p.bias for p in projs]) if attn.q_proj.bias is not None else None
+    d = attn.head_dim
+    return torch.nn.functional.linear(x, weight, bias).split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
 
 
 def llama_layer_forward(layer, hidden, mask, rope, past_k, past_v):
     """``rope``: (position_ids [b, s], cos table, sin table), see Family.rope_tables."""
     attn, cfg = layer.self_attn, layer.self_attn.config
-    d, heads, kv_heads = attn.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
     x = layer.input_layernorm(hidden)
-    q = reshape(rotary(attn.q_proj(x), *rope, heads), (0, -1, heads, d))
-    k = reshape(rotary(attn.k_proj(x), *rope, kv_heads), (0, -1, kv_heads, d))
-    v = reshape(attn.v_proj(x), (0, -1, kv_heads, d))
-    keys = torch.cat((past_k, k), dim=1)
-    values = torch.cat((past_v, v), dim=1)
-    hidden = hidden + attn.o_proj(attention(q, keys, values, mask, attn.scaling, heads, kv_heads, d))
+    q, k, v = packed_qkv(attn, x, heads, kv_heads)
+    q = rotary(q, *rope, heads)
+    k = rotary(k, *rope, kv_heads)  # [b, s, kv_heads * d]: the new cache rows
+    keys, values = torch.cat((past_k, k), dim=1), torch.cat((past_v, v), dim=1)
+    hidden = hidden + attn.o_proj(attention(q, keys, values, mask, heads, kv_heads, attn.scaling))
     hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
     return hidden, k, v
 

@@ -65,6 +65,10 @@ class Engine:
         self.blocks = [Block(e, load(e)) for e in sorted(manifest.graphs_of(m.ROLE_BLOCK), key=lambda e: e.first_layer)]
         self.head = load(manifest.graphs_of(m.ROLE_HEAD)[0])
         self.has_probe = any(b.has_probe for b in self.blocks)
+        first = self.blocks[0].session.get_inputs()
+        rank = next(len(i.shape) for i in first if i.name == m.past_key(self.blocks[0].entry.first_layer))
+        s = self.sizes  # K/V rows are [kv_heads * head_dim]; artifacts before 0.4 used [kv_heads, head_dim]
+        self._kv_row = (s.num_kv_heads * s.head_dim,) if rank == 3 else (s.num_kv_heads, s.head_dim)
 
     def providers(self) -> dict[str, str]:
         """Which execution provider each graph's session got (the first one it will use)."""
@@ -76,7 +80,7 @@ class Engine:
 
     def new_cache(self, capacity: int) -> KVCache:
         s = self.sizes
-        return KVCache(s.num_layers, capacity, s.num_kv_heads, s.head_dim)
+        return KVCache(s.num_layers, capacity, self._kv_row)
 
     def image_features(self, pixel_values: np.ndarray) -> np.ndarray:
         (features,) = self.vision.run([m.IMAGE_FEATURES], {m.PIXEL_VALUES: pixel_values})

@@ -1,7 +1,8 @@
 """A KV cache preallocated once per request size and written in place by the block graphs.
 
-Layout per layer: [1, capacity, kv_heads, head_dim]. With batch 1 the first ``length`` positions are
-one contiguous run of memory, so the graphs read the past and write new entries without host copies.
+Layout per layer: [1, capacity, *row] with row = (kv_heads * head_dim,) (or (kv_heads, head_dim) for
+artifacts from safesteer < 0.4). With batch 1 the first ``length`` positions are one contiguous run of
+memory, so the graphs read the past and write new entries without host copies.
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ import numpy as np
 
 
 class KVCache:
-    def __init__(self, num_layers: int, capacity: int, kv_heads: int, head_dim: int, dtype=np.float32):
-        shape = (num_layers, 1, capacity, kv_heads, head_dim)
+    def __init__(self, num_layers: int, capacity: int, row: tuple[int, ...], dtype=np.float32):
+        shape = (num_layers, 1, capacity, *row)
         self.keys = np.zeros(shape, dtype)
         self.values = np.zeros(shape, dtype)
         self.capacity = capacity
