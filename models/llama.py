@@ -9,24 +9,14 @@ from .onnx_ops import attention, rotary
 from .registry import register
 
 
-def packed_qkv(attn, x, heads: int, kv_heads: int):
-    """q, k and v from one MatMul: the three weights (and biases) are concatenated, which the exporter's
-    constant folding turns into a single initializer; one weight-streaming kernel instead of three."""
-    projs = (attn.q_proj, attn.k_proj, attn.v_proj)
-    weight = torch.cat([p.weight for p in projs])
-    bias = torch.cat([p.bias for p in projs]) if attn.q_proj.bias is not None else None
-    d = attn.head_dim
-    return torch.nn.functional.linear(x, weight, bias).split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
-
-
 def llama_layer_forward(layer, hidden, mask, rope, past_k, past_v):
     """``rope``: (position_ids [b, s], cos table, sin table), see Family.rope_tables."""
     attn, cfg = layer.self_attn, layer.self_attn.config
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
     x = layer.input_layernorm(hidden)
-    q, k, v = packed_qkv(attn, x, heads, kv_heads)
-    q = rotary(q, *rope, heads)
-    k = rotary(k, *rope, kv_heads)  # [b, s, kv_heads * d]: the new cache rows
+    q = rotary(attn.q_proj(x), *rope, heads)
+    k = rotary(attn.k_proj(x), *rope, kv_heads)  # [b, s, kv_heads * d]: the new cache rows
+    v = attn.v_proj(x)
     keys, values = torch.cat((past_k, k), dim=1), torch.cat((past_v, v), dim=1)
     hidden = hidden + attn.o_proj(attention(q, keys, values, mask, heads, kv_heads, attn.scaling))
     hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))

@@ -63,3 +63,11 @@ def full_eos(gen):
     from safesteer_runtime.manifest import load_manifest
 
     return load_manifest(gen.root).tokenizer.eos_token_ids
+
+
+def test_min_new_tokens_holds_off_end_of_sequence(gen):
+    free = gen.generate(MSG, max_new_tokens=40, safety=False)
+    held = gen.generate(MSG, max_new_tokens=40, safety=False, min_new_tokens=40)
+    eos = set(gen.manifest.tokenizer.eos_token_ids)
+    assert len(held.token_ids) == 40 and not eos & set(held.token_ids)
+    assert held.token_ids[: len(free.token_ids) - 1] == free.token_ids[:-1] or free.finish_reason == "length"
