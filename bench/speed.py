@@ -3,6 +3,7 @@
     .venv/bin/python bench/speed.py HF_DIR --work DIR [--precisions fp32 int8 int4] [--blocks 4 0]
         [--new-tokens 128] [--prompt-tokens 40 256] [--runs 3] [--threads 2] [--skip-transformers]
 
+Needs the ``bench`` extra (``.venv/bin/pip install -e '.[cpu,export,bench]'``: onnxruntime-genai).
 For each precision it builds (once, reused from DIR) the safesteer artifacts (calibrated, one per block size)
 with ``safesteer-export`` and the onnxruntime-genai model with its model builder, from the same HF folder.
 Every engine then runs in its own child process, one after the other (its peak RSS is its own), on the
@@ -33,7 +34,7 @@ REQUEST = ("Write a long, detailed guide to keeping a vegetable garden healthy t
 FILLER = ("Some background on my garden: it is a raised bed of about ten square metres in a sunny yard, with "
           "tomatoes, beans, courgettes, lettuce and herbs, clay soil improved with compost last spring, and a "
           "rain barrel that runs dry by July. ")
-GENAI_PRECISION = {"fp32": "fp32", "int8": "int8", "int4": "int4"}
+PRECISIONS = ("fp32", "int8", "int4")  # the same names in safesteer-export --quantize and the genai builder
 
 
 # --- children: one engine each -------------------------------------------------------------------
@@ -172,7 +173,7 @@ def build(hf_dir: Path, work: Path, precision: str, blocks: list[int]) -> tuple[
     genai = work / f"genai-{precision}"
     if not (genai / "genai_config.json").is_file():
         _sh([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(genai),
-             "-p", GENAI_PRECISION[precision], "-e", "cpu", "-c", str(work / "genai-cache"),
+             "-p", precision, "-e", "cpu", "-c", str(work / "genai-cache"),
              "--extra_options", "hf_token=false"], env={**os.environ, "HF_HUB_OFFLINE": "1"})
     return artifacts, genai
 
@@ -198,7 +199,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("hf_dir", type=Path)
     p.add_argument("--work", type=Path, required=True, help="where artifacts and genai models are built (reused)")
-    p.add_argument("--precisions", nargs="+", default=["fp32", "int8", "int4"], choices=list(GENAI_PRECISION))
+    p.add_argument("--precisions", nargs="+", default=["fp32", "int8", "int4"], choices=PRECISIONS)
     p.add_argument("--blocks", nargs="+", type=int, default=[4, 0], help="safesteer block sizes (0 = whole model)")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prompt-tokens", nargs="+", type=int, default=[40, 256])

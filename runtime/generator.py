@@ -248,27 +248,18 @@ class Generator:
         text, emitted, finish = "", 0, "length"
         hold = max((len(s) for s in stops), default=1) - 1
         first_token_at = None
-        pending = None  # a chosen token not yet fed (its K/V and the next hidden state come from feeding it)
         step = 0
         while True:
-            if pending is not None:
-                hidden, record = self._feed_chosen(pending, cache, feeds, msav_one, cfg)
-                if record is not None:
-                    trace.append({"step": step - 1, **record})
-                pending = None
-            if finish != "length" or len(generated) == max_new_tokens:
-                break
             logits, top_lp, top_ids = self.engine.logits(hidden, top_k=k)
             banned = eos if len(generated) < min_new_tokens else ()
-            if cfg is not None and k > 1 and step < cfg.lookahead_steps:
+            lookahead = cfg is not None and k > 1 and step < cfg.lookahead_steps
+            if lookahead:  # the candidates were fed: the chosen one's K/V and hidden state are in place
                 token, hidden, record = self._lookahead(cache, feeds, msav_on, cfg, sampler, logits[0, -1],
                                                         top_lp[0, -1], top_ids[0, -1], banned)
                 trace.append({"step": step, **record})
             else:
                 token = sampler(_ban(logits[0, -1], banned))
-                pending = token
             generated.append(token)
-            step += 1
             if first_token_at is None:
                 first_token_at = time.perf_counter()
             if token in eos:
@@ -282,8 +273,13 @@ class Generator:
                     yield text[emitted : len(text) - hold]
                     emitted = len(text) - hold
             done = finish != "length" or len(generated) == max_new_tokens
-            if done and not monitor:
-                break  # nothing needs the last token fed
+            if not lookahead and (monitor or not done):  # the last token is fed only for its probe score
+                hidden, record = self._feed_chosen(token, cache, feeds, msav_one, cfg)
+                if record is not None:
+                    trace.append({"step": step, **record})
+            step += 1
+            if done:
+                break
         if len(text) > emitted:
             yield text[emitted:]
         end = time.perf_counter()
