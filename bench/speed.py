@@ -1,17 +1,18 @@
 """Decode speed of the Generator against onnxruntime-genai and transformers, in one run.
 
     .venv/bin/python bench/speed.py HF_DIR --work DIR [--precisions fp32 int8 int4] [--blocks 4 0]
-        [--new-tokens 128] [--prompt-tokens 40 256] [--runs 3] [--threads 2] [--skip-transformers]
+        [--new-tokens 128] [--prompt-tokens 40 256] [--runs 3] [--rounds 2] [--threads 2] [--skip-transformers]
 
 Needs the ``bench`` extra (``.venv/bin/pip install -e '.[cpu,export,bench]'``: onnxruntime-genai).
 For each precision it builds (once, reused from DIR) the safesteer artifacts (calibrated, one per block size)
 with ``safesteer-export`` and the onnxruntime-genai model with its model builder, from the same HF folder.
-Every engine then runs in its own child process, one after the other (its peak RSS is its own), on the
+Every engine then runs in its own child process, one after the other (its peak RSS is its own), and the
+whole list runs ``--rounds`` times so that a slow minute on a shared machine does not land on one engine, on the
 same prompt token ids (the model's chat template around a fixed request, padded to the prompt sizes),
 greedy, batch 1, ``--threads`` intra-op threads everywhere (onnxruntime-genai through its config overlay).
 
-Reported per engine and prompt size: decode ms/token and tokens/s (median over runs; the first token is
-excluded), time to first token (prefill + choosing the first token), peak RSS of the process, and the
+Reported per engine and prompt size: decode ms/token and tokens/s (median over runs, then over rounds; the first
+token is excluded), time to first token (prefill + choosing the first token), peak RSS of the process, and the
 speed ratio against onnxruntime-genai at the same precision from the same run. Generator modes:
 ``off`` (safety=False), ``probe`` (probe + in-graph correction every step, no lookahead) and
 ``lookahead`` (K=8 candidates for the first 16 steps, then probe + correction).
@@ -204,6 +205,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prompt-tokens", nargs="+", type=int, default=[40, 256])
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=2, help="passes over all engines; medians are taken across them")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--modes", nargs="+", default=["off", "probe", "lookahead"])
     p.add_argument("--skip-transformers", action="store_true")
@@ -215,23 +217,35 @@ def main() -> None:
     prompts = prompt_ids(next(iter(first.values())), args.prompt_tokens)
     base = {"prompts": prompts, "new_tokens": args.new_tokens, "runs": args.runs, "threads": args.threads}
 
-    rows = []  # (precision, engine label, result)
+    jobs = []  # (precision, engine label, job)
     if not args.skip_transformers:
-        rows.append(("fp32", "transformers eager", run_child({**base, "engine": "transformers",
-                                                              "path": str(args.hf_dir)}, args.work)))
-        print(rows[-1][1], "done", flush=True)
+        jobs.append(("fp32", "transformers eager", {**base, "engine": "transformers", "path": str(args.hf_dir)}))
     for prec, (artifacts, genai) in built.items():
-        rows.append((prec, "onnxruntime-genai", run_child({**base, "engine": "genai", "path": str(genai)}, args.work)))
-        print(prec, rows[-1][1], "done", flush=True)
+        jobs.append((prec, "onnxruntime-genai", {**base, "engine": "genai", "path": str(genai)}))
         for b, art in artifacts.items():
             for mode in args.modes:
                 label = f"Generator {'whole model' if b == 0 else f'{b}-layer blocks'}, {mode}"
-                job = {**base, "engine": "generator", "path": str(art), "mode": mode}
-                rows.append((prec, label, run_child(job, args.work)))
-                print(prec, label, "done", flush=True)
+                jobs.append((prec, label, {**base, "engine": "generator", "path": str(art), "mode": mode}))
+    results = {(prec, label): [] for prec, label, _ in jobs}
+    for r in range(args.rounds):  # engines alternate, so a slow minute on a shared machine hits all of them
+        for prec, label, job in jobs:
+            results[prec, label].append(run_child(job, args.work))
+            print(f"round {r + 1}/{args.rounds}: {prec} {label} done", flush=True)
+    rows = [(prec, label, merge_rounds(results[prec, label])) for prec, label, _ in jobs]
     print_table(rows, args)
     if args.json:
         args.json.write_text(json.dumps([{"precision": p, "engine": e, **r} for p, e, r in rows], indent=1))
+
+
+def merge_rounds(rounds: list[dict]) -> dict:
+    """One engine's results from several rounds: per prompt size, the median ms/token and TTFT; the largest peak RSS."""
+    sizes = {}
+    for size, first in rounds[0]["sizes"].items():
+        per = [r["sizes"][size] for r in rounds]
+        sizes[size] = {**first, "ms_per_token": statistics.median(x["ms_per_token"] for x in per),
+                       "ttft_s": statistics.median(x["ttft_s"] for x in per),
+                       "ms_per_token_rounds": [x["ms_per_token"] for x in per]}
+    return {"sizes": sizes, "peak_rss_mb": max(r["peak_rss_mb"] for r in rounds)}
 
 
 def print_table(rows, args) -> None:
@@ -239,7 +253,7 @@ def print_table(rows, args) -> None:
     sizes = [str(s) for s in args.prompt_tokens]
     head = "| precision | engine | " + " | ".join(
         f"{s}-tok prompt: tok/s | ms/token | TTFT s | vs genai" for s in sizes) + " | peak RSS MB |"
-    print(f"\n{args.new_tokens} new tokens, greedy, batch 1, {args.threads} threads, median of {args.runs} runs\n")
+    print(f"\n{args.new_tokens} new tokens, greedy, batch 1, {args.threads} threads, median of {args.runs} runs x {args.rounds} rounds\n")
     print(head)
     print("|" + "---|" * (3 + 4 * len(sizes)))
     for prec, engine, r in rows:

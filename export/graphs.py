@@ -206,8 +206,37 @@ def finish_block(path: Path, dims: dict[str, list]) -> None:
                     dim.dim_param = want
                 else:
                     dim.dim_value = want
+    fuse_residual_norms(model.graph)
+    _import_domain(model, "com.microsoft")
     to_opset23(model)
     onnx.save(model, str(path))
+
+
+def fuse_residual_norms(graph: onnx.GraphProto) -> None:
+    """Fold each residual Add that feeds an RMSNorm (the previous layer's output into the next layer's input norm)
+    into one com.microsoft SkipSimplifiedLayerNormalization, which also yields the sum for the residual path.
+    A wrong shape here cannot pass silently: the exporter's validation runs every block against PyTorch."""
+    producers = {out: node for node in graph.node for out in node.output}
+    consts = {t.name for t in graph.initializer}
+    norms = [n for n in graph.node if n.op_type == "SimplifiedLayerNormalization" and n.domain == OPSET23_DOMAIN]
+    for norm in norms:
+        add = producers.get(norm.input[0])
+        if add is None or add.op_type != "Add" or any(name in consts for name in add.input):
+            continue
+        eps = [a for a in norm.attribute if a.name == "epsilon"]
+        fused = onnx.helper.make_node(
+            "SkipSimplifiedLayerNormalization", [add.input[0], add.input[1], norm.input[1]],
+            [norm.output[0], "", "", add.output[0]], name=f"{norm.name}/skip", domain="com.microsoft")
+        fused.attribute.extend(eps)
+        at = list(graph.node).index(add)
+        graph.node.remove(norm)
+        graph.node.remove(add)
+        graph.node.insert(at, fused)
+
+
+def _import_domain(model: onnx.ModelProto, domain: str, version: int = 1) -> None:
+    if not any(o.domain == domain for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(domain, version))
 
 
 def to_opset23(model: onnx.ModelProto) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .base import Family, TextStack
-from .onnx_ops import attention, rotary
+from .onnx_ops import attention, rms_norm, rotary, skip_rms_norm
 from .registry import register
 
 
@@ -13,13 +13,14 @@ def llama_layer_forward(layer, hidden, mask, rope, past_k, past_v):
     """``rope``: (position_ids [b, s], cos table, sin table), see Family.rope_tables."""
     attn, cfg = layer.self_attn, layer.self_attn.config
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-    x = layer.input_layernorm(hidden)
+    x = rms_norm(hidden, layer.input_layernorm)
     q = rotary(attn.q_proj(x), *rope, heads)
     k = rotary(attn.k_proj(x), *rope, kv_heads)  # [b, s, kv_heads * d]: the new cache rows
     v = attn.v_proj(x)
     keys, values = torch.cat((past_k, k), dim=1), torch.cat((past_v, v), dim=1)
-    hidden = hidden + attn.o_proj(attention(q, keys, values, mask, heads, kv_heads, attn.scaling))
-    hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    x, hidden = skip_rms_norm(attn.o_proj(attention(q, keys, values, mask, heads, kv_heads, attn.scaling)), hidden,
+                              layer.post_attention_layernorm)
+    hidden = hidden + layer.mlp(x)
     return hidden, k, v
 
 

@@ -67,3 +67,57 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     """q [b, s, heads * d]; k, v [b, t, kv_heads * d]; mask [b, 1, s, t] additive -> [b, s, heads * d].
     Query head h reads K/V head h // (heads / kv_heads)."""
     return _Attention.apply(q, k, v, mask, int(heads), int(kv_heads), float(scale))
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Hugging Face RMSNorm: normalise in float32, cast back, then scale."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+class _RMSNorm(torch.autograd.Function):
+    """onnxruntime's SimplifiedLayerNormalization (default domain, any opset)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        return _rms(x, weight, eps)
+
+    @staticmethod
+    def symbolic(g, x, weight, eps):
+        out = g.op(f"{OPSET23_DOMAIN}::SimplifiedLayerNormalization", x, weight, axis_i=-1, epsilon_f=eps,
+                   stash_type_i=1)
+        out.setType(x.type())
+        return out
+
+
+class _SkipRMSNorm(torch.autograd.Function):
+    """onnxruntime's com.microsoft SkipSimplifiedLayerNormalization: the residual add and the next RMSNorm in one
+    node; returns (normalised sum, sum)."""
+
+    @staticmethod
+    def forward(ctx, x, skip, weight, eps):
+        total = x + skip
+        return _rms(total, weight, eps), total
+
+    @staticmethod
+    def symbolic(g, x, skip, weight, eps):
+        out, _mean, _inv_std, total = g.op("com.microsoft::SkipSimplifiedLayerNormalization", x, skip, weight,
+                                           epsilon_f=eps, outputs=4)
+        out.setType(x.type())
+        total.setType(x.type())
+        return out, total
+
+
+def _eps(norm) -> float:
+    return float(getattr(norm, "variance_epsilon", None) or getattr(norm, "eps"))
+
+
+def rms_norm(x: torch.Tensor, norm) -> torch.Tensor:
+    """``norm`` (a Hugging Face RMSNorm module) applied to x, as one graph node."""
+    return _RMSNorm.apply(x, norm.weight, _eps(norm))
+
+
+def skip_rms_norm(x: torch.Tensor, skip: torch.Tensor, norm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(x + skip), x + skip) as one graph node: the residual add fused with the following RMSNorm."""
+    return _SkipRMSNorm.apply(x, skip, norm.weight, _eps(norm))

@@ -102,3 +102,19 @@ def test_export_with_quantize_leaves_only_the_quantized_artifact(tiny, calibrati
                                           calibration=cal))
     assert result.manifest.export.weights == "int4" and result.quantization["perplexity_quantized"] > 1.0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]  # no .float32 or .partial left behind
+
+
+def test_decoder_layers_export_as_fused_ops(tiny):
+    """Each decoder layer is a handful of fused nodes (every node costs dispatch time on every decode step):
+    RotaryEmbedding, the opset-23 Attention, and the residual adds folded into the next RMSNorm."""
+    import collections
+
+    import onnx
+
+    art = tiny.artifact("Qwen2ForCausalLM", "gqa", block_size=2)
+    model = onnx.load(str(art / "block_00.onnx"), load_external_data=False)
+    ops = collections.Counter(n.op_type for n in model.graph.node)
+    assert ops["Attention"] == 2 and ops["RotaryEmbedding"] == 4
+    # input norm of layer 0 stays plain; the three later norms each absorb the residual add before them
+    assert ops["SimplifiedLayerNormalization"] == 1 and ops["SkipSimplifiedLayerNormalization"] == 3
+    assert {o.domain: o.version for o in model.opset_import}[""] == 23
