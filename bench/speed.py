@@ -15,7 +15,8 @@ Reported per engine and prompt size: decode ms/token and tokens/s (median over r
 token is excluded), time to first token (prefill + choosing the first token), peak RSS of the process, and the
 speed ratio against onnxruntime-genai at the same precision from the same run. Generator modes:
 ``off`` (safety=False), ``probe`` (probe + in-graph correction every step, no lookahead) and
-``lookahead`` (K=8 candidates for the first 16 steps, then probe + correction).
+``lookahead`` (K=8 candidates for the first 16 steps, then probe + correction); the safety modes run at the
+last ``--blocks`` size (the whole model by default), the other sizes with safety off.
 """
 
 from __future__ import annotations
@@ -223,7 +224,7 @@ def main() -> None:
     for prec, (artifacts, genai) in built.items():
         jobs.append((prec, "onnxruntime-genai", {**base, "engine": "genai", "path": str(genai)}))
         for b, art in artifacts.items():
-            for mode in args.modes:
+            for mode in args.modes if b == args.blocks[-1] else ["off"]:  # safety modes: last block size only
                 label = f"Generator {'whole model' if b == 0 else f'{b}-layer blocks'}, {mode}"
                 jobs.append((prec, label, {**base, "engine": "generator", "path": str(art), "mode": mode}))
     results = {(prec, label): [] for prec, label, _ in jobs}
