@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/speed.py HF_DIR --work DIR [--precisions fp32 int8 int4] [--blocks 4 0]
         [--new-tokens 128] [--prompt-tokens 40 256] [--runs 3] [--rounds 2] [--threads 2] [--skip-transformers]
+        [--skip-genai] [--providers CUDAExecutionProvider]   # GPU: also --precisions fp32 fp16 int4
 
 Needs the ``bench`` extra (``.venv/bin/pip install -e '.[cpu,export,bench]'``: onnxruntime-genai).
 For each precision it builds (once, reused from DIR) the safesteer artifacts (calibrated, one per block size)
@@ -30,13 +31,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 REQUEST = ("Write a long, detailed guide to keeping a vegetable garden healthy through a dry summer: soil, "
            "watering schedules, mulching, shade, pests and harvest timing.")
 FILLER = ("Some background on my garden: it is a raised bed of about ten square metres in a sunny yard, with "
           "tomatoes, beans, courgettes, lettuce and herbs, clay soil improved with compost last spring, and a "
           "rain barrel that runs dry by July. ")
-PRECISIONS = ("fp32", "int8", "int4")  # the same names in safesteer-export --quantize and the genai builder
+PRECISIONS = ("fp32", "fp16", "int8", "int4")  # the same names in safesteer-export --quantize and the genai builder
 
 
 # --- children: one engine each -------------------------------------------------------------------
@@ -47,7 +49,7 @@ def _peak_rss_mb() -> float:
 def _child_generator(job: dict) -> dict:
     from safesteer_rt import Generator, SafetyConfig
 
-    gen = Generator(job["path"], providers="CPUExecutionProvider", threads=job["threads"])
+    gen = Generator(job["path"], providers=job["providers"], threads=job["threads"])
     if job["mode"] == "off":
         safety = False
     else:
@@ -157,8 +159,9 @@ def prompt_ids(artifact: Path, sizes: list[int]) -> dict[str, list[int]]:
     return out
 
 
-def build(hf_dir: Path, work: Path, precision: str, blocks: list[int]) -> tuple[dict[int, Path], Path]:
-    """The safesteer artifacts (float32 exported and calibrated once per block size; int8/int4 quantized
+def build(hf_dir: Path, work: Path, precision: str, blocks: list[int],
+          genai: bool) -> tuple[dict[int, Path], Optional[Path]]:
+    """The safesteer artifacts (float32 exported and calibrated once per block size; fp16/int8/int4 made
     from those, with the exporter's accuracy check) and the onnxruntime-genai model; reused when present."""
     artifacts = {}
     for b in blocks:
@@ -172,12 +175,14 @@ def build(hf_dir: Path, work: Path, precision: str, blocks: list[int]) -> tuple[
                  "from safesteer_export.quantize import quantize_artifact; "
                  "quantize_artifact(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3])", str(fp32), str(out), precision])
         artifacts[b] = out
-    genai = work / f"genai-{precision}"
-    if not (genai / "genai_config.json").is_file():
-        _sh([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(genai),
+    if not genai:
+        return artifacts, None
+    model = work / f"genai-{precision}"
+    if not (model / "genai_config.json").is_file():
+        _sh([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(model),
              "-p", precision, "-e", "cpu", "-c", str(work / "genai-cache"),
              "--extra_options", "hf_token=false"], env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    return artifacts, genai
+    return artifacts, model
 
 
 def _sh(cmd: list[str], env=None) -> None:
@@ -210,19 +215,27 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--modes", nargs="+", default=["off", "probe", "lookahead"])
     p.add_argument("--skip-transformers", action="store_true")
+    p.add_argument("--skip-genai", action="store_true", help="no onnxruntime-genai rows (GPU runs: its CPU build only)")
+    p.add_argument("--providers", nargs="+", default=["CPUExecutionProvider"],
+                   help="the Generator's execution providers (e.g. CUDAExecutionProvider)")
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    built = {prec: build(args.hf_dir.resolve(), args.work, prec, args.blocks) for prec in args.precisions}
+    if "fp16" in args.precisions and not args.skip_genai:
+        p.error("onnxruntime-genai's CPU builds have no fp16: add --skip-genai (GPU runs)")
+    built = {prec: build(args.hf_dir.resolve(), args.work, prec, args.blocks, not args.skip_genai)
+             for prec in args.precisions}
     first = next(iter(built.values()))[0]
     prompts = prompt_ids(next(iter(first.values())), args.prompt_tokens)
-    base = {"prompts": prompts, "new_tokens": args.new_tokens, "runs": args.runs, "threads": args.threads}
+    base = {"prompts": prompts, "new_tokens": args.new_tokens, "runs": args.runs, "threads": args.threads,
+            "providers": args.providers}
 
     jobs = []  # (precision, engine label, job)
     if not args.skip_transformers:
         jobs.append(("fp32", "transformers eager", {**base, "engine": "transformers", "path": str(args.hf_dir)}))
     for prec, (artifacts, genai) in built.items():
-        jobs.append((prec, "onnxruntime-genai", {**base, "engine": "genai", "path": str(genai)}))
+        if genai is not None:
+            jobs.append((prec, "onnxruntime-genai", {**base, "engine": "genai", "path": str(genai)}))
         for b, art in artifacts.items():
             for mode in args.modes if b == args.blocks[-1] else ["off"]:  # safety modes: last block size only
                 label = f"Generator {'whole model' if b == 0 else f'{b}-layer blocks'}, {mode}"

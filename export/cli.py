@@ -30,9 +30,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="calibration prompts per source (validation gets half)")
     p.add_argument("--reply-positions", type=int, default=4, help="reply positions read per prompt besides the last prompt position")
     p.add_argument("--target-fpr", type=float, default=0.05, help="tau's false-positive rate on validation harmless prompts")
-    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
-                   help="weight-only MatMulNBits quantization of the block and head graphs (onnxruntime's quantizer), "
-                        "with an accuracy check against the float32 export written to quantization.json")
+    p.add_argument("--quantize", choices=["int8", "int4", "fp16"], default=None,
+                   help="int8/int4: weight-only MatMulNBits quantization of the block and head graphs (onnxruntime's "
+                        "quantizer); fp16: float16 graphs with float32 inputs/outputs, for GPUs. Either way an accuracy "
+                        "check against the float32 export is written to quantization.json")
     p.add_argument("--no-validate", action="store_true", help="skip the comparison of every graph with PyTorch")
     p.add_argument("--overwrite", action="store_true", help="replace an existing artifact directory")
     p.add_argument("--reuse", action="store_true", help="keep OUT as it is if it already holds a valid artifact")
@@ -127,7 +128,7 @@ def main(argv=None) -> int:
           f"PyTorch, worst max|diff| {worst:.2e}")
     q = result.quantization
     if q is not None:
-        line = (f"{args.quantize} weights: greedy tokens before first divergence {q['greedy_tokens_before_first_divergence']}"
+        line = (f"{args.quantize}: greedy tokens before first divergence {q['greedy_tokens_before_first_divergence']}"
                 f" of {q['greedy_tokens']}, perplexity {q['perplexity_float32']:.2f} -> {q['perplexity_quantized']:.2f}")
         if "probe_auroc_quantized" in q:
             line += f", probe AUROC {q['probe_auroc_float32']:.3f} -> {q['probe_auroc_quantized']:.3f}"

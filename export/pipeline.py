@@ -18,7 +18,7 @@ from safesteer_runtime.errors import ArtifactError, ConfigError
 
 from . import graphs
 from .calibrate import Calibration, CalibrationConfig, calibrate
-from .quantize import BITS, quantize_artifact
+from .quantize import PRECISIONS, quantize_artifact
 from .tokenizer_files import load_tokenizer, write_tokenizer_files
 from .validate import (ValidationReport, reference, sample_inputs, validate_block, validate_embed,
                        validate_head, validate_vision)
@@ -36,13 +36,13 @@ class ExportConfig:
     calibration: CalibrationConfig = CalibrationConfig()
     validate: bool = True
     overwrite: bool = False
-    quantize: Optional[str] = None  # None (float32 weights), "int8" or "int4": weight-only, see quantize.py
+    quantize: Optional[str] = None  # None (float32), "int8" / "int4" (weight-only) or "fp16"; see quantize.py
 
     def __post_init__(self):
         if self.block_size < 0:
             raise ConfigError(f"--block-size must be >= 0 (0 = whole model in one block), got {self.block_size}")
-        if self.quantize not in (None, *BITS):
-            raise ConfigError(f"--quantize must be one of {', '.join(BITS)}, got {self.quantize!r}")
+        if self.quantize not in (None, *PRECISIONS):
+            raise ConfigError(f"--quantize must be one of {', '.join(PRECISIONS)}, got {self.quantize!r}")
 
 
 @dataclass

@@ -1,8 +1,10 @@
-"""Weight-only int8 / int4 quantization of an exported artifact, with an accuracy check.
+"""Lower-precision copies of an exported artifact: int8 / int4 weights, or float16, with an accuracy check.
 
-onnxruntime's own MatMulNBits quantizer rewrites every MatMul with a constant weight in the block and
-head graphs (block size 32, symmetric; activations stay float32); vision and embedding graphs stay
-float32. The check compares the float32 artifact with the quantized one on the runtime itself:
+int8 / int4: onnxruntime's own MatMulNBits quantizer rewrites every MatMul with a constant weight in the
+block and head graphs (block size 32, symmetric); vision and embedding graphs stay float32.
+fp16 (for GPUs): onnxruntime's float16 converter turns the embed, block and head graphs to float16 inside,
+float32 at their inputs and outputs (so the runtime and the KV cache layout are unchanged); the head's
+LogSoftmax and TopK stay float32 so candidate log-probabilities keep their precision. The check compares the float32 artifact with the quantized one on the runtime itself:
 greedy agreement on fixed chat prompts, perplexity on a fixed text, and (calibrated artifacts) the
 probe's AUROC at the last prompt position on packaged validation prompts. It is written into the
 artifact as quantization.json.
@@ -25,6 +27,7 @@ from safesteer_runtime.errors import ConfigError
 log = logging.getLogger("safesteer.export")
 
 BITS = {"int8": 8, "int4": 4}
+PRECISIONS = (*BITS, "fp16")
 BLOCK = 32
 REPORT = "quantization.json"
 CHECK_PROMPTS = ("Explain how a refrigerator keeps food cold, step by step.",
@@ -50,6 +53,15 @@ def _quantize_graph(path: Path, bits: int) -> None:
     quantizer = mq.MatMulNBitsQuantizer(quant_utils.load_model_with_shape_infer(path), algo_config=cfg)
     quantizer.process()
     quantizer.model.save_model_to_file(str(path), False)
+
+
+def _half_graph(path: Path) -> None:
+    import onnx
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(path)), keep_io_types=True,
+                                     op_block_list=[*DEFAULT_OP_BLOCK_LIST, "LogSoftmax", "TopK"])
+    onnx.save(model, str(path))
 
 
 def _probe_prompts(root: Path) -> tuple[list[str], list[int]]:
@@ -95,8 +107,8 @@ def check(fp32_dir: Path, quant_dir: Path) -> dict:
 def quantize_artifact(fp32_dir: Path, out_dir: Path, precision: str,
                       progress: Optional[Callable[[str], None]] = None) -> dict:
     """Write a quantized copy of the artifact at ``fp32_dir`` to ``out_dir`` (via out_dir.partial)."""
-    if precision not in BITS:
-        raise ConfigError(f"--quantize must be one of {', '.join(BITS)}, got {precision!r}")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--quantize must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     say = progress or log.info
     manifest = m.load_manifest(fp32_dir)
     staging = out_dir.with_name(out_dir.name + ".partial")
@@ -105,12 +117,16 @@ def quantize_artifact(fp32_dir: Path, out_dir: Path, precision: str,
     shutil.copytree(fp32_dir, staging)
     graphs = []
     for entry in manifest.graphs:
-        if entry.role in (m.ROLE_BLOCK, m.ROLE_HEAD):
+        if precision == "fp16" and entry.role in (m.ROLE_EMBED, m.ROLE_BLOCK, m.ROLE_HEAD):
+            _half_graph(staging / entry.file.path)
+            say(f"converted {entry.file.path} to float16")
+        elif precision in BITS and entry.role in (m.ROLE_BLOCK, m.ROLE_HEAD):
             _quantize_graph(staging / entry.file.path, BITS[precision])
             say(f"quantized {entry.file.path} to {precision}")
         graphs.append(dataclasses.replace(entry, file=m.file_ref(staging, staging / entry.file.path)))
     report = check(fp32_dir, _with_manifest(staging, manifest, graphs, precision, extra=()))
-    (staging / REPORT).write_text(json.dumps({"precision": precision, "block_size": BLOCK, **report}, indent=2))
+    block = {"block_size": BLOCK} if precision in BITS else {}
+    (staging / REPORT).write_text(json.dumps({"precision": precision, **block, **report}, indent=2))
     _with_manifest(staging, manifest, graphs, precision, extra=(m.file_ref(staging, staging / REPORT),))
     if out_dir.exists():
         shutil.rmtree(out_dir)

@@ -1,12 +1,15 @@
 """Runs the artifact's graphs: vision, embed, the decoder blocks in order, and the head.
 
-Blocks are called through IOBinding over host memory: the past K/V are bound as views into the
-preallocated cache and the new K/V outputs are bound straight into the cache slots after them, so a
-decode step allocates nothing but the small hidden-state buffers.
+Blocks are called through IOBinding: the past K/V are bound as views into the preallocated cache and the
+new K/V outputs are bound straight into the cache slots after them, so a decode step allocates nothing but
+the small hidden-state buffers. The cache lives in host memory for the CPU provider and in device memory
+for CUDA / TensorRT (kv_cache.DeviceKVCache), where the K/V never cross to the host.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -17,26 +20,35 @@ import onnxruntime as ort
 from onnxruntime.capi import _pybind_state as C
 
 from . import manifest as m
-from .errors import ArtifactError
-from .kv_cache import KVCache
-from .sessions import SessionConfig, open_session
+from .errors import ArtifactError, ConfigError
+from .kv_cache import DeviceKVCache, DeviceSpan, KVCache
+from .sessions import CPU, SessionConfig, open_session
+from .trt_profiles import profile_options
+
+log = logging.getLogger("safesteer.runtime")
 
 _ORT_TYPES = {np.dtype(np.float32): np.float32, np.dtype(np.int64): np.int64, np.dtype(np.float16): np.float16}
 
 
-_CPU = C.OrtDevice(C.OrtDevice.cpu(), C.OrtDevice.default_memory(), 0)
+_CPU = ort.OrtDevice.make("cpu", 0)._get_c_device()
+KV_CACHE_CHOICES = ("auto", "host", "device")
 
 
 # Binding goes straight to the C++ IOBinding (ort.IOBinding's Python wrapper builds a device object and
 # bookkeeping per call: ~1 ms per decode step over a 4-layer-block artifact's ~120 bindings).
-def _bind_in(io: ort.IOBinding, name: str, array: np.ndarray) -> None:
-    assert array.flags.c_contiguous, name
-    io._iobinding.bind_input(name, _CPU, _ORT_TYPES[array.dtype], list(array.shape), array.ctypes.data)
+def _where(name: str, x) -> tuple:
+    if isinstance(x, DeviceSpan):
+        return x.device, _ORT_TYPES[np.dtype(x.dtype)], list(x.shape), x.ptr
+    assert x.flags.c_contiguous, name
+    return _CPU, _ORT_TYPES[x.dtype], list(x.shape), x.ctypes.data
 
 
-def _bind_out(io: ort.IOBinding, name: str, array: np.ndarray) -> None:
-    assert array.flags.c_contiguous, name
-    io._iobinding.bind_output(name, _CPU, _ORT_TYPES[array.dtype], list(array.shape), array.ctypes.data)
+def _bind_in(io: ort.IOBinding, name: str, x) -> None:
+    io._iobinding.bind_input(name, *_where(name, x))
+
+
+def _bind_out(io: ort.IOBinding, name: str, x) -> None:
+    io._iobinding.bind_output(name, *_where(name, x))
 
 
 @dataclass
@@ -62,24 +74,45 @@ class Block:
         return m.HARM_LOGIT in self.entry.outputs
 
 
+def _kv_rank(manifest: m.Manifest) -> int:
+    """Rank of the K/V inputs: 3 ([1, T, kv_heads * head_dim]) since safesteer 0.4, whose blocks are opset 23
+    (the same release); 4 ([1, T, kv_heads, head_dim]) in the opset-17 artifacts before it."""
+    return 3 if manifest.export.opset >= 23 else 4
+
+
 class Engine:
-    def __init__(self, root: Path, manifest: m.Manifest, cfg: SessionConfig):
+    def __init__(self, root: Path, manifest: m.Manifest, cfg: SessionConfig, kv_cache: str = "auto"):
+        if kv_cache not in KV_CACHE_CHOICES:
+            raise ConfigError(f"kv_cache must be one of {KV_CACHE_CHOICES}, got {kv_cache!r}")
         self.manifest = manifest
         self.sizes = manifest.sizes
 
-        def load(entry: m.GraphEntry) -> ort.InferenceSession:
-            return open_session(root / entry.file.path, cfg)
-
-        vision = manifest.graphs_of(m.ROLE_VISION)
-        self.vision = load(vision[0]) if vision else None
-        self.embed = load(manifest.graphs_of(m.ROLE_EMBED)[0])
-        self.blocks = [Block(e, load(e)) for e in sorted(manifest.graphs_of(m.ROLE_BLOCK), key=lambda e: e.first_layer)]
-        self.head = load(manifest.graphs_of(m.ROLE_HEAD)[0])
-        self.has_probe = any(b.has_probe for b in self.blocks)
-        first = self.blocks[0].session.get_inputs()
-        rank = next(len(i.shape) for i in first if i.name == m.past_key(self.blocks[0].entry.first_layer))
         s = self.sizes  # K/V rows are [kv_heads * head_dim]; artifacts before 0.4 used [kv_heads, head_dim]
-        self._kv_row = (s.num_kv_heads * s.head_dim,) if rank == 3 else (s.num_kv_heads, s.head_dim)
+        self._kv_row = (s.num_kv_heads * s.head_dim,) if _kv_rank(manifest) == 3 else (s.num_kv_heads, s.head_dim)
+        # The context the sessions can serve: TensorRT engines are built for shapes up to trt_max_tokens
+        self.context_limit = min(s.max_positions, cfg.trt_max_tokens) if cfg.uses_tensorrt else s.max_positions
+        blocks = sorted(manifest.graphs_of(m.ROLE_BLOCK), key=lambda e: e.first_layer)
+        vision = manifest.graphs_of(m.ROLE_VISION)[:1]
+        order = [*vision, manifest.graphs_of(m.ROLE_EMBED)[0], *blocks, manifest.graphs_of(m.ROLE_HEAD)[0]]
+        started = time.perf_counter()
+        sessions = [self._open(root, cfg, entry, i, len(order), started) for i, entry in enumerate(order)]
+        self.vision = sessions.pop(0) if vision else None
+        self.embed, *block_sessions, self.head = sessions
+        self.blocks = [Block(e, session) for e, session in zip(blocks, block_sessions)]
+        self.has_probe = any(b.has_probe for b in self.blocks)
+        on_gpu = self.blocks[0].session.get_providers()[0] != CPU
+        # "device" on the CPU provider: onnxruntime-allocated buffers, the same code path as CUDA (tests use it)
+        self.kv_device = {"auto": "cuda" if on_gpu else None, "host": None,
+                          "device": "cuda" if on_gpu else "cpu"}[kv_cache]
+
+    def _open(self, root: Path, cfg: SessionConfig, entry: m.GraphEntry, i: int, count: int,
+              started: float) -> ort.InferenceSession:
+        profiles = None
+        if cfg.uses_tensorrt:  # engine builds take minutes: say where we are
+            log.info("TensorRT: engine for %s (graph %d of %d, %.0f s so far); a first build takes minutes, later "
+                     "loads come from the engine cache", entry.file.path, i + 1, count, time.perf_counter() - started)
+            profiles = profile_options(list(entry.inputs), self.sizes.hidden_size, self._kv_row, self.context_limit)
+        return open_session(root / entry.file.path, cfg, profiles)
 
     def providers(self) -> dict[str, str]:
         """Which execution provider each graph's session got (the first one it will use)."""
@@ -89,9 +122,10 @@ class Engine:
         sessions.update({f"block_{b.entry.first_layer:02d}": b.session for b in self.blocks})
         return {name: s.get_providers()[0] for name, s in sessions.items()}
 
-    def new_cache(self, capacity: int) -> KVCache:
-        s = self.sizes
-        return KVCache(s.num_layers, capacity, self._kv_row)
+    def new_cache(self, capacity: int) -> KVCache | DeviceKVCache:
+        if self.kv_device is None:
+            return KVCache(self.sizes.num_layers, capacity, self._kv_row)
+        return DeviceKVCache(self.sizes.num_layers, capacity, self._kv_row, self.kv_device)
 
     def image_features(self, pixel_values: np.ndarray) -> np.ndarray:
         (features,) = self.vision.run([m.IMAGE_FEATURES], {m.PIXEL_VALUES: pixel_values})
@@ -101,7 +135,7 @@ class Engine:
         (embeds,) = self.embed.run([m.INPUTS_EMBEDS], {m.INPUT_IDS: ids})
         return embeds
 
-    def forward(self, hidden: np.ndarray, mask: np.ndarray, cache: KVCache,
+    def forward(self, hidden: np.ndarray, mask: np.ndarray, cache: KVCache | DeviceKVCache,
                 safety: Optional[dict[str, np.ndarray]] = None) -> tuple[np.ndarray, Optional[np.ndarray]]:
         """Run every block over ``hidden`` [1, rows, H]; new K/V land in the cache slots after ``cache.length``.
 
@@ -112,7 +146,7 @@ class Engine:
         positions = np.arange(cache.length, cache.length + rows, dtype=np.int64)[None]
         return self.forward_at(hidden, mask, positions, cache, safety)
 
-    def forward_at(self, hidden: np.ndarray, mask: np.ndarray, positions: np.ndarray, cache: KVCache,
+    def forward_at(self, hidden: np.ndarray, mask: np.ndarray, positions: np.ndarray, cache: KVCache | DeviceKVCache,
                    safety: Optional[dict[str, np.ndarray]] = None) -> tuple[np.ndarray, Optional[np.ndarray]]:
         """``safety``: the SafeSteer inputs (vectors, knobs, msav_mask) for the blocks that take them."""
         hidden = np.ascontiguousarray(hidden, dtype=np.float32)

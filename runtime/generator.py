@@ -17,7 +17,7 @@ from . import manifest as m
 from .engine import Engine
 from .errors import ConfigError, InputError, PromptTooLongError
 from .images import ImageLike, preprocess
-from .kv_cache import KVCache
+from .kv_cache import DeviceKVCache, KVCache
 from .masks import causal_mask, tree_mask
 from .sampling import Sampler, SamplingConfig
 from .safety import SafetyConfig, load_vectors, select, sigmoid, static_feeds
@@ -69,22 +69,31 @@ class _Request:
 
 
 class Generator:
-    """Loads an artifact made by ``safesteer-export`` and generates text with onnxruntime."""
+    """Loads an artifact made by ``safesteer-export`` and generates text with onnxruntime.
+
+    ``providers``: "auto" (TensorRT, CUDA, CPU: those this onnxruntime has) or a list of provider names.
+    ``threads``: intra-op threads per graph (0 = onnxruntime's default). ``engine_cache_dir``: TensorRT engine
+    and timing caches (default: ``trt_cache`` in the artifact). ``kv_cache``: "auto" (device memory when the
+    blocks run on CUDA / TensorRT, else host), "host" or "device". ``trt_max_tokens``: the context (prompt +
+    new tokens) the TensorRT engines are built for; longer requests are refused (other providers: the model's).
+    """
 
     def __init__(self, artifact_dir: str | Path, providers: Providers = "auto", *, threads: int = 0,
-                 verify: bool = True, engine_cache_dir: Optional[str | Path] = None):
+                 verify: bool = True, engine_cache_dir: Optional[str | Path] = None, kv_cache: str = "auto",
+                 trt_max_tokens: int = 4096):
         self.root = Path(artifact_dir)
         self.manifest = m.load_manifest(self.root, verify_files=verify)
         cfg = SessionConfig(
             providers=resolve_providers(providers), intra_op_threads=threads,
             cache_dir=Path(engine_cache_dir) if engine_cache_dir else self.root / "trt_cache",
+            trt_max_tokens=trt_max_tokens,
         )
-        self.engine = Engine(self.root, self.manifest, cfg)
+        self.engine = Engine(self.root, self.manifest, cfg, kv_cache)
         self.providers = self.engine.providers()
         log.info("execution providers per graph: %s", self.providers)
         self.codec = TextCodec(self.root, self.manifest.tokenizer)
         self.chat: Optional[ChatTemplate] = load_chat_template(self.root, self.manifest.tokenizer)
-        self._cache: Optional[KVCache] = None
+        self._cache: Optional[KVCache | DeviceKVCache] = None
         info = self.manifest.safety
         self._vectors = load_vectors(self.root, info, self.manifest.sizes.hidden_size) if info else None
 
@@ -115,8 +124,8 @@ class Generator:
         [len(prompt_ids) - 1]. For perplexity checks; not a generation."""
         ids = np.asarray(prompt_ids, np.int64)[None]
         n = ids.shape[1]
-        if n < 2 or n > self.manifest.sizes.max_positions:
-            raise InputError(f"token_logprobs needs 2 to {self.manifest.sizes.max_positions} tokens, got {n}")
+        if n < 2 or n > self.engine.context_limit:
+            raise InputError(f"token_logprobs needs 2 to {self.engine.context_limit} tokens, got {n}")
         hidden, _ = self._run_rows(ids, causal_mask(0, n), np.arange(n, dtype=np.int64)[None], self._cache_for(n),
                                    self._safety_feeds(None), np.zeros((1, n), np.float32))
         logits = self.engine.logits(hidden)[0][0, :-1].astype(np.float64)
@@ -176,7 +185,7 @@ class Generator:
             out.extend([i] * info.tokens_per_image if i == info.image_token_id else [i])
         return out
 
-    def _cache_for(self, capacity: int) -> KVCache:
+    def _cache_for(self, capacity: int) -> KVCache | DeviceKVCache:
         if self._cache is None or self._cache.capacity < capacity:
             self._cache = self.engine.new_cache(capacity)
         self._cache.reset()
@@ -224,12 +233,12 @@ class Generator:
             raise ConfigError("stop must be a list of strings, e.g. stop=['\\n\\n']")
         stops = [s for s in (stop or []) if s]
         req = self._prepare(messages, prompt, prompt_ids, images)
-        limit = self.manifest.sizes.max_positions
+        limit = self.engine.context_limit
         if len(req.ids) + max_new_tokens > limit:
             raise PromptTooLongError(
                 f"the prompt is {len(req.ids)} tokens (image tokens included) and max_new_tokens is {max_new_tokens}: "
-                f"{len(req.ids) + max_new_tokens} > the model's context of {limit} positions; shorten the prompt or "
-                "lower max_new_tokens"
+                f"{len(req.ids) + max_new_tokens} > the context of {limit} positions (the model's, or trt_max_tokens on "
+                "TensorRT); shorten the prompt or lower max_new_tokens"
             )
         k = min(cfg.k, self.manifest.sizes.vocab_size) if cfg else 1
         cache = self._cache_for(len(req.ids) + max_new_tokens + k)
@@ -334,7 +343,8 @@ class Generator:
         else:
             choice = select(top_lp, scores, cfg, None, 1.0)
             token = int(top_ids[choice])
-        if choice is None:  # a sampled token outside the candidates: one more single-row pass
+        if choice is None or not cache.keeps_rows:  # a sampled token outside the candidates, or a device cache
+            # (rows stay where they are): one more single-row pass, over the scratch rows
             hidden, chosen_logit = self._feed_one(token, cache, feeds, msav_rows[:, :1])
         else:
             cache.keep_row(choice)

@@ -163,7 +163,7 @@ class ExportInfo:
     source: str  # the checkpoint's name or folder name (never an absolute path)
     opset: int
     safety_calibrated: bool
-    weights: str = "float32"  # "int8" / "int4": weight-only MatMulNBits in the block and head graphs
+    weights: str = "float32"  # "int8" / "int4": weight-only MatMulNBits in the block and head graphs; "fp16"
 
 
 @dataclass(frozen=True)

@@ -26,10 +26,17 @@ class SessionConfig:
     providers: tuple[str, ...]
     intra_op_threads: int = 0  # 0 = onnxruntime's default (one per physical core)
     cache_dir: Optional[Path] = None  # TensorRT engine + timing caches
+    trt_max_tokens: int = 4096  # positions the TensorRT profiles cover (prompt + new tokens)
 
     def __post_init__(self):
         if self.intra_op_threads < 0:
             raise ConfigError(f"threads must be >= 0 (0 = onnxruntime default), got {self.intra_op_threads}")
+        if not isinstance(self.trt_max_tokens, int) or self.trt_max_tokens < 2:
+            raise ConfigError(f"trt_max_tokens must be an integer >= 2, got {self.trt_max_tokens!r}")
+
+    @property
+    def uses_tensorrt(self) -> bool:
+        return TENSORRT in self.providers
 
 
 def resolve_providers(providers: Providers = "auto") -> tuple[str, ...]:
@@ -51,15 +58,19 @@ def resolve_providers(providers: Providers = "auto") -> tuple[str, ...]:
     return tuple(names)
 
 
-def _provider_options(name: str, cfg: SessionConfig) -> dict:
-    if name == TENSORRT and cfg.cache_dir is not None:
+def _provider_options(name: str, cfg: SessionConfig, trt_profiles: dict[str, str]) -> dict:
+    if name != TENSORRT:
+        return {}
+    opts = dict(trt_profiles)
+    if cfg.cache_dir is not None:  # engines and timing caches persist: the next load skips the build
         cache = str(cfg.cache_dir)
-        return {"trt_engine_cache_enable": "True", "trt_engine_cache_path": cache,
-                "trt_timing_cache_enable": "True", "trt_timing_cache_path": cache}
-    return {}
+        opts.update({"trt_engine_cache_enable": "True", "trt_engine_cache_path": cache,
+                     "trt_timing_cache_enable": "True", "trt_timing_cache_path": cache})
+    return opts
 
 
-def open_session(path: Path, cfg: SessionConfig) -> ort.InferenceSession:
+def open_session(path: Path, cfg: SessionConfig, trt_profiles: Optional[dict[str, str]] = None) -> ort.InferenceSession:
+    """``trt_profiles``: TensorRT shape profiles for this graph (trt_profiles.profile_options)."""
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -67,7 +78,7 @@ def open_session(path: Path, cfg: SessionConfig) -> ort.InferenceSession:
     # The graphs run one after another, each with its own thread pool: workers spin during a run (fast
     # hand-off between nodes) but stop at its end, so they do not hold the cores the next graph needs.
     opts.add_session_config_entry("session.force_spinning_stop", "1")
-    providers = [(p, _provider_options(p, cfg)) for p in cfg.providers]
+    providers = [(p, _provider_options(p, cfg, trt_profiles or {})) for p in cfg.providers]
     try:
         return ort.InferenceSession(str(path), opts, providers=providers)
     except Exception as exc:  # onnxruntime raises its own exception types for unreadable graphs

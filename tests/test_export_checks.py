@@ -56,7 +56,7 @@ def test_sliding_window_checkpoints_are_refused():
         Qwen2Family(transformers.Qwen2ForCausalLM(cfg))
 
 
-@pytest.mark.parametrize("precision", ["int8", "int4"])
+@pytest.mark.parametrize("precision", ["int8", "int4", "fp16"])
 def test_quantized_export_runs_and_reports_its_accuracy(safe_artifact, tmp_path, precision):
     """Weight-only MatMulNBits: block and head graphs change, the rest is the float32 export; the
     accuracy check (greedy agreement, perplexity, probe AUROC) lands in quantization.json."""
@@ -74,12 +74,18 @@ def test_quantized_export_runs_and_reports_its_accuracy(safe_artifact, tmp_path,
     manifest = m.load_manifest(out)  # every file's sha256 matches the rewritten manifest
     assert manifest.export.weights == precision and m.load_manifest(src).export.weights == "float32"
     for entry in manifest.graphs:
-        ops = {n.op_type for n in onnx.load(str(out / entry.file.path), load_external_data=False).graph.node}
-        assert ("MatMulNBits" in ops) == (entry.role in (m.ROLE_BLOCK, m.ROLE_HEAD)), entry.file.path
+        graph = onnx.load(str(out / entry.file.path), load_external_data=False).graph
+        if precision == "fp16":  # float16 inside, float32 at the boundaries (the runtime is unchanged)
+            halves = any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.initializer)
+            assert halves == (entry.role in (m.ROLE_EMBED, m.ROLE_BLOCK, m.ROLE_HEAD)), entry.file.path
+            assert all(v.type.tensor_type.elem_type != onnx.TensorProto.FLOAT16 for v in [*graph.input, *graph.output])
+        else:
+            ops = {n.op_type for n in graph.node}
+            assert ("MatMulNBits" in ops) == (entry.role in (m.ROLE_BLOCK, m.ROLE_HEAD)), entry.file.path
     saved = json.loads((out / "quantization.json").read_text())
     assert saved["precision"] == precision and saved["perplexity_quantized"] > 1.0
     assert 0.5 <= report["probe_auroc_quantized"] <= 1.0 and len(report["greedy_tokens_before_first_divergence"]) == 3
-    if precision == "int8":  # int8 weights barely move a tiny model
+    if precision in ("int8", "fp16"):  # these barely move a tiny model
         assert abs(report["perplexity_quantized"] / report["perplexity_float32"] - 1) < 0.05
     result = Generator(out).generate([{"role": "user", "content": "hi"}], max_new_tokens=4)
     assert len(result.token_ids) >= 1 and result.safety_trace

@@ -1,0 +1,76 @@
+"""The device-resident KV cache (what CUDA / TensorRT use), run here through onnxruntime-allocated CPU buffers:
+the same binding-by-address code path, checked against the host cache and the PyTorch oracle."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from safesteer_runtime.errors import ConfigError
+from safesteer_runtime.kv_cache import DeviceKVCache
+from safesteer_rt import Generator
+
+from test_safesteer import BOMB, oracle_for, strong
+
+LLAMA = ("LlamaForCausalLM", "gqa")
+
+
+@pytest.mark.parametrize("block_size", [1, 0])
+def test_device_cache_matches_torch_oracle_with_lookahead(tiny, safe_artifact, block_size):
+    gen = Generator(safe_artifact(*LLAMA, block_size), kv_cache="device")
+    cfg = strong(gen)
+    result = gen.generate(BOMB, max_new_tokens=12, safety=cfg)
+    assert isinstance(gen._cache, DeviceKVCache)
+    want = oracle_for(tiny, *LLAMA, gen).generate(result.prompt_ids, cfg, 12,
+                                                  eos_ids=gen.manifest.tokenizer.eos_token_ids)
+    assert result.token_ids == want.token_ids
+    assert any(t.get("changed") for t in result.safety_trace), "selection never changed a token: weak test"
+    np.testing.assert_allclose([t["score_chosen"] for t in result.safety_trace],
+                               [t["score_chosen"] for t in want.trace], atol=1e-4)
+
+
+def test_device_cache_holds_what_the_host_cache_holds(safe_artifact):
+    art = safe_artifact(*LLAMA, 2)
+    host, device = Generator(art, kv_cache="host"), Generator(art, kv_cache="device")
+    cfg = strong(host, lookahead_steps=12)
+    a = host.generate(BOMB, max_new_tokens=12, safety=cfg)
+    b = device.generate(BOMB, max_new_tokens=12, safety=cfg)
+    assert a.token_ids == b.token_ids and any(t["changed"] for t in a.safety_trace)
+    assert host._cache.length == device._cache.length > len(a.prompt_ids)
+    for layer in range(host.manifest.sizes.num_layers):
+        np.testing.assert_allclose(device._cache.host_keys(layer), host._cache.host_keys(layer), atol=2e-5)
+
+
+def test_kv_cache_choice_is_checked(safe_artifact):
+    with pytest.raises(ConfigError, match="kv_cache"):
+        Generator(safe_artifact(*LLAMA, 2), kv_cache="gpu")
+
+
+def test_tensorrt_profiles_cover_decode_and_prefill():
+    """Two profiles per graph, in onnxruntime's option syntax: decode (1..256 rows over a long past) first,
+    then prefill (many rows, no past); static inputs (top_k, SafeSteer vectors) get none."""
+    from safesteer_runtime import manifest as m
+    from safesteer_runtime.trt_profiles import profile_options
+
+    inputs = [m.HIDDEN_IN, m.ATTENTION_MASK, m.POSITION_IDS, m.past_key(4), m.past_value(4), m.PROBE_WEIGHT]
+    opts = profile_options(inputs, hidden=64, kv_row=(32,), max_tokens=1024)
+    lo, opt, hi = (opts[f"trt_profile_{k}_shapes"].split(",") for k in ("min", "opt", "max"))
+    assert len(lo) == len(opt) == len(hi) == 10  # 5 dynamic inputs x 2 profiles
+    assert opt[:5] == ["hidden_states:1x1x64", "attention_mask:1x1x1x513", "position_ids:1x1",
+                       "past_key.4:1x512x32", "past_value.4:1x512x32"]
+    assert hi[:2] == ["hidden_states:1x256x64", "attention_mask:1x1x256x1280"]
+    assert opt[5:7] == ["hidden_states:1x256x64", "attention_mask:1x1x256x256"]
+    assert hi[5] == "hidden_states:1x1024x64" and lo[8] == "past_key.4:1x0x32"
+    assert profile_options([m.TOP_K, m.PROBE_WEIGHT], 64, (32,), 1024) == {}
+
+
+def test_tensorrt_options_carry_profiles_and_caches(tmp_path):
+    from safesteer_runtime.sessions import CPU, TENSORRT, SessionConfig, _provider_options
+
+    cfg = SessionConfig(providers=(TENSORRT, CPU), cache_dir=tmp_path, trt_max_tokens=2048)
+    opts = _provider_options(TENSORRT, cfg, {"trt_profile_min_shapes": "x:1"})
+    assert opts["trt_profile_min_shapes"] == "x:1" and opts["trt_engine_cache_path"] == str(tmp_path)
+    assert opts["trt_timing_cache_enable"] == "True" and cfg.uses_tensorrt
+    assert _provider_options(CPU, cfg, {"trt_profile_min_shapes": "x:1"}) == {}
+    with pytest.raises(ConfigError, match="trt_max_tokens"):
+        SessionConfig(providers=(CPU,), trt_max_tokens=0)
