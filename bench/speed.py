@@ -53,9 +53,8 @@ def _child_generator(job: dict) -> dict:
     if job["mode"] == "off":
         safety = False
     else:
-        base = SafetyConfig.from_manifest(gen.manifest.safety)
         steps = 0 if job["mode"] == "probe" else 16
-        safety = base.replace(k=8, lookahead_steps=steps)
+        safety = SafetyConfig.from_manifest(gen.manifest.safety, k=8, lookahead_steps=steps)
     out = {}
     for size, ids in job["prompts"].items():
         gen.generate(prompt_ids=ids, max_new_tokens=4, safety=safety)  # warm-up
@@ -241,14 +240,26 @@ def main() -> None:
                 label = f"Generator {'whole model' if b == 0 else f'{b}-layer blocks'}, {mode}"
                 jobs.append((prec, label, {**base, "engine": "generator", "path": str(art), "mode": mode}))
     results = {(prec, label): [] for prec, label, _ in jobs}
+    done = _load_done(args.work / "results.jsonl")  # a rerun with the same jobs resumes where one stopped
     for r in range(args.rounds):  # engines alternate, so a slow minute on a shared machine hits all of them
         for prec, label, job in jobs:
-            results[prec, label].append(run_child(job, args.work))
+            key = json.dumps([r, prec, label, job], sort_keys=True)
+            if key not in done:
+                done[key] = run_child(job, args.work)
+                with open(args.work / "results.jsonl", "a") as f:
+                    f.write(json.dumps({"key": key, "result": done[key]}) + "\n")
+            results[prec, label].append(done[key])
             print(f"round {r + 1}/{args.rounds}: {prec} {label} done", flush=True)
     rows = [(prec, label, merge_rounds(results[prec, label])) for prec, label, _ in jobs]
     print_table(rows, args)
     if args.json:
         args.json.write_text(json.dumps([{"precision": p, "engine": e, **r} for p, e, r in rows], indent=1))
+
+
+def _load_done(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    return {row["key"]: row["result"] for row in map(json.loads, path.read_text().splitlines()) if row}
 
 
 def merge_rounds(rounds: list[dict]) -> dict:

@@ -1,7 +1,8 @@
 """Lower-precision copies of an exported artifact: int8 / int4 weights, or float16, with an accuracy check.
 
 int8 / int4: onnxruntime's own MatMulNBits quantizer rewrites every MatMul with a constant weight in the
-block and head graphs (block size 32, symmetric); vision and embedding graphs stay float32.
+block and head graphs (block size 32, symmetric); at int4 the embedding table becomes GatherBlockQuantized
+(its int8 has no Gather form, so int8 keeps a float32 table); vision graphs stay float32.
 fp16 (for GPUs): onnxruntime's float16 converter turns the embed, block and head graphs to float16 inside,
 float32 at their inputs and outputs (so the runtime and the KV cache layout are unchanged); the head's
 LogSoftmax and TopK stay float32 so candidate log-probabilities keep their precision. The check compares the float32 artifact with the quantized one on the runtime itself:
@@ -41,18 +42,28 @@ CHECK_TEXT = (
 PROBE_PROMPTS_PER_CLASS = 24
 
 
-def _quantize_graph(path: Path, bits: int) -> None:
+def _quantize_graph(path: Path, bits: int, op: str = "MatMul") -> None:
+    """``op`` "MatMul" -> MatMulNBits (block, head); "Gather" -> GatherBlockQuantized (the embedding table,
+    int4 only: the quantizer has no int8 Gather; int4 tensors need opset 21, so the graph is raised first)."""
+    import onnx
     from onnxruntime.quantization import matmul_nbits_quantizer as mq
     from onnxruntime.quantization import quant_utils
 
+    from .graphs import to_opset23
+
+    model = quant_utils.load_model_with_shape_infer(path)
+    if op == "Gather":
+        to_opset23(model)
     # accuracy_level 4: activations are quantized to int8 per block inside the kernel (what onnxruntime-genai's
     # CPU builds use for int8 and int4); the accuracy check below measures what that costs
     cfg = mq.DefaultWeightOnlyQuantConfig(block_size=BLOCK, is_symmetric=True, accuracy_level=4,
                                           quant_format=quant_utils.QuantFormat.QOperator,
-                                          op_types_to_quantize=("MatMul",), bits=bits)
-    quantizer = mq.MatMulNBitsQuantizer(quant_utils.load_model_with_shape_infer(path), algo_config=cfg)
+                                          op_types_to_quantize=(op,), quant_axes=((op, 0 if op == "MatMul" else 1),),
+                                          bits=bits)
+    quantizer = mq.MatMulNBitsQuantizer(model, algo_config=cfg)
     quantizer.process()
     quantizer.model.save_model_to_file(str(path), False)
+    assert op == "MatMul" or any(n.op_type == "GatherBlockQuantized" for n in onnx.load(str(path)).graph.node)
 
 
 def _half_graph(path: Path) -> None:
@@ -123,6 +134,9 @@ def quantize_artifact(fp32_dir: Path, out_dir: Path, precision: str,
         elif precision in BITS and entry.role in (m.ROLE_BLOCK, m.ROLE_HEAD):
             _quantize_graph(staging / entry.file.path, BITS[precision])
             say(f"quantized {entry.file.path} to {precision}")
+        elif precision == "int4" and entry.role == m.ROLE_EMBED:
+            _quantize_graph(staging / entry.file.path, 4, op="Gather")
+            say(f"quantized {entry.file.path} (the embedding table) to int4")
         graphs.append(dataclasses.replace(entry, file=m.file_ref(staging, staging / entry.file.path)))
     report = check(fp32_dir, _with_manifest(staging, manifest, graphs, precision, extra=()))
     block = {"block_size": BLOCK} if precision in BITS else {}

@@ -82,6 +82,11 @@ def open_session(path: Path, cfg: SessionConfig, trt_profiles: Optional[dict[str
     try:
         return ort.InferenceSession(str(path), opts, providers=providers)
     except Exception as exc:  # onnxruntime raises its own exception types for unreadable graphs
+        if trt_profiles:  # TensorRT wants profiles for every partition input when it cannot take the whole graph
+            log.warning("TensorRT did not accept the shape profiles for %s (%s); retrying with the profiles "
+                        "onnxruntime infers from the shapes it sees (engines rebuild when a shape leaves them)",
+                        path.name, exc)
+            return open_session(path, cfg, None)
         raise ArtifactError(
             f"onnxruntime could not load {path.name} ({type(exc).__name__}: {exc}); the file is corrupt "
             "or from an incompatible exporter; re-export the artifact"

@@ -74,3 +74,24 @@ def test_tensorrt_options_carry_profiles_and_caches(tmp_path):
     assert _provider_options(CPU, cfg, {"trt_profile_min_shapes": "x:1"}) == {}
     with pytest.raises(ConfigError, match="trt_max_tokens"):
         SessionConfig(providers=(CPU,), trt_max_tokens=0)
+
+
+def test_rejected_tensorrt_profiles_fall_back_to_implicit_ones(monkeypatch, tmp_path, caplog):
+    """When TensorRT cannot take a whole graph, onnxruntime wants profiles for every partition input too and
+    refuses the session; the runtime then opens it without explicit profiles (and says so)."""
+    from safesteer_runtime import sessions
+
+    calls = []
+
+    def fake_session(path, opts, providers):
+        calls.append(dict(providers[0][1]))
+        if "trt_profile_min_shapes" in calls[-1]:
+            raise RuntimeError("EP_FAIL: shape profiles are needed for the partition input /layers.0/Add_output_0")
+        return "session"
+
+    monkeypatch.setattr(sessions.ort, "InferenceSession", fake_session)
+    cfg = sessions.SessionConfig(providers=(sessions.TENSORRT, sessions.CPU), cache_dir=tmp_path)
+    with caplog.at_level("WARNING", logger="safesteer.runtime"):
+        assert sessions.open_session(tmp_path / "block_00.onnx", cfg, {"trt_profile_min_shapes": "x:1"}) == "session"
+    assert len(calls) == 2 and "trt_profile_min_shapes" not in calls[1] and "trt_engine_cache_path" in calls[1]
+    assert "did not accept the shape profiles" in caplog.text

@@ -82,6 +82,7 @@ def test_quantized_export_runs_and_reports_its_accuracy(safe_artifact, tmp_path,
         else:
             ops = {n.op_type for n in graph.node}
             assert ("MatMulNBits" in ops) == (entry.role in (m.ROLE_BLOCK, m.ROLE_HEAD)), entry.file.path
+            assert ("GatherBlockQuantized" in ops) == (precision == "int4" and entry.role == m.ROLE_EMBED)
     saved = json.loads((out / "quantization.json").read_text())
     assert saved["precision"] == precision and saved["perplexity_quantized"] > 1.0
     assert 0.5 <= report["probe_auroc_quantized"] <= 1.0 and len(report["greedy_tokens_before_first_divergence"]) == 3
