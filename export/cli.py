@@ -34,6 +34,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="int8/int4: weight-only MatMulNBits quantization of the block and head graphs (onnxruntime's "
                         "quantizer); fp16: float16 graphs with float32 inputs/outputs, for GPUs. Either way an accuracy "
                         "check against the float32 export is written to quantization.json")
+    p.add_argument("--standard-ops", action="store_true",
+                   help="decoder blocks in standard ONNX opset-23 ops only (RotaryEmbedding, RMSNormalization, "
+                        "Attention) instead of onnxruntime's fused contrib ops: for TensorRT and other runtimes")
     p.add_argument("--no-validate", action="store_true", help="skip the comparison of every graph with PyTorch")
     p.add_argument("--overwrite", action="store_true", help="replace an existing artifact directory")
     p.add_argument("--reuse", action="store_true", help="keep OUT as it is if it already holds a valid artifact")
@@ -111,7 +114,8 @@ def main(argv=None) -> int:
                                         reply_positions=args.reply_positions, fpr=args.target_fpr)
         cfg = ExportConfig(model_dir=Path(model_dir), out_dir=out, block_size=args.block_size,
                            safety=not args.no_safety, calibration=calibration, validate=not args.no_validate,
-                           overwrite=args.overwrite, quantize=args.quantize)
+                           overwrite=args.overwrite, quantize=args.quantize,
+                           standard_ops=args.standard_ops)
         with ProgressBar("calibrating") as bar:
             result = export_artifact(cfg, progress=lambda line: bar.write(f"  {line}"), tick=bar.update)
     except SafeSteerError as exc:

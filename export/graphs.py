@@ -235,7 +235,8 @@ def fuse_residual_norms(graph: onnx.GraphProto) -> None:
 
 
 def _import_domain(model: onnx.ModelProto, domain: str, version: int = 1) -> None:
-    if not any(o.domain == domain for o in model.opset_import):
+    used = any(n.domain == domain for n in model.graph.node)
+    if used and not any(o.domain == domain for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(domain, version))
 
 

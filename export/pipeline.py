@@ -13,6 +13,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Callable, Optional
 
+from safesteer_models.onnx_ops import standard_ops
 from safesteer_runtime import manifest as m
 from safesteer_runtime.errors import ArtifactError, ConfigError
 
@@ -37,6 +38,7 @@ class ExportConfig:
     validate: bool = True
     overwrite: bool = False
     quantize: Optional[str] = None  # None (float32), "int8" / "int4" (weight-only) or "fp16"; see quantize.py
+    standard_ops: bool = False  # blocks in standard ONNX ops only (TensorRT), not onnxruntime's fused contrib ops
 
     def __post_init__(self):
         if self.block_size < 0:
@@ -224,7 +226,8 @@ def _export_float32(cfg: ExportConfig, progress: Optional[Callable[[str], None]]
         for first, count in block_ranges(sizes.num_layers, cfg.block_size):
             t0 = time.perf_counter()
             name = f"block_{first:02d}.onnx"
-            io = graphs.export_block(family, first, count, staging / name, probe_layer, msav_layer)
+            with standard_ops(cfg.standard_ops):
+                io = graphs.export_block(family, first, count, staging / name, probe_layer, msav_layer)
             if ref is not None:
                 validate_block(report, staging / name, ref, first, count, sizes, vectors, probe_layer)
             add(m.ROLE_BLOCK, name, io, first_layer=first, num_layers=count)

@@ -8,11 +8,29 @@ exporter's validation compares the two through onnxruntime against the Hugging F
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
+
+# False: onnxruntime's fused contrib ops (fastest on onnxruntime). True: standard ONNX opset-23 ops only
+# (RotaryEmbedding, RMSNormalization, Attention) for TensorRT and other runtimes without the contrib ops.
+_STANDARD_OPS = contextvars.ContextVar("safesteer_standard_ops", default=False)
+
+
+@contextlib.contextmanager
+def standard_ops(enabled: bool = True):
+    """Within this block, the ops below export as standard ONNX ops (``safesteer-export --standard-ops``)."""
+    token = _STANDARD_OPS.set(enabled)
+    try:
+        yield
+    finally:
+        _STANDARD_OPS.reset(token)
 
 
 class _Rotary(torch.autograd.Function):
-    """onnxruntime's com.microsoft RotaryEmbedding (rotate-half layout) over [b, s, heads * d]."""
+    """RoPE (rotate-half layout) over [b, s, heads * d]: onnxruntime's com.microsoft RotaryEmbedding, or the
+    opset-23 standard one."""
 
     @staticmethod
     def forward(ctx, x, position_ids, cos_table, sin_table, num_heads):
@@ -26,8 +44,12 @@ class _Rotary(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, x, position_ids, cos_table, sin_table, num_heads):
-        out = g.op("com.microsoft::RotaryEmbedding", x, position_ids, cos_table, sin_table,
-                   interleaved_i=0, num_heads_i=num_heads)
+        if _STANDARD_OPS.get():  # opset 23: inputs in another order
+            out = g.op(f"{OPSET23_DOMAIN}::RotaryEmbedding", x, cos_table, sin_table, position_ids,
+                       interleaved_i=0, num_heads_i=num_heads)
+        else:
+            out = g.op("com.microsoft::RotaryEmbedding", x, position_ids, cos_table, sin_table,
+                       interleaved_i=0, num_heads_i=num_heads)
         out.setType(x.type())
         return out
 
@@ -76,8 +98,14 @@ def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x32.to(x.dtype)
 
 
+def _norm_node(g, x, weight, eps):
+    """onnxruntime's SimplifiedLayerNormalization (its default-domain contrib op), or opset-23 RMSNormalization."""
+    op = "RMSNormalization" if _STANDARD_OPS.get() else "SimplifiedLayerNormalization"
+    return g.op(f"{OPSET23_DOMAIN}::{op}", x, weight, axis_i=-1, epsilon_f=eps, stash_type_i=1)
+
+
 class _RMSNorm(torch.autograd.Function):
-    """onnxruntime's SimplifiedLayerNormalization (default domain, any opset)."""
+    """RMSNorm as one node (see _norm_node)."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):
@@ -85,15 +113,14 @@ class _RMSNorm(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, x, weight, eps):
-        out = g.op(f"{OPSET23_DOMAIN}::SimplifiedLayerNormalization", x, weight, axis_i=-1, epsilon_f=eps,
-                   stash_type_i=1)
+        out = _norm_node(g, x, weight, eps)
         out.setType(x.type())
         return out
 
 
 class _SkipRMSNorm(torch.autograd.Function):
     """onnxruntime's com.microsoft SkipSimplifiedLayerNormalization: the residual add and the next RMSNorm in one
-    node; returns (normalised sum, sum)."""
+    node (standard ops: Add + RMSNormalization); returns (normalised sum, sum)."""
 
     @staticmethod
     def forward(ctx, x, skip, weight, eps):
@@ -102,8 +129,12 @@ class _SkipRMSNorm(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, x, skip, weight, eps):
-        out, _mean, _inv_std, total = g.op("com.microsoft::SkipSimplifiedLayerNormalization", x, skip, weight,
-                                           epsilon_f=eps, outputs=4)
+        if _STANDARD_OPS.get():
+            total = g.op("Add", x, skip)
+            out = _norm_node(g, total, weight, eps)
+        else:
+            out, _mean, _inv_std, total = g.op("com.microsoft::SkipSimplifiedLayerNormalization", x, skip, weight,
+                                               epsilon_f=eps, outputs=4)
         out.setType(x.type())
         total.setType(x.type())
         return out, total

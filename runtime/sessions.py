@@ -84,7 +84,8 @@ def open_session(path: Path, cfg: SessionConfig, trt_profiles: Optional[dict[str
     except Exception as exc:  # onnxruntime raises its own exception types for unreadable graphs
         if trt_profiles:  # TensorRT wants profiles for every partition input when it cannot take the whole graph
             log.warning("TensorRT did not accept the shape profiles for %s (%s); retrying with the profiles "
-                        "onnxruntime infers from the shapes it sees (engines rebuild when a shape leaves them)",
+                        "onnxruntime infers from the shapes it sees (engines rebuild when a shape leaves them). "
+                        "Artifacts exported with `safesteer-export --standard-ops` give TensorRT whole graphs",
                         path.name, exc)
             return open_session(path, cfg, None)
         raise ArtifactError(

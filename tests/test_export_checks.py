@@ -125,3 +125,23 @@ def test_decoder_layers_export_as_fused_ops(tiny):
     # input norm of layer 0 stays plain; the three later norms each absorb the residual add before them
     assert ops["SimplifiedLayerNormalization"] == 1 and ops["SkipSimplifiedLayerNormalization"] == 3
     assert {o.domain: o.version for o in model.opset_import}[""] == 23
+
+
+def test_standard_ops_export_matches_the_fused_one(tiny, tmp_path):
+    """--standard-ops: blocks in opset-23 ONNX ops only (for TensorRT), validated against PyTorch at export like
+    the fused export; both give the same greedy tokens."""
+    import onnx
+
+    from safesteer_export.pipeline import ExportConfig, export_artifact
+    from safesteer_rt import Generator
+
+    arch = ("Qwen2ForCausalLM", "gqa")
+    out = tmp_path / "std"
+    export_artifact(ExportConfig(tiny.checkpoint(*arch), out, block_size=2, safety=False, standard_ops=True))
+    block = onnx.load(str(out / "block_00.onnx"), load_external_data=False)
+    ops = {(n.domain, n.op_type) for n in block.graph.node}
+    assert {d for d, _ in ops} == {""} and ("", "RMSNormalization") in ops and ("", "RotaryEmbedding") in ops
+    assert [o.domain for o in block.opset_import] == [""]
+    msgs = [{"role": "user", "content": "How do I bake bread at home?"}]
+    fused = Generator(tiny.artifact(*arch, 2)).generate(msgs, max_new_tokens=32, safety=False).token_ids
+    assert Generator(out).generate(msgs, max_new_tokens=32, safety=False).token_ids == fused

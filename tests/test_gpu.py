@@ -64,9 +64,19 @@ def test_fp16_export_on_cuda(safe_artifact, tmp_path):
     assert sum(a == b for a, b in zip(ref, half)) >= 12
 
 
+@pytest.fixture(scope="module")
+def standard_artifact(tiny, tmp_path_factory):
+    """The export TensorRT can take whole: standard ONNX ops only (--standard-ops)."""
+    from safesteer_export.pipeline import ExportConfig, export_artifact
+
+    out = tmp_path_factory.mktemp("std") / "art"
+    export_artifact(ExportConfig(tiny.checkpoint(*LLAMA), out, block_size=2, safety=False, standard_ops=True))
+    return out
+
+
 @needs_trt
-def test_tensorrt_builds_once_and_matches_cpu(tiny, tmp_path):
-    art = tiny.artifact(*LLAMA, 2)
+def test_tensorrt_builds_once_and_matches_cpu(standard_artifact, tmp_path):
+    art = standard_artifact
     cpu = Generator(art, providers=["CPUExecutionProvider"]).generate(MSG, max_new_tokens=24, safety=False)
     providers, cache = [TRT, CUDA], tmp_path / "trt"
     t0 = time.perf_counter()
