@@ -17,7 +17,6 @@ from typing import Optional
 
 import numpy as np
 import onnxruntime as ort
-from onnxruntime.capi import _pybind_state as C
 
 from . import manifest as m
 from .errors import ArtifactError, ConfigError
