@@ -20,7 +20,7 @@ import onnxruntime as ort
 
 from . import manifest as m
 from .errors import ArtifactError, ConfigError
-from .kv_cache import DeviceKVCache, DeviceSpan, KVCache
+from .kv_cache import HOST, DeviceKVCache, KVCache, Span
 from .sessions import CPU, SessionConfig, open_session
 from .trt_profiles import profile_options
 
@@ -29,17 +29,16 @@ log = logging.getLogger("safesteer.runtime")
 _ORT_TYPES = {np.dtype(np.float32): np.float32, np.dtype(np.int64): np.int64, np.dtype(np.float16): np.float16}
 
 
-_CPU = ort.OrtDevice.make("cpu", 0)._get_c_device()
 KV_CACHE_CHOICES = ("auto", "host", "device")
 
 
 # Binding goes straight to the C++ IOBinding (ort.IOBinding's Python wrapper builds a device object and
 # bookkeeping per call: ~1 ms per decode step over a 4-layer-block artifact's ~120 bindings).
 def _where(name: str, x) -> tuple:
-    if isinstance(x, DeviceSpan):
-        return x.device, _ORT_TYPES[np.dtype(x.dtype)], list(x.shape), x.ptr
+    if type(x) is Span:  # the KV cache's spans are already in binding form
+        return x
     assert x.flags.c_contiguous, name
-    return _CPU, _ORT_TYPES[x.dtype], list(x.shape), x.ctypes.data
+    return HOST, _ORT_TYPES[x.dtype], list(x.shape), x.ctypes.data
 
 
 def _bind_in(io: ort.IOBinding, name: str, x) -> None:
