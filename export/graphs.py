@@ -20,6 +20,46 @@ from safesteer_runtime import manifest as m
 OPSET = 17  # what the TorchScript exporter writes
 BLOCK_OPSET = 23  # decoder blocks, after finish_block: the standard Attention op
 TOPK_PLACEHOLDER = 7  # exported as a constant, then rewired to the graph input `top_k`
+# Graphs with more weight bytes than this keep them in one external file NAME.data beside NAME (a protobuf
+# file cannot exceed 2 GB; 7B-class models pass that with a single 4-layer block or their embedding table).
+EXTERNAL_DATA_BYTES = 1 << 30
+
+
+def data_path(path: Path) -> Path:
+    return path.with_name(path.name + ".data")
+
+
+def _external_files(path: Path) -> set[Path]:
+    """The external data files the graph at ``path`` refers to (torch writes one per tensor past 2 GB)."""
+    model = onnx.load(str(path), load_external_data=False)
+    return {path.parent / e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+
+
+def settle_weights(path: Path) -> None:
+    """For graphs not rewritten after export: weights where save_graph puts them (torch writes one file per
+    tensor past 2 GB; those are gathered into one)."""
+    if _external_files(path) or path.stat().st_size > EXTERNAL_DATA_BYTES:
+        save_graph(onnx.load(str(path)), path)
+
+
+def data_refs(root: Path, path: Path) -> tuple[m.FileRef, ...]:
+    """The manifest's data_files for the graph at ``path``."""
+    data = data_path(path)
+    return (m.file_ref(root, data),) if data.exists() else ()
+
+
+def save_graph(model: onnx.ModelProto, path: Path) -> None:
+    """Write ``model`` (weights in memory) to ``path``: weights inline, or in ``path``.data past
+    EXTERNAL_DATA_BYTES; external files the old graph at ``path`` used are removed."""
+    stale = _external_files(path) if path.exists() else set()
+    for f in stale | {data_path(path)}:
+        f.unlink(missing_ok=True)  # onnx appends to an existing data file
+    if sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_BYTES:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_path(path).name, size_threshold=1024)
+        data_path(path).chmod(0o644)  # onnx creates it owner-only; the artifact is read by whoever serves it
+    else:
+        onnx.save_model(model, str(path))
 
 
 class EmbedGraph(nn.Module):
@@ -190,7 +230,7 @@ def rewire_topk(path: Path) -> None:
             dim.Clear()
             dim.dim_param = "top_k"
     onnx.checker.check_model(model)
-    onnx.save(model, str(path))
+    save_graph(model, path)
 
 
 def finish_block(path: Path, dims: dict[str, list]) -> None:
@@ -209,7 +249,7 @@ def finish_block(path: Path, dims: dict[str, list]) -> None:
     fuse_residual_norms(model.graph)
     _import_domain(model, "com.microsoft")
     to_opset23(model)
-    onnx.save(model, str(path))
+    save_graph(model, path)
 
 
 def fuse_residual_norms(graph: onnx.GraphProto) -> None:
@@ -269,6 +309,7 @@ def export_embed(family, path: Path) -> tuple[list[str], list[str]]:
     io = ([m.INPUT_IDS], [m.INPUTS_EMBEDS])
     axes = {m.INPUT_IDS: {0: "batch", 1: "sequence_length"}, m.INPUTS_EMBEDS: {0: "batch", 1: "sequence_length"}}
     export_module(EmbedGraph(family), (ids,), path, *io, axes)
+    settle_weights(path)
     return io
 
 
@@ -303,4 +344,5 @@ def export_vision(family, path: Path, image_hw: tuple[int, int]) -> tuple[list[s
     io = ([m.PIXEL_VALUES], [m.IMAGE_FEATURES])
     axes = {m.PIXEL_VALUES: {0: "num_images"}, m.IMAGE_FEATURES: {0: "num_images"}}
     export_module(family.vision_module(), (pixels,), path, *io, axes)
+    settle_weights(path)
     return io

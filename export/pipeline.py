@@ -204,7 +204,7 @@ def _export_float32(cfg: ExportConfig, progress: Optional[Callable[[str], None]]
     def add(role: str, name: str, io, **extra) -> Path:
         path = staging / name
         entries.append(m.GraphEntry(role=role, file=m.file_ref(staging, path), inputs=tuple(io[0]),
-                                    outputs=tuple(io[1]), **extra))
+                                    outputs=tuple(io[1]), data_files=graphs.data_refs(staging, path), **extra))
         return path
 
     with torch.no_grad():

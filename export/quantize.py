@@ -45,11 +45,10 @@ PROBE_PROMPTS_PER_CLASS = 24
 def _quantize_graph(path: Path, bits: int, op: str = "MatMul") -> None:
     """``op`` "MatMul" -> MatMulNBits (block, head); "Gather" -> GatherBlockQuantized (the embedding table,
     int4 only: the quantizer has no int8 Gather; int4 tensors need opset 21, so the graph is raised first)."""
-    import onnx
     from onnxruntime.quantization import matmul_nbits_quantizer as mq
     from onnxruntime.quantization import quant_utils
 
-    from .graphs import to_opset23
+    from .graphs import save_graph, to_opset23
 
     model = quant_utils.load_model_with_shape_infer(path)
     if op == "Gather":
@@ -62,17 +61,19 @@ def _quantize_graph(path: Path, bits: int, op: str = "MatMul") -> None:
                                           bits=bits)
     quantizer = mq.MatMulNBitsQuantizer(model, algo_config=cfg)
     quantizer.process()
-    quantizer.model.save_model_to_file(str(path), False)
-    assert op == "MatMul" or any(n.op_type == "GatherBlockQuantized" for n in onnx.load(str(path)).graph.node)
+    save_graph(quantizer.model.model, path)
+    assert op == "MatMul" or any(n.op_type == "GatherBlockQuantized" for n in quantizer.model.model.graph.node)
 
 
 def _half_graph(path: Path) -> None:
     import onnx
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
+    from .graphs import save_graph
+
     model = convert_float_to_float16(onnx.load(str(path)), keep_io_types=True,
                                      op_block_list=[*DEFAULT_OP_BLOCK_LIST, "LogSoftmax", "TopK"])
-    onnx.save(model, str(path))
+    save_graph(model, path)
 
 
 def _probe_prompts(root: Path) -> tuple[list[str], list[int]]:
@@ -120,6 +121,8 @@ def quantize_artifact(fp32_dir: Path, out_dir: Path, precision: str,
     """Write a quantized copy of the artifact at ``fp32_dir`` to ``out_dir`` (via out_dir.partial)."""
     if precision not in PRECISIONS:
         raise ConfigError(f"--quantize must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    from .graphs import data_refs
+
     say = progress or log.info
     manifest = m.load_manifest(fp32_dir)
     staging = out_dir.with_name(out_dir.name + ".partial")
@@ -137,7 +140,8 @@ def quantize_artifact(fp32_dir: Path, out_dir: Path, precision: str,
         elif precision == "int4" and entry.role == m.ROLE_EMBED:
             _quantize_graph(staging / entry.file.path, 4, op="Gather")
             say(f"quantized {entry.file.path} (the embedding table) to int4")
-        graphs.append(dataclasses.replace(entry, file=m.file_ref(staging, staging / entry.file.path)))
+        path = staging / entry.file.path
+        graphs.append(dataclasses.replace(entry, file=m.file_ref(staging, path), data_files=data_refs(staging, path)))
     report = check(fp32_dir, _with_manifest(staging, manifest, graphs, precision, extra=()))
     block = {"block_size": BLOCK} if precision in BITS else {}
     (staging / REPORT).write_text(json.dumps({"precision": precision, **block, **report}, indent=2))

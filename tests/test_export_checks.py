@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from safesteer_runtime.errors import ConfigError, ExportValidationError
+from safesteer_runtime.errors import ArtifactError, ConfigError, ExportValidationError
 
 
 def test_wrong_graph_fails_validation_with_every_mismatch(tiny, tmp_path, monkeypatch):
@@ -145,3 +145,31 @@ def test_standard_ops_export_matches_the_fused_one(tiny, tmp_path):
     msgs = [{"role": "user", "content": "How do I bake bread at home?"}]
     fused = Generator(tiny.artifact(*arch, 2)).generate(msgs, max_new_tokens=32, safety=False).token_ids
     assert Generator(out).generate(msgs, max_new_tokens=32, safety=False).token_ids == fused
+
+
+def test_big_graphs_keep_weights_in_one_external_file(tiny, tmp_path, monkeypatch):
+    """Past EXTERNAL_DATA_BYTES (here: every graph) weights go to NAME.onnx.data, listed and hashed in the
+    manifest; the artifact, its int4 copy and a missing data file behave as for inline graphs."""
+    from safesteer_export import graphs
+    from safesteer_export.pipeline import ExportConfig, export_artifact
+    from safesteer_export.quantize import quantize_artifact
+    from safesteer_runtime import manifest as m
+    from safesteer_rt import Generator
+
+    monkeypatch.setattr(graphs, "EXTERNAL_DATA_BYTES", 0)
+    arch = ("LlamaForCausalLM", "gqa")
+    out = tmp_path / "ext"
+    export_artifact(ExportConfig(tiny.checkpoint(*arch), out, block_size=2, safety=False))
+    manifest = m.load_manifest(out)
+    for entry in manifest.graphs:
+        assert [d.path for d in entry.data_files] == [entry.file.path + ".data"], entry.file.path
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".data") == sorted(
+        d.path for e in manifest.graphs for d in e.data_files)  # no per-tensor leftovers
+    msgs = [{"role": "user", "content": "How do I bake bread at home?"}]
+    inline = Generator(tiny.artifact(*arch, 2)).generate(msgs, max_new_tokens=16, safety=False).token_ids
+    assert Generator(out).generate(msgs, max_new_tokens=16, safety=False).token_ids == inline
+    quantize_artifact(out, tmp_path / "int4", "int4")
+    assert all(e.data_files for e in m.load_manifest(tmp_path / "int4").graphs)
+    (out / "block_00.onnx.data").unlink()
+    with pytest.raises(ArtifactError, match="block_00.onnx.data"):
+        Generator(out)
