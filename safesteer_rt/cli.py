@@ -27,6 +27,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0 = onnxruntime default)")
     p.add_argument("--kv-cache", choices=("auto", "host", "device"), default="auto",
                    help="where the KV cache lives (auto: device memory on CUDA/TensorRT, host memory on CPU)")
+    p.add_argument("--engine-cache-dir", default=None, help="TensorRT engine + timing caches (default ARTIFACT/trt_cache)")
+    p.add_argument("--trt-max-tokens", type=int, default=4096,
+                   help="context (prompt + new tokens) the TensorRT engines are built for")
     p.add_argument("--safety", choices=["auto", "on", "off"], default="auto",
                    help="SafeSteer: auto = on when the artifact was calibrated (default)")
     for knob, typ in (("k", int), ("lam", float), ("tau", float), ("alpha", float), ("beta", float),
@@ -56,7 +59,8 @@ def main(argv=None) -> int:
 
     try:
         providers = args.providers if args.providers == "auto" else args.providers.split(",")
-        gen = Generator(args.artifact, providers=providers, threads=args.threads, kv_cache=args.kv_cache)
+        gen = Generator(args.artifact, providers=providers, threads=args.threads, kv_cache=args.kv_cache,
+                        engine_cache_dir=args.engine_cache_dir, trt_max_tokens=args.trt_max_tokens)
         knobs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
                      top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop,
                      safety=safety_arg(args, gen))

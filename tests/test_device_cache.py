@@ -95,3 +95,19 @@ def test_rejected_tensorrt_profiles_fall_back_to_implicit_ones(monkeypatch, tmp_
         assert sessions.open_session(tmp_path / "block_00.onnx", cfg, {"trt_profile_min_shapes": "x:1"}) == "session"
     assert len(calls) == 2 and "trt_profile_min_shapes" not in calls[1] and "trt_engine_cache_path" in calls[1]
     assert "did not accept the shape profiles" in caplog.text
+
+
+def test_generate_cli_kv_cache_and_tensorrt_flags(safe_artifact, capsys):
+    import json
+
+    from safesteer_rt.cli import main
+
+    art = str(safe_artifact(*LLAMA, 2))
+    runs = []
+    for where in ("host", "device"):
+        assert main([art, "--prompt", "hi", "--max-new-tokens", "6", "--safety", "off", "--kv-cache", where,
+                     "--json"]) == 0
+        runs.append(json.loads(capsys.readouterr().out)["token_ids"])
+    assert runs[0] == runs[1] and len(runs[0]) >= 1
+    assert main([art, "--prompt", "hi", "--trt-max-tokens", "1"]) != 0
+    assert "trt_max_tokens" in capsys.readouterr().err
