@@ -29,17 +29,22 @@ def data_path(path: Path) -> Path:
     return path.with_name(path.name + ".data")
 
 
-def _external_files(path: Path) -> set[Path]:
-    """The external data files the graph at ``path`` refers to (torch writes one per tensor past 2 GB)."""
+def load_graph(path: Path) -> tuple[onnx.ModelProto, set[Path]]:
+    """The graph at ``path`` with its weights in memory (one parse), and the external files they came from
+    (torch writes one per tensor past 2 GB; save_graph removes them)."""
     model = onnx.load(str(path), load_external_data=False)
-    return {path.parent / e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+    files = {path.parent / e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+    if files:
+        onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
+    return model, files
 
 
-def settle_weights(path: Path) -> None:
-    """For graphs not rewritten after export: weights where save_graph puts them (torch writes one file per
-    tensor past 2 GB; those are gathered into one)."""
-    if _external_files(path) or path.stat().st_size > EXTERNAL_DATA_BYTES:
-        save_graph(onnx.load(str(path)), path)
+def settle_weights(path: Path, module: nn.Module) -> None:
+    """For graphs not rewritten after export (embed, vision): weights where save_graph puts them. Decided from the
+    module's own weights, so a small graph is not parsed again."""
+    if sum(t.numel() * t.element_size() for t in module.state_dict().values()) > EXTERNAL_DATA_BYTES:
+        model, stale = load_graph(path)
+        save_graph(model, path, stale)
 
 
 def data_refs(root: Path, path: Path) -> tuple[m.FileRef, ...]:
@@ -48,10 +53,9 @@ def data_refs(root: Path, path: Path) -> tuple[m.FileRef, ...]:
     return (m.file_ref(root, data),) if data.exists() else ()
 
 
-def save_graph(model: onnx.ModelProto, path: Path) -> None:
+def save_graph(model: onnx.ModelProto, path: Path, stale: frozenset[Path] | set[Path] = frozenset()) -> None:
     """Write ``model`` (weights in memory) to ``path``: weights inline, or in ``path``.data past
-    EXTERNAL_DATA_BYTES; external files the old graph at ``path`` used are removed."""
-    stale = _external_files(path) if path.exists() else set()
+    EXTERNAL_DATA_BYTES. ``stale``: external files of the graph it replaces, removed first."""
     for f in stale | {data_path(path)}:
         f.unlink(missing_ok=True)  # onnx appends to an existing data file
     if sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_BYTES:
@@ -210,7 +214,7 @@ def export_module(module: nn.Module, args: tuple, path: Path, inputs, outputs, a
 
 def rewire_topk(path: Path) -> None:
     """Make the head's TopK take K from a graph input, so the runtime picks K per call."""
-    model = onnx.load(str(path))
+    model, stale = load_graph(path)
     graph = model.graph
     topk = [n for n in graph.node if n.op_type == "TopK"]
     assert len(topk) == 1, "head graph must hold exactly one TopK"
@@ -230,13 +234,13 @@ def rewire_topk(path: Path) -> None:
             dim.Clear()
             dim.dim_param = "top_k"
     onnx.checker.check_model(model)
-    save_graph(model, path)
+    save_graph(model, path, stale)
 
 
 def finish_block(path: Path, dims: dict[str, list]) -> None:
     """Name the output dims the exporter left anonymous (the K/V head_dim) and move the graph to opset 23
     for the standard Attention op (TorchScript exports up to opset 20; see to_opset23)."""
-    model = onnx.load(str(path))
+    model, stale = load_graph(path)
     for out in model.graph.output:
         if out.name in dims:
             shape = out.type.tensor_type.shape
@@ -249,7 +253,7 @@ def finish_block(path: Path, dims: dict[str, list]) -> None:
     fuse_residual_norms(model.graph)
     _import_domain(model, "com.microsoft")
     to_opset23(model)
-    save_graph(model, path)
+    save_graph(model, path, stale)
 
 
 def fuse_residual_norms(graph: onnx.GraphProto) -> None:
@@ -308,8 +312,9 @@ def export_embed(family, path: Path) -> tuple[list[str], list[str]]:
     ids = torch.tensor([[1, 2, 3]], dtype=torch.long)
     io = ([m.INPUT_IDS], [m.INPUTS_EMBEDS])
     axes = {m.INPUT_IDS: {0: "batch", 1: "sequence_length"}, m.INPUTS_EMBEDS: {0: "batch", 1: "sequence_length"}}
-    export_module(EmbedGraph(family), (ids,), path, *io, axes)
-    settle_weights(path)
+    module = EmbedGraph(family)
+    export_module(module, (ids,), path, *io, axes)
+    settle_weights(path, module)
     return io
 
 
@@ -343,6 +348,7 @@ def export_vision(family, path: Path, image_hw: tuple[int, int]) -> tuple[list[s
     pixels = torch.randn(1, 3, *image_hw)
     io = ([m.PIXEL_VALUES], [m.IMAGE_FEATURES])
     axes = {m.PIXEL_VALUES: {0: "num_images"}, m.IMAGE_FEATURES: {0: "num_images"}}
-    export_module(family.vision_module(), (pixels,), path, *io, axes)
-    settle_weights(path)
+    module = family.vision_module()
+    export_module(module, (pixels,), path, *io, axes)
+    settle_weights(path, module)
     return io

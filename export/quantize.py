@@ -5,7 +5,8 @@ block and head graphs (block size 32, symmetric); at int4 the embedding table be
 (its int8 has no Gather form, so int8 keeps a float32 table); vision graphs stay float32.
 fp16 (for GPUs): onnxruntime's float16 converter turns the embed, block and head graphs to float16 inside,
 float32 at their inputs and outputs (so the runtime and the KV cache layout are unchanged); the head's
-LogSoftmax and TopK stay float32 so candidate log-probabilities keep their precision. The check compares the float32 artifact with the quantized one on the runtime itself:
+LogSoftmax and TopK stay float32 so candidate log-probabilities keep their precision.
+The check compares the float32 artifact with the quantized one on the runtime itself:
 greedy agreement on fixed chat prompts, perplexity on a fixed text, and (calibrated artifacts) the
 probe's AUROC at the last prompt position on packaged validation prompts. It is written into the
 artifact as quantization.json.

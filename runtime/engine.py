@@ -72,10 +72,11 @@ class Block:
         return m.HARM_LOGIT in self.entry.outputs
 
 
-def _kv_rank(manifest: m.Manifest) -> int:
-    """Rank of the K/V inputs: 3 ([1, T, kv_heads * head_dim]) since safesteer 0.4, whose blocks are opset 23
-    (the same release); 4 ([1, T, kv_heads, head_dim]) in the opset-17 artifacts before it."""
-    return 3 if manifest.export.opset >= 23 else 4
+def _kv_row(manifest: m.Manifest) -> tuple[int, ...]:
+    """One cached position's K (or V) shape: [kv_heads * head_dim] since safesteer 0.4, whose blocks are opset 23
+    (the same release); [kv_heads, head_dim] in the opset-17 artifacts before it."""
+    s = manifest.sizes
+    return (s.num_kv_heads * s.head_dim,) if manifest.export.opset >= 23 else (s.num_kv_heads, s.head_dim)
 
 
 class Engine:
@@ -85,10 +86,10 @@ class Engine:
         self.manifest = manifest
         self.sizes = manifest.sizes
 
-        s = self.sizes  # K/V rows are [kv_heads * head_dim]; artifacts before 0.4 used [kv_heads, head_dim]
-        self._kv_row = (s.num_kv_heads * s.head_dim,) if _kv_rank(manifest) == 3 else (s.num_kv_heads, s.head_dim)
+        self._kv_row = _kv_row(manifest)
         # The context the sessions can serve: TensorRT engines are built for shapes up to trt_max_tokens
-        self.context_limit = min(s.max_positions, cfg.trt_max_tokens) if cfg.uses_tensorrt else s.max_positions
+        limit = self.sizes.max_positions
+        self.context_limit = min(limit, cfg.trt_max_tokens) if cfg.uses_tensorrt else limit
         blocks = sorted(manifest.graphs_of(m.ROLE_BLOCK), key=lambda e: e.first_layer)
         vision = manifest.graphs_of(m.ROLE_VISION)[:1]
         order = [*vision, manifest.graphs_of(m.ROLE_EMBED)[0], *blocks, manifest.graphs_of(m.ROLE_HEAD)[0]]
