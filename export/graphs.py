@@ -1,11 +1,15 @@
 """The torch modules that become the artifact's graphs, and their ONNX export.
 
 Each wrapper holds references to the checkpoint's own submodules (no weight copies) and computes what
-one graph computes. Node names follow the module paths (``/layers.12/self_attn/q_proj/MatMul``).
+one graph computes. Node names follow the module paths (``/layers.12/self_attn/q_proj/MatMul``), weights keep
+their checkpoint names (``layers.12.self_attn.q_proj.weight``). Graphs are traced without weights, rewritten,
+then written with the weights streamed from the module (graph_files.py).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import warnings
 from pathlib import Path
 
@@ -17,55 +21,11 @@ from torch import nn
 from safesteer_models.onnx_ops import OPSET23_DOMAIN
 from safesteer_runtime import manifest as m
 
+from .graph_files import bind_weights, write_graph
+
 OPSET = 17  # what the TorchScript exporter writes
 BLOCK_OPSET = 23  # decoder blocks, after finish_block: the standard Attention op
 TOPK_PLACEHOLDER = 7  # exported as a constant, then rewired to the graph input `top_k`
-# Graphs with more weight bytes than this keep them in one external file NAME.data beside NAME (a protobuf
-# file cannot exceed 2 GB; 7B-class models pass that with a single 4-layer block or their embedding table).
-EXTERNAL_DATA_BYTES = 1 << 30
-
-
-def data_path(path: Path) -> Path:
-    return path.with_name(path.name + ".data")
-
-
-def load_graph(path: Path) -> tuple[onnx.ModelProto, set[Path]]:
-    """The graph at ``path`` with its weights in memory (one parse), and the external files they came from
-    (torch writes one per tensor past 2 GB; save_graph removes them)."""
-    model = onnx.load(str(path), load_external_data=False)
-    files = {path.parent / e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
-    if files:
-        onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
-    return model, files
-
-
-def settle_weights(path: Path, module: nn.Module) -> None:
-    """For graphs not rewritten after export (embed, vision): weights where save_graph puts them. Decided from the
-    module's own weights, so a small graph is not parsed again."""
-    if sum(t.numel() * t.element_size() for t in module.state_dict().values()) > EXTERNAL_DATA_BYTES:
-        model, stale = load_graph(path)
-        save_graph(model, path, stale)
-
-
-def data_refs(root: Path, path: Path) -> tuple[m.FileRef, ...]:
-    """The manifest's data_files for the graph at ``path``."""
-    data = data_path(path)
-    return (m.file_ref(root, data),) if data.exists() else ()
-
-
-def save_graph(model: onnx.ModelProto, path: Path, stale: frozenset[Path] | set[Path] = frozenset()) -> None:
-    """Write ``model`` (weights in memory) to ``path``: weights inline, or in ``path``.data past
-    EXTERNAL_DATA_BYTES. ``stale``: external files of the graph it replaces, removed first."""
-    for f in stale | {data_path(path)}:
-        f.unlink(missing_ok=True)  # onnx appends to an existing data file
-    if sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_BYTES:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_path(path).name, size_threshold=1024)
-        data_path(path).chmod(0o644)  # onnx creates it owner-only; the artifact is read by whoever serves it
-    else:
-        onnx.save_model(model, str(path))
-
-
 class EmbedGraph(nn.Module):
     def __init__(self, family):
         super().__init__()
@@ -118,25 +78,35 @@ class BlockGraph(nn.Module):
 
     The block holding the MSAV layer adds the MSAV after that layer; the block holding the probe layer
     then reads harm_logit there and applies the gated correction (method.md, decoding steps 5 and 6).
+    ``embeds``: the first block of a text-only model takes input_ids and embeds them itself; ``head``: the last
+    block ends in the final norm and LM head over the rows ``head_rows`` picks, with full logits and an in-graph
+    TopK of the log-probabilities. So a text-only model in one block is one graph call per decoding step.
     """
 
     def __init__(self, family, first: int, count: int, probe_layer: int | None = None,
-                 msav_layer: int | None = None):
+                 msav_layer: int | None = None, *, embeds: bool = False, head: bool = False):
         super().__init__()
         self.family, self.first, self.count = family, first, count
         layers = range(first, first + count)
         self.probe_layer = probe_layer if probe_layer in layers else None
         self.msav_layer = msav_layer if msav_layer in layers else None
+        if embeds:
+            self.embed_tokens = family.text.embed_tokens
         self.layers = nn.ModuleDict({str(i): LayerScope(family, family.text.layers[i]) for i in layers})
+        if head:
+            self.norm, self.lm_head = family.text.norm, family.text.lm_head
+        self.embeds, self.head = embeds, head
         cos, sin = family.rope_tables()
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.probe = ProbeOps()
         self.msav = MsavOps()
 
-    def forward(self, hidden, mask, position_ids, *rest):
+    def forward(self, first_input, mask, position_ids, *rest):
+        head_rows, rest = (rest[0], rest[1:]) if self.head else (None, rest)
         past = rest[: 2 * self.count]
         extra = dict(zip(self.extra_inputs(), rest[2 * self.count :]))
+        hidden = self.family.embed(first_input) if self.embeds else first_input
         rope = (position_ids, self.rope_cos, self.rope_sin)
         new_kv, harm_logit = [], None
         for j, (name, layer) in enumerate(self.layers.items()):
@@ -146,22 +116,43 @@ class BlockGraph(nn.Module):
                 hidden = self.msav(hidden, extra[m.MSAV_VECTOR], extra[m.MSAV_BETA], extra[m.MSAV_MASK])
             if int(name) == self.probe_layer:
                 hidden, harm_logit = self.probe(hidden, *(extra[n] for n in m.PROBE_INPUTS))
-        return (hidden, *new_kv) + ((harm_logit,) if harm_logit is not None else ())
+        out = self.lm_outputs(hidden.index_select(1, head_rows)) if self.head else (hidden,)
+        return (*out, *new_kv) + ((harm_logit,) if harm_logit is not None else ())
+
+    def lm_outputs(self, hidden):
+        logits = self.lm_head(self.norm(hidden))
+        logprobs = torch.log_softmax(logits if logits.dtype == torch.float32 else logits.float(), dim=-1)
+        values, ids = torch.topk(logprobs, TOPK_PLACEHOLDER, dim=-1)
+        return logits, values, ids
 
     def extra_inputs(self) -> list[str]:
         names = list(m.MSAV_INPUTS) if self.msav_layer is not None else []
         return names + (list(m.PROBE_INPUTS) if self.probe_layer is not None else [])
 
     def io_names(self) -> tuple[list[str], list[str]]:
-        layers = range(self.first, self.first + self.count)
-        inputs = [m.HIDDEN_IN, m.ATTENTION_MASK, m.POSITION_IDS]
-        outputs = [m.HIDDEN_OUT]
-        for i in layers:
-            inputs += [m.past_key(i), m.past_value(i)]
-            outputs += [m.new_key(i), m.new_value(i)]
+        """Graph inputs and outputs in the order forward takes and returns them (top_k is added by rewire_topk)."""
+        inputs = [m.INPUT_IDS if self.embeds else m.HIDDEN_IN, m.ATTENTION_MASK, m.POSITION_IDS]
+        inputs += [m.HEAD_ROWS] if self.head else []
+        outputs = [m.LOGITS, m.TOPK_LOGPROBS, m.TOPK_IDS] if self.head else [m.HIDDEN_OUT]
+        inputs += self.past_names()
+        outputs += self.new_kv_names()
         if self.probe_layer is not None:
             outputs.append(m.HARM_LOGIT)
         return inputs + self.extra_inputs(), outputs
+
+    def past_names(self) -> list[str]:
+        return [f(i) for i in range(self.first, self.first + self.count) for f in (m.past_key, m.past_value)]
+
+    def new_kv_names(self) -> list[str]:
+        return [f(i) for i in range(self.first, self.first + self.count) for f in (m.new_key, m.new_value)]
+
+    def sample_inputs(self, sizes, past_len: int = 3, rows: int = 2) -> tuple:
+        first = torch.tensor([[5] * rows]) if self.embeds else torch.randn(1, rows, sizes.hidden_size)
+        mask = torch.zeros(1, 1, rows, past_len + rows)
+        positions = torch.arange(past_len, past_len + rows).unsqueeze(0)
+        head_rows = (torch.tensor([rows - 1]),) if self.head else ()
+        past = [torch.randn(1, past_len, sizes.num_kv_heads * sizes.head_dim) for _ in range(2 * self.count)]
+        return (first, mask, positions, *head_rows, *past, *self.sample_extra(sizes.hidden_size, rows))
 
     def sample_extra(self, hidden_size: int, rows: int) -> list[torch.Tensor]:
         one = torch.ones(1)
@@ -171,50 +162,50 @@ class BlockGraph(nn.Module):
         return [values[name] for name in self.extra_inputs()]
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
-        axes = {
-            m.HIDDEN_IN: {0: "batch", 1: "sequence_length"},
-            m.HIDDEN_OUT: {0: "batch", 1: "sequence_length"},
-            m.ATTENTION_MASK: {0: "batch", 2: "sequence_length", 3: "total_sequence_length"},
-            m.POSITION_IDS: {0: "batch", 1: "sequence_length"},
-        }
-        for i in range(self.first, self.first + self.count):
-            for name in (m.past_key(i), m.past_value(i)):
-                axes[name] = {0: "batch", 1: "past_sequence_length"}
-            for name in (m.new_key(i), m.new_value(i)):
-                axes[name] = {0: "batch", 1: "sequence_length"}
-        for name in (m.MSAV_MASK, m.HARM_LOGIT):
-            axes[name] = {0: "batch", 1: "sequence_length"}
-        return axes
+        rows = {0: "batch", 1: "sequence_length"}
+        axes = {name: rows for name in (m.INPUT_IDS, m.HIDDEN_IN, m.HIDDEN_OUT, m.POSITION_IDS, m.MSAV_MASK,
+                                        m.HARM_LOGIT, *self.new_kv_names())}
+        axes[m.ATTENTION_MASK] = {0: "batch", 2: "sequence_length", 3: "total_sequence_length"}
+        axes.update({name: {0: "batch", 1: "past_sequence_length"} for name in self.past_names()})
+        axes[m.HEAD_ROWS] = {0: "head_rows"}
+        axes.update({name: {0: "batch", 1: "head_rows"} for name in (m.LOGITS, m.TOPK_LOGPROBS, m.TOPK_IDS)})
+        inputs, outputs = self.io_names()
+        return {name: axis for name, axis in axes.items() if name in inputs or name in outputs}
 
 
-class HeadGraph(nn.Module):
-    """Final norm + LM head; full logits plus an in-graph TopK of the log-probabilities."""
-
-    def __init__(self, family):
-        super().__init__()
-        self.norm = family.text.norm
-        self.lm_head = family.text.lm_head
-
-    def forward(self, hidden):
-        logits = self.lm_head(self.norm(hidden))
-        logprobs = torch.log_softmax(logits if logits.dtype == torch.float32 else logits.float(), dim=-1)
-        values, ids = torch.topk(logprobs, TOPK_PLACEHOLDER, dim=-1)
-        return logits, values, ids
+@contextlib.contextmanager
+def _weights_hidden_from_shape_inference():
+    """The TorchScript exporter's ONNX shape inference pass serializes every parameter it is given (two transient
+    copies of the graph's weights, even with export_params=False). Weights never decide a shape in our graphs, so
+    the pass gets none: the graph and its inferred shapes are the same, the copies are gone."""
+    infer = torch._C._jit_pass_onnx_graph_shape_type_inference
+    torch._C._jit_pass_onnx_graph_shape_type_inference = lambda graph, _params, opset: infer(graph, {}, opset)
+    try:
+        yield
+    finally:
+        torch._C._jit_pass_onnx_graph_shape_type_inference = infer
 
 
-def export_module(module: nn.Module, args: tuple, path: Path, inputs, outputs, axes) -> None:
+def export_module(module: nn.Module, args: tuple, path: Path, inputs, outputs, axes, rewrite=None) -> None:
+    """Trace ``module`` without its weights, apply ``rewrite`` (a function of the ModelProto) and write it to
+    ``path`` with the weights."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad(), warnings.catch_warnings():
+    buf = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings(), _weights_hidden_from_shape_inference():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
         torch.onnx.export(
-            module, args, str(path), input_names=list(inputs), output_names=list(outputs),
-            dynamic_axes=axes, opset_version=OPSET, do_constant_folding=True, dynamo=False,
+            module, args, buf, input_names=list(inputs), output_names=list(outputs), dynamic_axes=axes,
+            opset_version=OPSET, export_params=False, do_constant_folding=False, dynamo=False,
         )
+    model = onnx.load_from_string(buf.getvalue())
+    plan = bind_weights(model, module)
+    if rewrite is not None:
+        rewrite(model)
+    write_graph(model, module, plan, path)
 
 
-def rewire_topk(path: Path) -> None:
+def rewire_topk(model: onnx.ModelProto) -> None:
     """Make the head's TopK take K from a graph input, so the runtime picks K per call."""
-    model, stale = load_graph(path)
     graph = model.graph
     topk = [n for n in graph.node if n.op_type == "TopK"]
     assert len(topk) == 1, "head graph must hold exactly one TopK"
@@ -233,14 +224,11 @@ def rewire_topk(path: Path) -> None:
             dim = out.type.tensor_type.shape.dim[2]
             dim.Clear()
             dim.dim_param = "top_k"
-    onnx.checker.check_model(model)
-    save_graph(model, path, stale)
 
 
-def finish_block(path: Path, dims: dict[str, list]) -> None:
+def finish_block(model: onnx.ModelProto, dims: dict[str, list]) -> None:
     """Name the output dims the exporter left anonymous (the K/V head_dim) and move the graph to opset 23
     for the standard Attention op (TorchScript exports up to opset 20; see to_opset23)."""
-    model, stale = load_graph(path)
     for out in model.graph.output:
         if out.name in dims:
             shape = out.type.tensor_type.shape
@@ -253,7 +241,6 @@ def finish_block(path: Path, dims: dict[str, list]) -> None:
     fuse_residual_norms(model.graph)
     _import_domain(model, "com.microsoft")
     to_opset23(model)
-    save_graph(model, path, stale)
 
 
 def fuse_residual_norms(graph: onnx.GraphProto) -> None:
@@ -310,45 +297,33 @@ def to_opset23(model: onnx.ModelProto) -> None:
 
 def export_embed(family, path: Path) -> tuple[list[str], list[str]]:
     ids = torch.tensor([[1, 2, 3]], dtype=torch.long)
-    io = ([m.INPUT_IDS], [m.INPUTS_EMBEDS])
+    io_names = ([m.INPUT_IDS], [m.INPUTS_EMBEDS])
     axes = {m.INPUT_IDS: {0: "batch", 1: "sequence_length"}, m.INPUTS_EMBEDS: {0: "batch", 1: "sequence_length"}}
-    module = EmbedGraph(family)
-    export_module(module, (ids,), path, *io, axes)
-    settle_weights(path, module)
-    return io
+    export_module(EmbedGraph(family), (ids,), path, *io_names, axes)
+    return io_names
 
 
 def export_block(family, first: int, count: int, path: Path, probe_layer: int | None = None,
-                 msav_layer: int | None = None) -> tuple[list[str], list[str]]:
+                 msav_layer: int | None = None, *, embeds: bool = False,
+                 head: bool = False) -> tuple[list[str], list[str]]:
     sizes = family.sizes()
-    block = BlockGraph(family, first, count, probe_layer, msav_layer)
-    past_len, rows = 3, 2
-    hidden = torch.randn(1, rows, sizes.hidden_size)
-    mask = torch.zeros(1, 1, rows, past_len + rows)
-    positions = torch.arange(past_len, past_len + rows).unsqueeze(0)
-    past = [torch.randn(1, past_len, sizes.num_kv_heads * sizes.head_dim) for _ in range(2 * count)]
+    block = BlockGraph(family, first, count, probe_layer, msav_layer, embeds=embeds, head=head)
     inputs, outputs = block.io_names()
-    args = (hidden, mask, positions, *past, *block.sample_extra(sizes.hidden_size, rows))
-    export_module(block, args, path, inputs, outputs, block.dynamic_axes())
     kv_shape = ["batch", "sequence_length", sizes.num_kv_heads * sizes.head_dim]
-    finish_block(path, {name: kv_shape for name in outputs[1:] if name != m.HARM_LOGIT})
-    return inputs, outputs
+    dims = {name: kv_shape for name in block.new_kv_names()}
 
+    def rewrite(model: onnx.ModelProto) -> None:
+        if head:
+            rewire_topk(model)
+        finish_block(model, dims)
 
-def export_head(family, path: Path) -> tuple[list[str], list[str]]:
-    hidden = torch.randn(1, 2, family.sizes().hidden_size)
-    outputs = [m.LOGITS, m.TOPK_LOGPROBS, m.TOPK_IDS]
-    axes = {name: {0: "batch", 1: "sequence_length"} for name in [m.HIDDEN_IN, *outputs]}
-    export_module(HeadGraph(family), (hidden,), path, [m.HIDDEN_IN], outputs, axes)
-    rewire_topk(path)
-    return [m.HIDDEN_IN, m.TOP_K], outputs
+    export_module(block, block.sample_inputs(sizes), path, inputs, outputs, block.dynamic_axes(), rewrite)
+    return inputs + ([m.TOP_K] if head else []), outputs
 
 
 def export_vision(family, path: Path, image_hw: tuple[int, int]) -> tuple[list[str], list[str]]:
     pixels = torch.randn(1, 3, *image_hw)
-    io = ([m.PIXEL_VALUES], [m.IMAGE_FEATURES])
+    io_names = ([m.PIXEL_VALUES], [m.IMAGE_FEATURES])
     axes = {m.PIXEL_VALUES: {0: "num_images"}, m.IMAGE_FEATURES: {0: "num_images"}}
-    module = family.vision_module()
-    export_module(module, (pixels,), path, *io, axes)
-    settle_weights(path, module)
-    return io
+    export_module(family.vision_module(), (pixels,), path, *io_names, axes)
+    return io_names

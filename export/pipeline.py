@@ -9,6 +9,7 @@ import resource
 import shutil
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 from importlib.metadata import version
 from pathlib import Path
 from typing import Callable, Optional
@@ -17,12 +18,11 @@ from safesteer_models.onnx_ops import standard_ops
 from safesteer_runtime import manifest as m
 from safesteer_runtime.errors import ArtifactError, ConfigError
 
-from . import graphs
+from . import graph_files, graphs
 from .calibrate import Calibration, CalibrationConfig, calibrate
 from .quantize import PRECISIONS, quantize_artifact
 from .tokenizer_files import load_tokenizer, write_tokenizer_files
-from .validate import (ValidationReport, reference, sample_inputs, validate_block, validate_embed,
-                       validate_head, validate_vision)
+from .validate import ValidationReport, reference, sample_inputs, validate_block, validate_embed, validate_vision
 
 log = logging.getLogger("safesteer.export")
 TOOL_VERSION = version("safesteer")  # recorded in every manifest
@@ -197,50 +197,50 @@ def _export_float32(cfg: ExportConfig, progress: Optional[Callable[[str], None]]
         image_hw = image_info.crop or (image_info.size * 2 if len(image_info.size) == 1 else image_info.size)
     ids, pixels = sample_inputs(family, image_info, image_hw)
     ref = reference(family, ids, pixels) if cfg.validate else None
-    report = ValidationReport()
 
     entries: list[m.GraphEntry] = []
+    checks: list[Callable[[ValidationReport], None]] = []  # run once the checkpoint is released
 
-    def add(role: str, name: str, io, **extra) -> Path:
+    def add(role: str, name: str, io, check, **extra) -> None:
         path = staging / name
         entries.append(m.GraphEntry(role=role, file=m.file_ref(staging, path), inputs=tuple(io[0]),
-                                    outputs=tuple(io[1]), data_files=graphs.data_refs(staging, path), **extra))
-        return path
+                                    outputs=tuple(io[1]), data_files=graph_files.data_refs(staging, path), **extra))
+        checks.append(lambda report: check(report, path, ref))
 
     with torch.no_grad():
         if image_info is not None:
             t0 = time.perf_counter()
-            io = graphs.export_vision(family, staging / "vision.onnx", image_hw)
-            if ref is not None:
-                validate_vision(report, staging / "vision.onnx", family, ref)
-            add(m.ROLE_VISION, "vision.onnx", io)
+            add(m.ROLE_VISION, "vision.onnx", graphs.export_vision(family, staging / "vision.onnx", image_hw),
+                validate_vision)
             step("vision graph", t0)
+            # image features are merged into the embeddings between the embed graph and the first block
+            t0 = time.perf_counter()
+            add(m.ROLE_EMBED, "embed.onnx", graphs.export_embed(family, staging / "embed.onnx"), validate_embed)
+            step("embed graph", t0)
 
-        t0 = time.perf_counter()
-        io = graphs.export_embed(family, staging / "embed.onnx")
-        if ref is not None:
-            validate_embed(report, staging / "embed.onnx", family, ref)
-        add(m.ROLE_EMBED, "embed.onnx", io)
-        step("embed graph", t0)
-
-        for first, count in block_ranges(sizes.num_layers, cfg.block_size):
+        ranges = block_ranges(sizes.num_layers, cfg.block_size)
+        for first, count in ranges:
             t0 = time.perf_counter()
             name = f"block_{first:02d}.onnx"
             with standard_ops(cfg.standard_ops):
-                io = graphs.export_block(family, first, count, staging / name, probe_layer, msav_layer)
-            if ref is not None:
-                validate_block(report, staging / name, ref, first, count, sizes, vectors, probe_layer)
-            add(m.ROLE_BLOCK, name, io, first_layer=first, num_layers=count)
-            gc.collect()
+                io = graphs.export_block(family, first, count, staging / name, probe_layer, msav_layer,
+                                         embeds=first == 0 and image_info is None, head=first == ranges[-1][0])
+            add(m.ROLE_BLOCK, name, io, partial(validate_block, first=first, count=count, sizes=sizes,
+                                                vectors=vectors, probe_layer=probe_layer),
+                first_layer=first, num_layers=count)
             step(f"block layers {first}-{first + count - 1}", t0)
 
+    # The checkpoint is not needed past this point; releasing it before onnxruntime loads the graphs keeps the
+    # export's peak near the checkpoint's own size.
+    family_name = family.name
+    del model, family
+    gc.collect()
+    report = ValidationReport()
+    if ref is not None:
         t0 = time.perf_counter()
-        io = graphs.export_head(family, staging / "head.onnx")
-        if ref is not None:
-            validate_head(report, staging / "head.onnx", ref)
-        add(m.ROLE_HEAD, "head.onnx", io)
-        step("head graph", t0)
-
+        for check in checks:
+            check(report)
+        step(f"validated {len(checks)} graphs against PyTorch", t0)
     report.raise_if_failed()
     extra = list(token_files)
     if cal is not None:
@@ -253,7 +253,7 @@ def _export_float32(cfg: ExportConfig, progress: Optional[Callable[[str], None]]
         extra += [staging / SAFETY_VECTORS, *write_report(cal, cfg.calibration, staging, cfg.model_dir.name)]
     manifest = m.Manifest(
         schema_version=m.SCHEMA_VERSION,
-        family=family.name,
+        family=family_name,
         architecture=arch,
         dtype="float32",
         sizes=sizes,

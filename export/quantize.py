@@ -1,9 +1,10 @@
 """Lower-precision copies of an exported artifact: int8 / int4 weights, or float16, with an accuracy check.
 
 int8 / int4: onnxruntime's own MatMulNBits quantizer rewrites every MatMul with a constant weight in the
-block and head graphs (block size 32, symmetric); at int4 the embedding table becomes GatherBlockQuantized
-(its int8 has no Gather form, so int8 keeps a float32 table); vision graphs stay float32.
-fp16 (for GPUs): onnxruntime's float16 converter turns the embed, block and head graphs to float16 inside,
+block graphs (block size 32, symmetric; the LM head is in the last block); at int4 the embedding table (in the
+embed graph, or a text-only model's first block) becomes GatherBlockQuantized (its int8 has no Gather form, so
+int8 keeps a float32 table); vision graphs stay float32.
+fp16 (for GPUs): onnxruntime's float16 converter turns the embed and block graphs to float16 inside,
 float32 at their inputs and outputs (so the runtime and the KV cache layout are unchanged); the head's
 LogSoftmax and TopK stay float32 so candidate log-probabilities keep their precision.
 The check compares the float32 artifact with the quantized one on the runtime itself:
@@ -43,34 +44,38 @@ CHECK_TEXT = (
 PROBE_PROMPTS_PER_CLASS = 24
 
 
-def _quantize_graph(path: Path, bits: int, op: str = "MatMul") -> None:
-    """``op`` "MatMul" -> MatMulNBits (block, head); "Gather" -> GatherBlockQuantized (the embedding table,
-    int4 only: the quantizer has no int8 Gather; int4 tensors need opset 21, so the graph is raised first)."""
+def _quantize_graph(path: Path, bits: int) -> None:
+    """MatMul -> MatMulNBits; at int4 also the embedding table's Gather (on input_ids) -> GatherBlockQuantized (the
+    quantizer has no int8 Gather; int4 tensors need opset 21, so the graph is raised first)."""
     from onnxruntime.quantization import matmul_nbits_quantizer as mq
     from onnxruntime.quantization import quant_utils
 
-    from .graphs import save_graph, to_opset23
+    from .graph_files import save_graph
+    from .graphs import to_opset23
 
     model = quant_utils.load_model_with_shape_infer(path)
-    if op == "Gather":
+    gathers = [n for n in model.graph.node if n.op_type == "Gather"]
+    embedding = [n for n in gathers if n.input[1] == m.INPUT_IDS] if bits == 4 else []
+    if embedding:
         to_opset23(model)
+    ops = ("MatMul", "Gather") if embedding else ("MatMul",)
     # accuracy_level 4: activations are quantized to int8 per block inside the kernel (what onnxruntime-genai's
     # CPU builds use for int8 and int4); the accuracy check below measures what that costs
     cfg = mq.DefaultWeightOnlyQuantConfig(block_size=BLOCK, is_symmetric=True, accuracy_level=4,
-                                          quant_format=quant_utils.QuantFormat.QOperator,
-                                          op_types_to_quantize=(op,), quant_axes=((op, 0 if op == "MatMul" else 1),),
-                                          bits=bits)
-    quantizer = mq.MatMulNBitsQuantizer(model, algo_config=cfg)
+                                          quant_format=quant_utils.QuantFormat.QOperator, op_types_to_quantize=ops,
+                                          quant_axes=(("MatMul", 0), ("Gather", 1)), bits=bits)
+    quantizer = mq.MatMulNBitsQuantizer(model, algo_config=cfg,
+                                        nodes_to_exclude=[n.name for n in gathers if n not in embedding])
     quantizer.process()
     save_graph(quantizer.model.model, path)
-    assert op == "MatMul" or any(n.op_type == "GatherBlockQuantized" for n in quantizer.model.model.graph.node)
+    assert not embedding or any(n.op_type == "GatherBlockQuantized" for n in quantizer.model.model.graph.node)
 
 
 def _half_graph(path: Path) -> None:
     import onnx
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-    from .graphs import save_graph
+    from .graph_files import save_graph
 
     model = convert_float_to_float16(onnx.load(str(path)), keep_io_types=True,
                                      op_block_list=[*DEFAULT_OP_BLOCK_LIST, "LogSoftmax", "TopK"])
@@ -122,7 +127,7 @@ def quantize_artifact(fp32_dir: Path, out_dir: Path, precision: str,
     """Write a quantized copy of the artifact at ``fp32_dir`` to ``out_dir`` (via out_dir.partial)."""
     if precision not in PRECISIONS:
         raise ConfigError(f"--quantize must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    from .graphs import data_refs
+    from .graph_files import data_refs
 
     say = progress or log.info
     manifest = m.load_manifest(fp32_dir)
@@ -132,15 +137,12 @@ def quantize_artifact(fp32_dir: Path, out_dir: Path, precision: str,
     shutil.copytree(fp32_dir, staging)
     graphs = []
     for entry in manifest.graphs:
-        if precision == "fp16" and entry.role in (m.ROLE_EMBED, m.ROLE_BLOCK, m.ROLE_HEAD):
+        if precision == "fp16" and entry.role in (m.ROLE_EMBED, m.ROLE_BLOCK):
             _half_graph(staging / entry.file.path)
             say(f"converted {entry.file.path} to float16")
-        elif precision in BITS and entry.role in (m.ROLE_BLOCK, m.ROLE_HEAD):
+        elif precision in BITS and entry.role in (m.ROLE_EMBED, m.ROLE_BLOCK):
             _quantize_graph(staging / entry.file.path, BITS[precision])
             say(f"quantized {entry.file.path} to {precision}")
-        elif precision == "int4" and entry.role == m.ROLE_EMBED:
-            _quantize_graph(staging / entry.file.path, 4, op="Gather")
-            say(f"quantized {entry.file.path} (the embedding table) to int4")
         path = staging / entry.file.path
         graphs.append(dataclasses.replace(entry, file=m.file_ref(staging, path), data_files=data_refs(staging, path)))
     report = check(fp32_dir, _with_manifest(staging, manifest, graphs, precision, extra=()))

@@ -26,6 +26,8 @@ ATOL = 1e-4
 class Reference:
     input_ids: np.ndarray  # [1, n]
     pixel_values: np.ndarray | None
+    embeds: np.ndarray  # the embedding of input_ids (image tokens included, before features are merged in)
+    image_features: np.ndarray | None
     layer_inputs: list[np.ndarray]  # hidden state entering layer i
     last_hidden: np.ndarray  # leaving the last layer, before the final norm
     logits: np.ndarray
@@ -90,7 +92,10 @@ def reference(family, input_ids: np.ndarray, pixel_values: np.ndarray | None) ->
     finally:
         for h in handles:
             h.remove()
-    return Reference(input_ids, pixel_values, [inputs[i] for i in range(len(layers))], outputs[len(layers) - 1], logits)
+    embeds = family.embed(torch.from_numpy(input_ids)).numpy()
+    features = None if pixel_values is None else family.vision_module()(torch.from_numpy(pixel_values)).numpy()
+    return Reference(input_ids, pixel_values, embeds, features, [inputs[i] for i in range(len(layers))],
+                     outputs[len(layers) - 1], logits)
 
 
 def _session(path) -> ort.InferenceSession:
@@ -106,57 +111,59 @@ def neutral_safety_feeds(vectors: dict[str, np.ndarray], rows: int) -> dict[str,
             m.MSAV_MASK: np.ones((1, rows), np.float32), **vectors}
 
 
-def validate_block(report: ValidationReport, path, ref: Reference, first: int, count: int, sizes,
+def validate_block(report: ValidationReport, path, ref: Reference, *, first: int, count: int, sizes,
                    vectors: dict[str, np.ndarray] | None = None, probe_layer: int | None = None) -> None:
+    """A prefill over the first positions with an empty cache, then the rest over the returned K/V. A first block
+    that embeds gets the ids, others HF's hidden state at their first layer; a block ending in the LM head is
+    checked on logits (all rows) and its TopK, others on the hidden state leaving it."""
     sess = _session(path)
     wanted = {i.name for i in sess.get_inputs()}
+    names = [o.name for o in sess.get_outputs()]
+    label = f"block {first}-{first + count - 1}"
     n = ref.input_ids.shape[1]
     split = n - 4
-    want = ref.layer_inputs[first + count] if first + count < len(ref.layer_inputs) else ref.last_hidden
-    hidden = ref.layer_inputs[first]
+    source = ref.input_ids if m.INPUT_IDS in wanted else ref.layer_inputs[first]
     empty = np.zeros((1, 0, sizes.num_kv_heads * sizes.head_dim), np.float32)
-    feeds = {m.HIDDEN_IN: hidden[:, :split], m.ATTENTION_MASK: causal_mask(0, split),
-             m.POSITION_IDS: np.arange(split, dtype=np.int64)[None]}
-    for i in range(first, first + count):
-        feeds[m.past_key(i)] = feeds[m.past_value(i)] = empty
+    k = 5
 
-    def with_safety(feeds, rows):
-        extra = neutral_safety_feeds(vectors or {}, rows)
-        return {**feeds, **{k: v for k, v in extra.items() if k in wanted}}
+    def feeds(start: int, stop: int, past: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = stop - start
+        f = {m.INPUT_IDS if m.INPUT_IDS in wanted else m.HIDDEN_IN: source[:, start:stop],
+             m.ATTENTION_MASK: causal_mask(start, rows), m.POSITION_IDS: np.arange(start, stop, dtype=np.int64)[None],
+             m.HEAD_ROWS: np.arange(rows, dtype=np.int64), m.TOP_K: np.array([k], np.int64), **past}
+        f.update(neutral_safety_feeds(vectors or {}, rows))
+        return {name: value for name, value in f.items() if name in wanted}
 
-    names = [o.name for o in sess.get_outputs()]
-    prefill = dict(zip(names, sess.run(None, with_safety(feeds, split))))
-    report.check(f"block {first}-{first + count - 1} prefill {m.HIDDEN_OUT}", prefill[m.HIDDEN_OUT], want[:, :split])
+    def check(stage: str, out: dict[str, np.ndarray], start: int, stop: int) -> None:
+        if m.LOGITS not in out:
+            want = ref.layer_inputs[first + count] if first + count < len(ref.layer_inputs) else ref.last_hidden
+            report.check(f"{label} {stage} {m.HIDDEN_OUT}", out[m.HIDDEN_OUT], want[:, start:stop])
+            return
+        report.check(f"{label} {stage} {m.LOGITS}", out[m.LOGITS], ref.logits[:, start:stop])
+        lp = torch.log_softmax(torch.from_numpy(ref.logits[:, start:stop]).double(), dim=-1)
+        report.check(f"{label} {stage} {m.TOPK_LOGPROBS}", out[m.TOPK_LOGPROBS], torch.topk(lp, k, dim=-1).values.numpy())
+        chosen = np.take_along_axis(lp.numpy(), out[m.TOPK_IDS], axis=-1)
+        report.check(f"{label} {stage} {m.TOPK_IDS} (log-prob of the returned ids)", chosen,
+                     out[m.TOPK_LOGPROBS].astype(np.float64))
+
+    past = {name: empty for i in range(first, first + count) for name in (m.past_key(i), m.past_value(i))}
+    prefill = dict(zip(names, sess.run(None, feeds(0, split, past))))
+    check("prefill", prefill, 0, split)
     if m.HARM_LOGIT in prefill:
         layer_out = ref.layer_inputs[probe_layer + 1] if probe_layer + 1 < len(ref.layer_inputs) else ref.last_hidden
         probe = layer_out[0, :split].astype(np.float64) @ vectors[m.PROBE_WEIGHT] + vectors[m.PROBE_BIAS][0]
-        report.check(f"block {first}-{first + count - 1} {m.HARM_LOGIT}", prefill[m.HARM_LOGIT][0], probe)
-    feeds = {m.HIDDEN_IN: hidden[:, split:], m.ATTENTION_MASK: causal_mask(split, n - split),
-             m.POSITION_IDS: np.arange(split, n, dtype=np.int64)[None]}
-    for i in range(first, first + count):
-        feeds[m.past_key(i)] = prefill[m.new_key(i)]
-        feeds[m.past_value(i)] = prefill[m.new_value(i)]
-    decode = dict(zip(names, sess.run(None, with_safety(feeds, n - split))))
-    report.check(f"block {first}-{first + count - 1} cached {m.HIDDEN_OUT}", decode[m.HIDDEN_OUT], want[:, split:])
+        report.check(f"{label} {m.HARM_LOGIT}", prefill[m.HARM_LOGIT][0], probe)
+    past = {m.past_key(i): prefill[m.new_key(i)] for i in range(first, first + count)}
+    past.update({m.past_value(i): prefill[m.new_value(i)] for i in range(first, first + count)})
+    decode = dict(zip(names, sess.run(None, feeds(split, n, past))))
+    check("cached", decode, split, n)
 
 
-def validate_head(report: ValidationReport, path, ref: Reference, k: int = 5) -> None:
-    logits, top_lp, top_ids = _session(path).run(None, {m.HIDDEN_IN: ref.last_hidden, m.TOP_K: np.array([k])})
-    report.check(f"head {m.LOGITS}", logits, ref.logits)
-    lp = torch.log_softmax(torch.from_numpy(ref.logits).double(), dim=-1)
-    report.check(f"head {m.TOPK_LOGPROBS}", top_lp, torch.topk(lp, k, dim=-1).values.numpy())
-    chosen = np.take_along_axis(lp.numpy(), top_ids, axis=-1)
-    report.check(f"head {m.TOPK_IDS} (log-prob of the returned ids)", chosen, top_lp.astype(np.float64))
-
-
-@torch.no_grad()
-def validate_embed(report: ValidationReport, path, family, ref: Reference) -> None:
+def validate_embed(report: ValidationReport, path, ref: Reference) -> None:
     (got,) = _session(path).run(None, {m.INPUT_IDS: ref.input_ids})
-    report.check(f"embed {m.INPUTS_EMBEDS}", got, family.embed(torch.from_numpy(ref.input_ids)).numpy())
+    report.check(f"embed {m.INPUTS_EMBEDS}", got, ref.embeds)
 
 
-@torch.no_grad()
-def validate_vision(report: ValidationReport, path, family, ref: Reference) -> None:
+def validate_vision(report: ValidationReport, path, ref: Reference) -> None:
     (got,) = _session(path).run(None, {m.PIXEL_VALUES: ref.pixel_values})
-    want = family.vision_module()(torch.from_numpy(ref.pixel_values)).numpy()
-    report.check(f"vision {m.IMAGE_FEATURES}", got, want)
+    report.check(f"vision {m.IMAGE_FEATURES}", got, ref.image_features)

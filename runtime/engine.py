@@ -1,8 +1,10 @@
-"""Runs the artifact's graphs: vision, embed, the decoder blocks in order, and the head.
+"""Runs the artifact's graphs: vision and embed (models with images), then the decoder blocks in order; the first
+block of a text-only model embeds the ids itself and the last block ends in the LM head, so a text-only artifact in
+one block is one graph call per step.
 
 Blocks are called through IOBinding: the past K/V are bound as views into the preallocated cache and the
 new K/V outputs are bound straight into the cache slots after them, so a decode step allocates nothing but
-the small hidden-state buffers. The cache lives in host memory for the CPU provider and in device memory
+the small hidden-state and logits buffers. The cache lives in host memory for the CPU provider and in device memory
 for CUDA / TensorRT (kv_cache.DeviceKVCache), where the K/V never cross to the host.
 """
 
@@ -72,6 +74,21 @@ class Block:
         return m.HARM_LOGIT in self.entry.outputs
 
 
+@dataclass
+class StepOut:
+    """What one model call returns for the rows its LM head ran on."""
+
+    logits: np.ndarray  # [1, head_rows, vocab]
+    top_logprobs: np.ndarray  # [1, head_rows, top_k], log-softmax values, best first
+    top_ids: np.ndarray  # [1, head_rows, top_k]
+    harm_logit: Optional[np.ndarray] = None  # [1, rows]: the probe's logit at every row (artifacts with a probe)
+
+    def row(self, i: int) -> "StepOut":
+        """Row ``i`` of the head's rows, as a one-row StepOut (harm_logit: that row's, when head_rows covered all)."""
+        harm = None if self.harm_logit is None else self.harm_logit[:, i : i + 1]
+        return StepOut(self.logits[:, i : i + 1], self.top_logprobs[:, i : i + 1], self.top_ids[:, i : i + 1], harm)
+
+
 def _kv_row(manifest: m.Manifest) -> tuple[int, ...]:
     """One cached position's K (or V) shape: [kv_heads * head_dim] since safesteer 0.4, whose blocks are opset 23
     (the same release); [kv_heads, head_dim] in the opset-17 artifacts before it."""
@@ -91,14 +108,22 @@ class Engine:
         limit = self.sizes.max_positions
         self.context_limit = min(limit, cfg.trt_max_tokens) if cfg.uses_tensorrt else limit
         blocks = sorted(manifest.graphs_of(m.ROLE_BLOCK), key=lambda e: e.first_layer)
+        if not blocks or m.LOGITS not in blocks[-1].outputs:
+            raise ArtifactError("this artifact's last block has no LM head (a separate head.onnx, safesteer < 0.6): "
+                                "re-export it with this version's safesteer-export")
         vision = manifest.graphs_of(m.ROLE_VISION)[:1]
-        order = [*vision, manifest.graphs_of(m.ROLE_EMBED)[0], *blocks, manifest.graphs_of(m.ROLE_HEAD)[0]]
+        embed = manifest.graphs_of(m.ROLE_EMBED)[:1]
+        if m.INPUT_IDS not in blocks[0].inputs and not embed:
+            raise ArtifactError("the manifest lists no embed graph and the first block does not take input_ids; "
+                                "re-export the artifact")
+        order = [*vision, *embed, *blocks]
         started = time.perf_counter()
         sessions = [self._open(root, cfg, entry, i, len(order), started) for i, entry in enumerate(order)]
         self.vision = sessions.pop(0) if vision else None
-        self.embed, *block_sessions, self.head = sessions
-        self.blocks = [Block(e, session) for e, session in zip(blocks, block_sessions)]
+        self.embed = sessions.pop(0) if embed else None
+        self.blocks = [Block(e, session) for e, session in zip(blocks, sessions)]
         self.has_probe = any(b.has_probe for b in self.blocks)
+        self.embeds_in_block = m.INPUT_IDS in blocks[0].inputs
         on_gpu = self.blocks[0].session.get_providers()[0] != CPU
         # "device" on the CPU provider: onnxruntime-allocated buffers, the same code path as CUDA (tests use it)
         self.kv_device = {"auto": "cuda" if on_gpu else None, "host": None,
@@ -115,11 +140,9 @@ class Engine:
 
     def providers(self) -> dict[str, str]:
         """Which execution provider each graph's session got (the first one it will use)."""
-        sessions = {"embed": self.embed, "head": self.head}
-        if self.vision is not None:
-            sessions["vision"] = self.vision
+        sessions = {"embed": self.embed, "vision": self.vision}
         sessions.update({f"block_{b.entry.first_layer:02d}": b.session for b in self.blocks})
-        return {name: s.get_providers()[0] for name, s in sessions.items()}
+        return {name: s.get_providers()[0] for name, s in sessions.items() if s is not None}
 
     def new_cache(self, capacity: int) -> KVCache | DeviceKVCache:
         if self.kv_device is None:
@@ -131,41 +154,44 @@ class Engine:
         return features
 
     def embed_ids(self, ids: np.ndarray) -> np.ndarray:
+        """Token embeddings [1, rows, H] from the embed graph (artifacts with images: features are merged into them)."""
         (embeds,) = self.embed.run([m.INPUTS_EMBEDS], {m.INPUT_IDS: ids})
         return embeds
 
-    def forward(self, hidden: np.ndarray, mask: np.ndarray, cache: KVCache | DeviceKVCache,
-                safety: Optional[dict[str, np.ndarray]] = None) -> tuple[np.ndarray, Optional[np.ndarray]]:
-        """Run every block over ``hidden`` [1, rows, H]; new K/V land in the cache slots after ``cache.length``.
-
-        The cache length is not advanced: the caller commits the rows it keeps. Returns the last hidden
-        state and, when the artifact has a probe block, ``harm_logit`` [1, rows].
-        """
-        rows = hidden.shape[1]
-        positions = np.arange(cache.length, cache.length + rows, dtype=np.int64)[None]
-        return self.forward_at(hidden, mask, positions, cache, safety)
-
-    def forward_at(self, hidden: np.ndarray, mask: np.ndarray, positions: np.ndarray, cache: KVCache | DeviceKVCache,
-                   safety: Optional[dict[str, np.ndarray]] = None) -> tuple[np.ndarray, Optional[np.ndarray]]:
-        """``safety``: the SafeSteer inputs (vectors, knobs, msav_mask) for the blocks that take them."""
-        hidden = np.ascontiguousarray(hidden, dtype=np.float32)
+    def step(self, cache: KVCache | DeviceKVCache, mask: np.ndarray, positions: np.ndarray, *,
+             ids: Optional[np.ndarray] = None, embeds: Optional[np.ndarray] = None,
+             head_rows: Optional[np.ndarray] = None, top_k: int = 1,
+             safety: Optional[dict[str, np.ndarray]] = None) -> StepOut:
+        """Run the model over this call's rows: ``ids`` [1, rows] or, for artifacts with an embed graph, ``embeds``
+        [1, rows, H] (image features merged in). New K/V land in the cache slots after ``cache.length``, which is
+        not advanced: the caller commits the rows it keeps. The LM head runs on ``head_rows`` (default: the last
+        row); ``safety``: the SafeSteer inputs (vectors, knobs, msav_mask) for the blocks that take them."""
+        if embeds is None:
+            ids = np.ascontiguousarray(ids, dtype=np.int64)
+            first = ids if self.embeds_in_block else self.embed_ids(ids)
+        elif self.embeds_in_block:
+            raise ArtifactError("this artifact embeds token ids inside its first block; pass ids, not embeddings")
+        else:
+            first = np.ascontiguousarray(embeds, dtype=np.float32)
+        rows = first.shape[1]
+        head_rows = np.array([rows - 1], np.int64) if head_rows is None else np.ascontiguousarray(head_rows, np.int64)
         mask = np.ascontiguousarray(mask)
-        rows = hidden.shape[1]
-        harm_logit = None
+        positions = np.ascontiguousarray(positions, dtype=np.int64)
+        top = np.array([top_k], np.int64)
+        out = StepOut(np.empty((1, len(head_rows), self.sizes.vocab_size), np.float32),
+                      np.empty((1, len(head_rows), top_k), np.float32), np.empty((1, len(head_rows), top_k), np.int64))
         for block in self.blocks:
             io = block.io
-            _bind_in(io, m.HIDDEN_IN, hidden)
+            _bind_in(io, m.INPUT_IDS if first.dtype == np.int64 else m.HIDDEN_IN, first)
             _bind_in(io, m.ATTENTION_MASK, mask)
             _bind_in(io, m.POSITION_IDS, positions)
-            out = np.empty_like(hidden)
-            _bind_out(io, m.HIDDEN_OUT, out)
             for name in block.extra_inputs:
                 if safety is None or name not in safety:
                     raise ArtifactError(f"{block.entry.file.path} needs the SafeSteer input {name}")
                 _bind_in(io, name, np.ascontiguousarray(safety[name]))
             if block.has_probe:
-                harm_logit = np.empty((1, rows), np.float32)
-                _bind_out(io, m.HARM_LOGIT, harm_logit)
+                out.harm_logit = np.empty((1, rows), np.float32)
+                _bind_out(io, m.HARM_LOGIT, out.harm_logit)
             for layer in block.layers:
                 past_k, past_v = cache.past(layer)
                 new_k, new_v = cache.slot(layer, rows)
@@ -173,10 +199,16 @@ class Engine:
                 _bind_in(io, m.past_value(layer), past_v)
                 _bind_out(io, m.new_key(layer), new_k)
                 _bind_out(io, m.new_value(layer), new_v)
+            hidden = None
+            if block is self.blocks[-1]:
+                _bind_in(io, m.HEAD_ROWS, head_rows)
+                _bind_in(io, m.TOP_K, top)
+                _bind_out(io, m.LOGITS, out.logits)
+                _bind_out(io, m.TOPK_LOGPROBS, out.top_logprobs)
+                _bind_out(io, m.TOPK_IDS, out.top_ids)
+            else:
+                hidden = np.empty((1, rows, self.sizes.hidden_size), np.float32)
+                _bind_out(io, m.HIDDEN_OUT, hidden)
             block.session.run_with_iobinding(io)
-            hidden = out
-        return hidden, harm_logit
-
-    def logits(self, hidden: np.ndarray, top_k: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Head over ``hidden`` [1, rows, H] -> (logits, top-k log-probs, top-k ids)."""
-        return tuple(self.head.run(None, {m.HIDDEN_IN: hidden, m.TOP_K: np.array([top_k], dtype=np.int64)}))
+            first = hidden
+        return out

@@ -14,7 +14,7 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 
 from . import manifest as m
-from .engine import Engine
+from .engine import Engine, StepOut
 from .errors import ConfigError, InputError, PromptTooLongError
 from .images import ImageLike, preprocess
 from .kv_cache import DeviceKVCache, KVCache
@@ -94,6 +94,7 @@ class Generator:
         self.codec = TextCodec(self.root, self.manifest.tokenizer)
         self.chat: Optional[ChatTemplate] = load_chat_template(self.root, self.manifest.tokenizer)
         self._cache: Optional[KVCache | DeviceKVCache] = None
+        self._top_k = 1  # TopK candidates per step: the request's SafeSteer k (1 with SafeSteer off)
         info = self.manifest.safety
         self._vectors = load_vectors(self.root, info, self.manifest.sizes.hidden_size) if info else None
 
@@ -126,9 +127,9 @@ class Generator:
         n = ids.shape[1]
         if n < 2 or n > self.engine.context_limit:
             raise InputError(f"token_logprobs needs 2 to {self.engine.context_limit} tokens, got {n}")
-        hidden, _ = self._run_rows(ids, causal_mask(0, n), np.arange(n, dtype=np.int64)[None], self._cache_for(n),
-                                   self._safety_feeds(None), np.zeros((1, n), np.float32))
-        logits = self.engine.logits(hidden)[0][0, :-1].astype(np.float64)
+        out = self._run_rows(ids, causal_mask(0, n), np.arange(n, dtype=np.int64)[None], self._cache_for(n),
+                             self._safety_feeds(None), np.zeros((1, n), np.float32), head_rows=np.arange(n - 1))
+        logits = out.logits[0].astype(np.float64)
         logits -= logits.max(-1, keepdims=True)
         logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
         return logp[np.arange(n - 1), ids[0, 1:]]
@@ -196,28 +197,29 @@ class Generator:
         return static_feeds(self._vectors, cfg) if self._vectors is not None else None
 
     def _run_rows(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, cache: KVCache,
-                  feeds: Optional[dict], msav_rows: np.ndarray, embeds: Optional[np.ndarray] = None):
-        if embeds is None:
-            embeds = self.engine.embed_ids(ids)
+                  feeds: Optional[dict], msav_rows: np.ndarray, embeds: Optional[np.ndarray] = None,
+                  head_rows: Optional[np.ndarray] = None) -> StepOut:
         if feeds is not None:
             feeds = {**feeds, m.MSAV_MASK: msav_rows}
-        return self.engine.forward_at(embeds, mask, positions, cache, feeds)
+        return self.engine.step(cache, mask, positions, ids=None if embeds is not None else ids, embeds=embeds,
+                                head_rows=head_rows, top_k=self._top_k, safety=feeds)
 
-    def _prefill(self, req: _Request, cache: KVCache, feeds, msav_on: bool):
+    def _prefill(self, req: _Request, cache: KVCache, feeds, msav_on: bool) -> tuple[StepOut, Optional[float]]:
         ids = np.asarray(req.ids, dtype=np.int64)[None]
         n = ids.shape[1]
-        embeds = self.engine.embed_ids(ids)
+        embeds = None
         msav_rows = np.zeros((1, n), np.float32)
         if req.pixels is not None:
+            embeds = self.engine.embed_ids(ids)
             is_image = ids[0] == self.manifest.image.image_token_id
             features = self.engine.image_features(req.pixels)
             embeds[0, is_image] = features.reshape(-1, features.shape[-1])
             if msav_on:  # the text after the last image (and, later, every generated token)
                 msav_rows[0, int(np.nonzero(is_image)[0].max()) + 1 :] = 1.0
         positions = np.arange(n, dtype=np.int64)[None]
-        hidden, harm = self._run_rows(ids, causal_mask(0, n), positions, cache, feeds, msav_rows, embeds)
+        out = self._run_rows(ids, causal_mask(0, n), positions, cache, feeds, msav_rows, embeds)
         cache.advance(n)
-        return hidden[:, -1:], (None if harm is None else float(harm[0, -1]))
+        return out, (None if out.harm_logit is None else float(out.harm_logit[0, -1]))
 
     def _run(self, messages, *, prompt=None, prompt_ids=None, images=None, max_new_tokens=128, do_sample=False,
              temperature=1.0, top_k=0, top_p=1.0, seed=None, stop=None, safety="auto",
@@ -241,6 +243,7 @@ class Generator:
                 "TensorRT); shorten the prompt or lower max_new_tokens"
             )
         k = min(cfg.k, self.manifest.sizes.vocab_size) if cfg else 1
+        self._top_k = k
         cache = self._cache_for(len(req.ids) + max_new_tokens + k)
         sampler = Sampler(sampling)
         eos = set(self.manifest.tokenizer.eos_token_ids)
@@ -250,7 +253,7 @@ class Generator:
         msav_on = bool(cfg and req.pixels is not None and self.manifest.safety.msav_layer is not None)
         msav_one = np.full((1, 1), 1.0 if msav_on else 0.0, np.float32)
 
-        hidden, prompt_logit = self._prefill(req, cache, feeds, msav_on)
+        out, prompt_logit = self._prefill(req, cache, feeds, msav_on)
         monitor = self.engine.has_probe  # the chosen token's probe score is recorded even with SafeSteer off
         trace: list[dict[str, Any]] = []
         generated: list[int] = []
@@ -259,11 +262,11 @@ class Generator:
         first_token_at = None
         step = 0
         while True:
-            logits, top_lp, top_ids = self.engine.logits(hidden, top_k=k)
+            logits, top_lp, top_ids = out.logits, out.top_logprobs, out.top_ids
             banned = eos if len(generated) < min_new_tokens else ()
             lookahead = cfg is not None and k > 1 and step < cfg.lookahead_steps
             if lookahead:  # the candidates were fed: the chosen one's K/V and hidden state are in place
-                token, hidden, record = self._lookahead(cache, feeds, msav_on, cfg, sampler, logits[0, -1],
+                token, out, record = self._lookahead(cache, feeds, msav_on, cfg, sampler, logits[0, -1],
                                                         top_lp[0, -1], top_ids[0, -1], banned)
                 trace.append({"step": step, **record})
             else:
@@ -283,7 +286,7 @@ class Generator:
                     emitted = len(text) - hold
             done = finish != "length" or len(generated) == max_new_tokens
             if not lookahead and (monitor or not done):  # the last token is fed only for its probe score
-                hidden, record = self._feed_chosen(token, cache, feeds, msav_one, cfg)
+                out, record = self._feed_chosen(token, cache, feeds, msav_one, cfg)
                 if record is not None:
                     trace.append({"step": step, **record})
             step += 1
@@ -301,22 +304,22 @@ class Generator:
         return result
 
     def _feed_one(self, token: int, cache: KVCache, feeds, msav_one: np.ndarray):
-        """Feed one token at the next position and commit it; -> (hidden, its harm_logit or None)."""
+        """Feed one token at the next position and commit it; -> (the model's output there, its harm_logit or None)."""
         t = cache.length
-        hidden, harm = self._run_rows(np.array([[token]], np.int64), causal_mask(t, 1),
-                                      np.array([[t]], np.int64), cache, feeds, msav_one)
+        out = self._run_rows(np.array([[token]], np.int64), causal_mask(t, 1), np.array([[t]], np.int64), cache,
+                             feeds, msav_one)
         cache.advance(1)
-        return hidden, (None if harm is None else float(harm[0, 0]))
+        return out, (None if out.harm_logit is None else float(out.harm_logit[0, 0]))
 
     def _feed_chosen(self, token: int, cache: KVCache, feeds, msav_one, cfg: Optional[SafetyConfig]):
-        """Feed a chosen token (its K/V and the next hidden state; probe + correction in-graph)."""
-        hidden, harm = self._feed_one(token, cache, feeds, msav_one)
+        """Feed a chosen token (its K/V and the next step's logits; probe + correction in-graph)."""
+        out, harm = self._feed_one(token, cache, feeds, msav_one)
         if harm is None:
-            return hidden, None
+            return out, None
         record = {"token": token, "lookahead": False, "score_chosen": float(sigmoid(harm))}
         if cfg is not None:  # with SafeSteer off the probe still reads along (a monitor: the score only)
             record["gate"] = bool(harm >= feeds[m.GATE_LOGIT][0])
-        return hidden, record
+        return out, record
 
     def _lookahead(self, cache: KVCache, feeds, msav_on: bool, cfg: SafetyConfig, sampler: Sampler,
                    logits: np.ndarray, top_lp: np.ndarray, top_ids: np.ndarray, banned=()):
@@ -330,8 +333,9 @@ class Generator:
         t = cache.length
         rows = np.asarray(top_ids, np.int64)[None]
         msav_rows = np.full((1, k), 1.0 if msav_on else 0.0, np.float32)
-        hidden, harm = self._run_rows(rows, tree_mask(t, k), np.full((1, k), t, np.int64), cache, feeds, msav_rows)
-        scores = sigmoid(harm[0])
+        out = self._run_rows(rows, tree_mask(t, k), np.full((1, k), t, np.int64), cache, feeds, msav_rows,
+                             head_rows=np.arange(k))
+        scores = sigmoid(out.harm_logit[0])
         if sampler.cfg.do_sample:
             if scores[0] < cfg.tau:  # undefended sampling; reuse the row if the sample is a candidate
                 token = sampler(logits)
@@ -345,12 +349,12 @@ class Generator:
             token = int(top_ids[choice])
         if choice is None or not cache.keeps_rows:  # a sampled token outside the candidates, or a device cache
             # (rows stay where they are): one more single-row pass, over the scratch rows
-            hidden, chosen_logit = self._feed_one(token, cache, feeds, msav_rows[:, :1])
+            out, chosen_logit = self._feed_one(token, cache, feeds, msav_rows[:, :1])
         else:
             cache.keep_row(choice)
-            hidden, chosen_logit = hidden[:, choice : choice + 1], float(harm[0, choice])
+            out, chosen_logit = out.row(choice), float(out.harm_logit[0, choice])
         score_chosen, gate = float(sigmoid(chosen_logit)), bool(chosen_logit >= feeds[m.GATE_LOGIT][0])
-        return token, np.ascontiguousarray(hidden), {
+        return token, out, {
             "token": token, "lookahead": True, "top1": int(top_ids[0]), "score_top1": float(scores[0]),
             "score_chosen": score_chosen, "changed": token != int(top_ids[0]), "gate": gate,
             "candidates": [int(i) for i in top_ids], "candidate_scores": [float(x) for x in scores],

@@ -20,25 +20,26 @@ from .errors import ArtifactError
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 
-# Graph roles, in the order the runtime runs them.
+# Graph roles, in the order the runtime runs them. A text-only model's first block embeds input_ids itself (no embed
+# graph); the last block of every model ends in the LM head (logits over the rows head_rows picks).
 ROLE_VISION = "vision"
 ROLE_EMBED = "embed"
 ROLE_BLOCK = "block"
-ROLE_HEAD = "head"
 
 # Graph input / output names. Symbolic dims are named in the graphs (batch, sequence_length, ...).
 PIXEL_VALUES = "pixel_values"  # vision in:  [num_images, 3, H, W] float
 IMAGE_FEATURES = "image_features"  # vision out: [num_images, tokens_per_image, hidden]
-INPUT_IDS = "input_ids"  # embed in:   [batch, sequence_length] int64
+INPUT_IDS = "input_ids"  # embed / first block in:   [batch, sequence_length] int64
 INPUTS_EMBEDS = "inputs_embeds"  # embed out:  [batch, sequence_length, hidden]
 HIDDEN_IN = "hidden_states"  # block in:   [batch, sequence_length, hidden]
 HIDDEN_OUT = "hidden_states_out"  # block out
 ATTENTION_MASK = "attention_mask"  # block in: [batch, 1, sequence_length, total_sequence_length], additive
 POSITION_IDS = "position_ids"  # block in: [batch, sequence_length] int64
-LOGITS = "logits"  # head out: [batch, sequence_length, vocab]
-TOP_K = "top_k"  # head in: [1] int64, how many candidates TopK returns
-TOPK_LOGPROBS = "topk_logprobs"  # head out: [batch, sequence_length, top_k] log-softmax values
-TOPK_IDS = "topk_ids"  # head out: [batch, sequence_length, top_k] int64
+HEAD_ROWS = "head_rows"  # last block in: [head_rows] int64, the rows (of this call's) the LM head runs on
+LOGITS = "logits"  # last block out: [batch, head_rows, vocab]
+TOP_K = "top_k"  # last block in: [1] int64, how many candidates TopK returns
+TOPK_LOGPROBS = "topk_logprobs"  # last block out: [batch, head_rows, top_k] log-softmax values
+TOPK_IDS = "topk_ids"  # last block out: [batch, head_rows, top_k] int64
 
 
 # SafeSteer inputs/outputs of the block(s) holding the probe layer and the MSAV layer.

@@ -33,8 +33,19 @@ def test_unknown_architecture_lists_supported(tmp_path):
 
 
 def test_missing_graph_file(artifact_copy):
-    (artifact_copy / "head.onnx").unlink()
-    with pytest.raises(ArtifactError, match="head.onnx is missing"):
+    (artifact_copy / "block_00.onnx").unlink()
+    with pytest.raises(ArtifactError, match="block_00.onnx is missing"):
+        Generator(artifact_copy)
+
+
+def test_artifact_with_separate_head_graph_is_refused(artifact_copy):
+    """Artifacts before 0.6 ran the LM head as its own graph; the runtime says to re-export them."""
+    path = artifact_copy / "manifest.json"
+    data = json.loads(path.read_text())
+    last = max((g for g in data["graphs"] if g["role"] == "block"), key=lambda g: g["first_layer"])
+    last["outputs"] = ["hidden_states_out"] + [o for o in last["outputs"] if o.startswith("new_")]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match="no LM head.*re-export"):
         Generator(artifact_copy)
 
 
@@ -48,7 +59,7 @@ def test_sha256_mismatch(artifact_copy):
 
 
 def test_truncated_file(artifact_copy):
-    path = artifact_copy / "embed.onnx"
+    path = artifact_copy / "block_00.onnx.data"
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(ArtifactError, match="truncated"):
         Generator(artifact_copy)

@@ -77,12 +77,13 @@ def test_quantized_export_runs_and_reports_its_accuracy(safe_artifact, tmp_path,
         graph = onnx.load(str(out / entry.file.path), load_external_data=False).graph
         if precision == "fp16":  # float16 inside, float32 at the boundaries (the runtime is unchanged)
             halves = any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.initializer)
-            assert halves == (entry.role in (m.ROLE_EMBED, m.ROLE_BLOCK, m.ROLE_HEAD)), entry.file.path
+            assert halves == (entry.role in (m.ROLE_EMBED, m.ROLE_BLOCK)), entry.file.path
             assert all(v.type.tensor_type.elem_type != onnx.TensorProto.FLOAT16 for v in [*graph.input, *graph.output])
         else:
             ops = {n.op_type for n in graph.node}
-            assert ("MatMulNBits" in ops) == (entry.role in (m.ROLE_BLOCK, m.ROLE_HEAD)), entry.file.path
-            assert ("GatherBlockQuantized" in ops) == (precision == "int4" and entry.role == m.ROLE_EMBED)
+            assert ("MatMulNBits" in ops) == (entry.role == m.ROLE_BLOCK), entry.file.path
+            embeds = m.INPUT_IDS in entry.inputs  # the embed graph, or a text-only model's first block
+            assert ("GatherBlockQuantized" in ops) == (precision == "int4" and embeds), entry.file.path
     saved = json.loads((out / "quantization.json").read_text())
     assert saved["precision"] == precision and saved["perplexity_quantized"] > 1.0
     assert 0.5 <= report["probe_auroc_quantized"] <= 1.0 and len(report["greedy_tokens_before_first_divergence"]) == 3
@@ -147,16 +148,16 @@ def test_standard_ops_export_matches_the_fused_one(tiny, tmp_path):
     assert Generator(out).generate(msgs, max_new_tokens=32, safety=False).token_ids == fused
 
 
-def test_big_graphs_keep_weights_in_one_external_file(tiny, tmp_path, monkeypatch):
-    """Past EXTERNAL_DATA_BYTES (here: every graph) weights go to NAME.onnx.data, listed and hashed in the
-    manifest; the artifact, its int4 copy and a missing data file behave as for inline graphs."""
-    from safesteer_export import graphs
+def test_graphs_keep_weights_in_one_external_file(tiny, tmp_path):
+    """Every graph's weights go to NAME.onnx.data (page-aligned, written tensor by tensor), listed and hashed in the
+    manifest; the int4 copy keeps the layout; a missing data file is a clear error."""
+    import onnx
+
     from safesteer_export.pipeline import ExportConfig, export_artifact
     from safesteer_export.quantize import quantize_artifact
     from safesteer_runtime import manifest as m
     from safesteer_rt import Generator
 
-    monkeypatch.setattr(graphs, "EXTERNAL_DATA_BYTES", 0)
     arch = ("LlamaForCausalLM", "gqa")
     out = tmp_path / "ext"
     export_artifact(ExportConfig(tiny.checkpoint(*arch), out, block_size=2, safety=False))
@@ -165,9 +166,12 @@ def test_big_graphs_keep_weights_in_one_external_file(tiny, tmp_path, monkeypatc
         assert [d.path for d in entry.data_files] == [entry.file.path + ".data"], entry.file.path
     assert sorted(p.name for p in out.iterdir() if p.suffix == ".data") == sorted(
         d.path for e in manifest.graphs for d in e.data_files)  # no per-tensor leftovers
-    msgs = [{"role": "user", "content": "How do I bake bread at home?"}]
-    inline = Generator(tiny.artifact(*arch, 2)).generate(msgs, max_new_tokens=16, safety=False).token_ids
-    assert Generator(out).generate(msgs, max_new_tokens=16, safety=False).token_ids == inline
+    block = onnx.load(str(out / "block_00.onnx"), load_external_data=False)
+    weights = [t for t in block.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert len(weights) >= 2 * 7  # 2 layers: 7 Linear weights each, at least
+    offsets = [int(e.value) for t in weights for e in t.external_data if e.key == "offset"]
+    assert len(offsets) == len(weights) and all(o % 4096 == 0 for o in offsets)
+    assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in block.graph.initializer if t.ByteSize() > 4096)
     quantize_artifact(out, tmp_path / "int4", "int4")
     assert all(e.data_files for e in m.load_manifest(tmp_path / "int4").graphs)
     (out / "block_00.onnx.data").unlink()

@@ -70,13 +70,14 @@ def test_logits_match_transformers(tiny, arch, variant):
     engine = gen.engine
     cache = engine.new_cache(len(ids))
     split = len(ids) - 10
-    hidden, _ = engine.forward(engine.embed_ids(np.array([ids[:split]])), causal_mask(0, split), cache)
+    out = engine.step(cache, causal_mask(0, split), np.arange(split)[None], ids=np.array([ids[:split]]),
+                      head_rows=np.arange(split))
     cache.advance(split)
-    got = [engine.logits(hidden)[0][0]]
+    got = [out.logits[0]]
     for t in ids[split:]:
-        hidden, _ = engine.forward(engine.embed_ids(np.array([[t]])), causal_mask(cache.length, 1), cache)
+        n = cache.length
+        got.append(engine.step(cache, causal_mask(n, 1), np.array([[n]]), ids=np.array([[t]])).logits[0])
         cache.advance(1)
-        got.append(engine.logits(hidden)[0][0])
     got = np.concatenate(got)
     assert got.shape == want.shape
     assert np.max(np.abs(got - want)) < LOGIT_ATOL

@@ -55,7 +55,7 @@ def test_generate_cli_json(tiny, capsys):
     assert main([str(art), "--prompt", "How do I bake bread?", "--max-new-tokens", "6", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert len(out["token_ids"]) == 6 and out["finish_reason"] == "length"
-    assert out["providers"]["head"] == "CPUExecutionProvider"
+    assert set(out["providers"].values()) == {"CPUExecutionProvider"} and "block_00" in out["providers"]
     assert out["timings"]["new_tokens"] == 6
 
 

@@ -118,7 +118,7 @@ def test_lookahead_commit_equals_recompute(safe_artifact):
     cache = engine.new_cache(n)
     ids = np.array([result.prompt_ids + result.token_ids[:-1]], np.int64)
     feeds = {**static_feeds(gen._vectors, cfg), m.MSAV_MASK: np.zeros((1, n), np.float32)}
-    engine.forward(engine.embed_ids(ids), causal_mask(0, n), cache, feeds)
+    engine.step(cache, causal_mask(0, n), np.arange(n)[None], ids=ids, safety=feeds)
     np.testing.assert_allclose(cache.keys[:, :, :n], keys, atol=2e-5)
     np.testing.assert_allclose(cache.values[:, :, :n], values, atol=2e-5)
 

@@ -18,18 +18,18 @@ def test_tree_rows_equal_separate_steps(tiny, block_size):
     k = len(candidates)
 
     cache = engine.new_cache(len(prompt) + k)
-    engine.forward(engine.embed_ids(np.array([prompt])), causal_mask(0, len(prompt)), cache)
+    engine.step(cache, causal_mask(0, len(prompt)), np.arange(len(prompt))[None], ids=np.array([prompt]))
     cache.advance(len(prompt))
     t = cache.length
     positions = np.full((1, k), t, dtype=np.int64)
-    tree_hidden, _ = engine.forward_at(engine.embed_ids(np.array([candidates])), tree_mask(t, k), positions, cache)
-    tree_logits = engine.logits(tree_hidden)[0][0]
+    tree_logits = engine.step(cache, tree_mask(t, k), positions, ids=np.array([candidates]),
+                              head_rows=np.arange(k)).logits[0]
     tree_keys = cache.keys[:, :, t : t + k].copy()
     tree_values = cache.values[:, :, t : t + k].copy()
 
     for row, token in enumerate(candidates):
-        hidden, _ = engine.forward(engine.embed_ids(np.array([[token]])), causal_mask(t, 1), cache)  # overwrites slot t
-        np.testing.assert_allclose(tree_logits[row], engine.logits(hidden)[0][0, 0], atol=1e-5, rtol=1e-5)
+        single = engine.step(cache, causal_mask(t, 1), np.array([[t]]), ids=np.array([[token]]))  # overwrites slot t
+        np.testing.assert_allclose(tree_logits[row], single.logits[0, 0], atol=1e-5, rtol=1e-5)
         np.testing.assert_allclose(tree_keys[:, :, row], cache.keys[:, :, t], atol=1e-5)
         np.testing.assert_allclose(tree_values[:, :, row], cache.values[:, :, t], atol=1e-5)
     # and the rows did differ, so the check above compared distinct computations
