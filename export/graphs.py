@@ -96,9 +96,11 @@ class BlockGraph(nn.Module):
         if head:
             self.norm, self.lm_head = family.text.norm, family.text.lm_head
         self.embeds, self.head = embeds, head
-        cos, sin = family.rope_tables()
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.rope_kinds = {i: family.rope_kind(i) for i in layers}
+        for kind in sorted(set(self.rope_kinds.values())):
+            cos, sin = family.rope_tables(kind)
+            self.register_buffer(f"rope_cos_{kind}", cos, persistent=False)
+            self.register_buffer(f"rope_sin_{kind}", sin, persistent=False)
         self.probe = ProbeOps()
         self.msav = MsavOps()
 
@@ -107,9 +109,10 @@ class BlockGraph(nn.Module):
         past = rest[: 2 * self.count]
         extra = dict(zip(self.extra_inputs(), rest[2 * self.count :]))
         hidden = self.family.embed(first_input) if self.embeds else first_input
-        rope = (position_ids, self.rope_cos, self.rope_sin)
         new_kv, harm_logit = [], None
         for j, (name, layer) in enumerate(self.layers.items()):
+            kind = self.rope_kinds[int(name)]
+            rope = (position_ids, getattr(self, f"rope_cos_{kind}"), getattr(self, f"rope_sin_{kind}"))
             hidden, k, v = layer(hidden, mask, rope, past[2 * j], past[2 * j + 1])
             new_kv += [k, v]
             if int(name) == self.msav_layer:
@@ -121,6 +124,9 @@ class BlockGraph(nn.Module):
 
     def lm_outputs(self, hidden):
         logits = self.lm_head(self.norm(hidden))
+        cap = self.family.final_logit_softcap
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
         logprobs = torch.log_softmax(logits if logits.dtype == torch.float32 else logits.float(), dim=-1)
         values, ids = torch.topk(logprobs, TOPK_PLACEHOLDER, dim=-1)
         return logits, values, ids

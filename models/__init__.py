@@ -6,7 +6,9 @@ preprocessed. ``family_for`` looks one up by the checkpoint's ``architectures`` 
 """
 
 from .registry import family_for, family_class, register, supported_architectures
-from . import llama as _llama  # noqa: F401  (registers LlamaForCausalLM, Qwen2ForCausalLM)
+from . import llama as _llama  # noqa: F401  (registers LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM)
+from . import phi3 as _phi3  # noqa: F401  (registers Phi3ForCausalLM)
+from . import gemma as _gemma  # noqa: F401  (registers Gemma2ForCausalLM, Gemma3ForCausalLM)
 from . import llava as _llava  # noqa: F401  (registers LlavaForConditionalGeneration)
 
 __all__ = ["family_for", "family_class", "register", "supported_architectures"]

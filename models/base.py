@@ -24,15 +24,35 @@ class TextStack:
     rotary: nn.Module
 
 
+def check_rope(cfg) -> None:
+    """The graphs look RoPE rows up in tables computed once for every position; scalings whose frequencies depend
+    on the sequence length (dynamic NTK, LongRoPE) or that rotate only part of each head cannot be tabled so."""
+    from safesteer_runtime.errors import UnsupportedArchitectureError
+
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    for params in [v for v in rope.values() if isinstance(v, dict)] or [rope]:  # Gemma 3: one set per layer kind
+        kind = params.get("rope_type", "default")
+        if kind in ("dynamic", "longrope"):
+            raise UnsupportedArchitectureError(f"{cfg.model_type} checkpoints with {kind!r} RoPE scaling (frequencies "
+                                               "that change with the sequence length) are not supported yet")
+        if params.get("partial_rotary_factor", 1.0) != 1.0:
+            raise UnsupportedArchitectureError(f"{cfg.model_type} checkpoints with partial rotary embeddings "
+                                               f"(partial_rotary_factor {params['partial_rotary_factor']}) are not "
+                                               "supported yet")
+
+
 class Family:
     """Base class of a registered architecture. Subclasses fill in the parts that differ."""
 
     architectures: ClassVar[tuple[str, ...]] = ()
     name: ClassVar[str] = ""
+    window: Optional[int] = None  # sliding-window layers' window: the context is capped there (llama.attention_window)
+    final_logit_softcap: Optional[float] = None  # logits = cap * tanh(logits / cap) after the LM head (Gemma 2)
 
     def __init__(self, model: nn.Module):
         self.model = model.eval()
         self.text = self.text_stack()
+        check_rope(self.text.config)
 
     # --- parts -------------------------------------------------------------------------------
     def text_stack(self) -> TextStack:
@@ -48,26 +68,33 @@ class Family:
             head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
             hidden_size=cfg.hidden_size,
             vocab_size=cfg.vocab_size,
-            max_positions=cfg.max_position_embeddings,
+            max_positions=min(cfg.max_position_embeddings, self.window or cfg.max_position_embeddings),
         )
 
     # --- computation (what goes into the graphs) ----------------------------------------------
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.text.embed_tokens(input_ids)
 
+    def rope_kind(self, layer: int) -> str:
+        """Which rotary table layer ``layer`` reads (Gemma 3: local and global layers use different bases)."""
+        return "default"
+
     @torch.no_grad()
-    def rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope_tables(self, kind: str = "default") -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin of position * frequency, [max_positions, head_dim / 2], from the checkpoint's own rotary
         module (so its scaling variant is kept); the graphs look rows up by position id."""
         from safesteer_runtime.errors import UnsupportedArchitectureError
 
         sizes = self.sizes()
         positions = torch.arange(sizes.max_positions)[None]
-        cos, sin = self.text.rotary(torch.zeros(1, 1, sizes.hidden_size), positions)
+        cos, sin = self.rotary_cos_sin(torch.zeros(1, 1, sizes.hidden_size), positions, kind)
         half = sizes.head_dim // 2
         if not (torch.equal(cos[..., :half], cos[..., half:]) and torch.equal(sin[..., :half], sin[..., half:])):
             raise UnsupportedArchitectureError("this checkpoint's rotary embedding is not in rotate-half layout")
         return cos[0, :, :half].float().contiguous(), sin[0, :, :half].float().contiguous()
+
+    def rotary_cos_sin(self, x: torch.Tensor, positions: torch.Tensor, kind: str):
+        return self.text.rotary(x, positions)
 
     def layer_forward(self, layer, hidden, mask, rope, past_k, past_v):
         """One decoder layer: returns (hidden, new_k, new_v); K/V are [batch, seq, kv_heads * head_dim].

@@ -24,16 +24,19 @@ def llama_layer_forward(layer, hidden, mask, rope, past_k, past_v):
     return hidden, k, v
 
 
-def check_full_attention(cfg) -> None:
-    """Sliding-window layers need a windowed mask the runtime does not build yet: refuse, don't mis-export."""
+def attention_window(cfg) -> int | None:
+    """The sliding window of the checkpoint's sliding-window layers (None: every layer attends fully). Within a
+    context no longer than the window, a sliding layer sees exactly what a full layer sees, so such models are
+    served with their context capped at the window (Family.sizes); longer contexts need a windowed mask per layer
+    kind, which the runtime does not build yet."""
     from safesteer_runtime.errors import UnsupportedArchitectureError
 
     kinds = set(getattr(cfg, "layer_types", None) or [])
-    if getattr(cfg, "use_sliding_window", False) or kinds - {"full_attention"}:
-        raise UnsupportedArchitectureError(
-            f"{cfg.model_type} checkpoints with sliding-window attention layers are not supported yet "
-            "(layer_types / use_sliding_window in config.json)"
-        )
+    if kinds - {"full_attention", "sliding_attention"}:
+        raise UnsupportedArchitectureError(f"{cfg.model_type} layer kinds {sorted(kinds)} are not supported yet")
+    if kinds == {"full_attention"} or getattr(cfg, "use_sliding_window", True) is False:
+        return None
+    return getattr(cfg, "sliding_window", None)
 
 
 def causal_lm_stack(model) -> TextStack:
@@ -54,7 +57,7 @@ class LlamaFamily(Family):
 
     def __init__(self, model):
         super().__init__(model)
-        check_full_attention(self.text.config)
+        self.window = attention_window(self.text.config)
 
     def text_stack(self) -> TextStack:
         return causal_lm_stack(self.model)
@@ -87,5 +90,22 @@ class Qwen2Family(LlamaFamily):
     tiny = dict(num_key_value_heads=1, tie_word_embeddings=False)
 
 
+@register("MistralForCausalLM")
+class MistralFamily(LlamaFamily):
+    """Llama layers; Mistral 7B v0.1 slides a 4096-token window over every layer (context capped there), v0.2+
+    attend fully."""
+
+    name = "mistral"
+    model_type = "mistral"
+    config_class = "MistralConfig"
+    tiny = dict(num_key_value_heads=2, tie_word_embeddings=False, head_dim=24, sliding_window=None)
+
+    @classmethod
+    def tiny_configs(cls, vocab_size: int) -> dict[str, object]:
+        # head_dim 24 with hidden 64 / 4 heads: Mistral's head_dim is its own setting; the windowed variant's
+        # context is capped at its 128 positions
+        return {"gqa": cls.text_config(vocab_size), "window": cls.text_config(vocab_size, sliding_window=128)}
+
+
 # Text families a multimodal wrapper (LLaVA) can hold, by the text config's model_type.
-TEXT_FAMILIES = {cls.model_type: cls for cls in (LlamaFamily, Qwen2Family)}
+TEXT_FAMILIES = {cls.model_type: cls for cls in (LlamaFamily, Qwen2Family, MistralFamily)}

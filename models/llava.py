@@ -12,7 +12,7 @@ from safesteer_runtime.errors import UnsupportedArchitectureError
 from safesteer_runtime.manifest import ImageInfo
 
 from .base import Family, TextStack
-from .llama import TEXT_FAMILIES, check_full_attention
+from .llama import TEXT_FAMILIES, attention_window
 from .registry import register
 
 VISION_TOWERS = ("clip_vision_model", "siglip_vision_model", "dinov2")
@@ -56,7 +56,7 @@ class LlavaFamily(Family):
             )
         self._text_family = TEXT_FAMILIES[text_type]
         super().__init__(model)
-        check_full_attention(self.text.config)
+        self.window = attention_window(self.text.config)
 
     def text_stack(self) -> TextStack:
         lm = self.model.model.language_model

@@ -64,31 +64,36 @@ OPSET23_DOMAIN = "safesteer.opset23"  # placeholder domain: graphs.finish_block 
 
 
 class _Attention(torch.autograd.Function):
-    """ONNX (opset 23) Attention with grouped K/V heads and an additive mask, over 3-D [b, seq, heads * d]."""
+    """ONNX (opset 23) Attention with grouped K/V heads and an additive mask, over 3-D [b, seq, heads * d];
+    ``softcap`` > 0: scores become softcap * tanh(scores / softcap) before the mask (Gemma 2)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, heads, kv_heads, scale):
+    def forward(ctx, q, k, v, mask, heads, kv_heads, scale, softcap):
         b, s, width = q.shape
         d, groups = width // heads, heads // kv_heads
         q = q.reshape(b, s, kv_heads, groups, d).permute(0, 2, 3, 1, 4)  # [b, kvh, groups, s, d]
         k = k.reshape(b, -1, kv_heads, 1, d).permute(0, 2, 3, 4, 1)  # [b, kvh, 1, d, t]
         v = v.reshape(b, -1, kv_heads, 1, d).permute(0, 2, 3, 1, 4)  # [b, kvh, 1, t, d]
-        probs = torch.softmax(torch.matmul(q, k) * scale + mask.unsqueeze(1), dim=-1)
+        scores = torch.matmul(q, k) * scale
+        if softcap > 0:
+            scores = torch.tanh(scores / softcap) * softcap
+        probs = torch.softmax(scores + mask.unsqueeze(1), dim=-1)
         return torch.matmul(probs, v).permute(0, 3, 1, 2, 4).reshape(b, s, width)
 
     @staticmethod
-    def symbolic(g, q, k, v, mask, heads, kv_heads, scale):
+    def symbolic(g, q, k, v, mask, heads, kv_heads, scale, softcap):
+        extra = {"softcap_f": softcap} if softcap > 0 else {}
         out = g.op(f"{OPSET23_DOMAIN}::Attention", q, k, v, mask, q_num_heads_i=heads, kv_num_heads_i=kv_heads,
-                   scale_f=scale)
+                   scale_f=scale, **extra)
         out.setType(q.type())
         return out
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, heads: int, kv_heads: int,
-              scale: float) -> torch.Tensor:
+              scale: float, softcap: float | None = None) -> torch.Tensor:
     """q [b, s, heads * d]; k, v [b, t, kv_heads * d]; mask [b, 1, s, t] additive -> [b, s, heads * d].
     Query head h reads K/V head h // (heads / kv_heads)."""
-    return _Attention.apply(q, k, v, mask, int(heads), int(kv_heads), float(scale))
+    return _Attention.apply(q, k, v, mask, int(heads), int(kv_heads), float(scale), float(softcap or 0.0))
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -144,9 +149,10 @@ def _eps(norm) -> float:
     return float(getattr(norm, "variance_epsilon", None) or getattr(norm, "eps"))
 
 
-def rms_norm(x: torch.Tensor, norm) -> torch.Tensor:
-    """``norm`` (a Hugging Face RMSNorm module) applied to x, as one graph node."""
-    return _RMSNorm.apply(x, norm.weight, _eps(norm))
+def rms_norm(x: torch.Tensor, norm, offset: float = 0.0) -> torch.Tensor:
+    """``norm`` (a Hugging Face RMSNorm module) applied to x, as one graph node. ``offset``: Gemma's norms scale by
+    (offset + weight) with offset 1."""
+    return _RMSNorm.apply(x, norm.weight + offset if offset else norm.weight, _eps(norm))
 
 
 def skip_rms_norm(x: torch.Tensor, skip: torch.Tensor, norm) -> tuple[torch.Tensor, torch.Tensor]:

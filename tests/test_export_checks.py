@@ -45,14 +45,21 @@ def test_chat_template_found_wherever_the_folder_keeps_it(tmp_path, where):
     assert find_chat_template(tmp_path, tokenizer=None) == template
 
 
-def test_sliding_window_checkpoints_are_refused():
+def test_sliding_window_layers():
+    """Sliding-window layers (all of them, or mixed with full ones): the context is capped at the window."""
     import transformers
 
     from safesteer_models.llama import Qwen2Family
     from safesteer_runtime.errors import UnsupportedArchitectureError
 
     cfg = Qwen2Family.text_config(64, use_sliding_window=True, sliding_window=16, max_window_layers=0)
-    with pytest.raises(UnsupportedArchitectureError, match="sliding-window"):
+    assert Qwen2Family(transformers.Qwen2ForCausalLM(cfg)).sizes().max_positions == 16
+    cfg = Qwen2Family.text_config(64, use_sliding_window=True, sliding_window=16, max_window_layers=2)
+    assert Qwen2Family(transformers.Qwen2ForCausalLM(cfg)).sizes().max_positions == 16
+    cfg = Qwen2Family.text_config(64, use_sliding_window=False, sliding_window=16)
+    assert Qwen2Family(transformers.Qwen2ForCausalLM(cfg)).sizes().max_positions == 512
+    cfg = Qwen2Family.text_config(64, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4})
+    with pytest.raises(UnsupportedArchitectureError, match="dynamic"):
         Qwen2Family(transformers.Qwen2ForCausalLM(cfg))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -12,12 +13,16 @@ from conftest import tiny_variants
 
 
 def test_every_registered_family_has_tiny_test_configs():
+    """Meta-test: each registered architecture has tiny configs (the parity, SafeSteer and export tests are
+    parametrized over tiny_variants(), so they cover it) and a row in the README's supported-families table."""
     from safesteer_models import family_class, supported_architectures
 
     covered = {arch for arch, _ in tiny_variants()}
     assert set(supported_architectures()) == covered
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     for arch in supported_architectures():
         assert family_class(arch).tiny_configs(64), f"{arch} has no tiny config"
+        assert f"| `{arch}` |" in readme, f"the README's supported-families table has no row for {arch}"
     # LLaVA's tiny variants cover each supported vision tower
     llava = family_class("LlavaForConditionalGeneration").tiny_configs(64)
     from safesteer_models.llava import VISION_TOWERS
@@ -33,10 +38,13 @@ def test_runtime_never_imports_torch():
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def test_list_architectures():
+def test_list_architectures(capsys):
     from safesteer_export.cli import main
+    from safesteer_models import supported_architectures
 
     assert main(["--list-architectures"]) == 0
+    listed = capsys.readouterr().out.split()
+    assert all(arch in listed for arch in supported_architectures())
 
 
 def test_export_cli_rejects_unknown_architecture(tmp_path, capsys):
