@@ -79,13 +79,13 @@ def bind_weights(model: onnx.ModelProto, module: nn.Module) -> dict[str, _Weight
         users = consumers.get(inp.name, [])
         transposes = [u for u in users if u.op_type == "Transpose" and state[inp.name].dim() == 2
                       and list(onnx.helper.get_attribute_value(u.attribute[0])) == [1, 0]]
-        if transposes:  # Linear weights: stored as the [in, out] matrix their MatMul reads, named NAME.T
-            for t in transposes:
+        if transposes and len(transposes) == len(users):  # Linear weights: stored as the [in, out] matrix their
+            for t in transposes:  # MatMul reads, named NAME.T
                 for node in consumers.get(t.output[0], []):
                     node.input[:] = [inp.name + ".T" if x == t.output[0] else x for x in node.input]
                 graph.node.remove(t)
             declare(inp.name + ".T", inp.name, True)
-        if len(transposes) < len(users):  # used as it is too (a tied embedding table's Gather)
+        else:  # a tied embedding table (its Gather and the LM head's Transpose) is stored once
             declare(inp.name, inp.name, False)
     for node in [n for n in graph.node if n.op_type == "Constant" and n.attribute[0].name == "value"]:
         value = numpy_helper.to_array(node.attribute[0].t)

@@ -54,6 +54,7 @@ def _quantize_graph(path: Path, bits: int) -> None:
     from .graphs import to_opset23
 
     model = quant_utils.load_model_with_shape_infer(path)
+    tied = _transposed_weights(model)
     gathers = [n for n in model.graph.node if n.op_type == "Gather"]
     embedding = [n for n in gathers if n.input[1] == m.INPUT_IDS] if bits == 4 else []
     if embedding:
@@ -67,8 +68,60 @@ def _quantize_graph(path: Path, bits: int) -> None:
     quantizer = mq.MatMulNBitsQuantizer(model, algo_config=cfg,
                                         nodes_to_exclude=[n.name for n in gathers if n not in embedding])
     quantizer.process()
+    if embedding:
+        for name in tied:
+            _share_tied_table(quantizer.model.model, name)
     save_graph(quantizer.model.model, path)
     assert not embedding or any(n.op_type == "GatherBlockQuantized" for n in quantizer.model.model.graph.node)
+
+
+def _transposed_weights(model) -> list[str]:
+    """A tied table is stored once, [vocab, hidden], and the LM head reads it through a Transpose. The quantizer
+    wants the MatMul weight as an initializer: add the transposed copy NAME.T (in memory) for it, and return the
+    tables so treated (after quantization _share_tied_table makes the embedding read the head's 4-bit copy)."""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    tied = []
+    for node in [n for n in graph.node if n.op_type == "Transpose" and n.input[0] in inits]:
+        users = [n for n in graph.node if node.output[0] in n.input]
+        if not users or any(u.op_type != "MatMul" for u in users):
+            continue
+        name = node.input[0]
+        graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(inits[name]).T.copy(), name + ".T"))
+        for u in users:
+            u.input[:] = [name + ".T" if x == node.output[0] else x for x in u.input]
+        graph.node.remove(node)
+        tied.append(name)
+    return tied
+
+
+def _share_tied_table(model, name: str) -> None:
+    """Point the int4 embedding (GatherBlockQuantized over NAME) at the LM head's MatMulNBits weight of NAME.T: the
+    same 4-bit blocks (rows of the table, blocks of 32 along hidden) in MatMulNBits' packed uint8 layout, zero
+    point 8, reshaped; the embedding's own copy is dropped. Exact: both dequantize the same bytes."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    gather = next((n for n in graph.node if n.op_type == "GatherBlockQuantized" and n.input[0] == name + "_Q4"), None)
+    head = next((n for n in graph.node if n.op_type == "MatMulNBits" and n.input[1] == name + ".T_Q4"), None)
+    if gather is None or head is None:
+        return
+    inits = {t.name: t for t in graph.initializer}
+    vocab, blocks, blob = inits[head.input[1]].dims
+    zero = np.full((vocab, (blocks + 1) // 2), 0x88, np.uint8)  # two 4-bit zero points (8) per byte
+    graph.initializer.extend([
+        numpy_helper.from_array(np.array([vocab, blocks * blob], np.int64), f"{name}/table_shape"),
+        numpy_helper.from_array(zero, f"{name}/zero_points")])
+    graph.node.insert(list(graph.node).index(gather), helper.make_node(
+        "Reshape", [head.input[1], f"{name}/table_shape"], [f"{name}/table"], name=f"{gather.name}/table"))
+    stale = {gather.input[0], gather.input[2]}
+    # MatMulNBits' scales are [vocab, blocks] (or flat: the same bytes), what GatherBlockQuantized reads
+    gather.input[:] = [f"{name}/table", gather.input[1], head.input[2], f"{name}/zero_points"]
+    keep = [t for t in graph.initializer if t.name not in stale]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
 
 
 def _half_graph(path: Path) -> None:

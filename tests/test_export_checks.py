@@ -184,3 +184,42 @@ def test_graphs_keep_weights_in_one_external_file(tiny, tmp_path):
     (out / "block_00.onnx.data").unlink()
     with pytest.raises(ArtifactError, match="block_00.onnx.data"):
         Generator(out)
+
+
+def test_tied_table_is_stored_once(tiny, tmp_path):
+    """A tied embedding in a one-block graph: one [vocab, hidden] table at fp32 (the LM head reads it through a
+    Transpose); at int4 the embedding's GatherBlockQuantized reads the head's MatMulNBits bytes, and the rows it
+    returns equal the head's dequantized weights exactly."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    from safesteer_export.quantize import quantize_artifact
+
+    art = tiny.artifact("LlamaForCausalLM", "gqa", 0)  # tie_word_embeddings=True
+    graph = onnx.load(str(art / "block_00.onnx"), load_external_data=False).graph
+    tables = [t.name for t in graph.initializer if "embed_tokens" in t.name or "lm_head" in t.name]
+    assert tables == ["embed_tokens.weight"]
+    quantize_artifact(art, tmp_path / "int4", "int4")
+    model = onnx.load(str(tmp_path / "int4" / "block_00.onnx"))
+    nodes = {n.op_type: n for n in model.graph.node if n.op_type in ("GatherBlockQuantized", "MatMulNBits")
+             and ("embed" in n.name or "lm_head" in n.name)}
+    gather, head = nodes["GatherBlockQuantized"], nodes["MatMulNBits"]
+    reshape = next(n for n in model.graph.node if gather.input[0] in n.output)
+    assert reshape.op_type == "Reshape" and reshape.input[0] == head.input[1]
+    inits = {t.name: t for t in model.graph.initializer}
+    vocab = inits[head.input[1]].dims[0]
+    hidden = next(a.i for a in head.attribute if a.name == "K")
+    probe = helper.make_graph(
+        [reshape, gather, helper.make_node("MatMulNBits", ["eye", *head.input[1:]], ["w"], domain="com.microsoft",
+                                           **{a.name: helper.get_attribute_value(a) for a in head.attribute})],
+        "probe", [helper.make_tensor_value_info("input_ids", onnx.TensorProto.INT64, [1, vocab])],
+        [helper.make_tensor_value_info(gather.output[0], onnx.TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("w", onnx.TensorProto.FLOAT, None)],
+        [inits[n] for n in {*reshape.input, *gather.input, *head.input} if n in inits]
+        + [numpy_helper.from_array(np.eye(hidden, dtype=np.float32), "eye")])
+    sess = ort.InferenceSession(helper.make_model(probe, opset_imports=model.opset_import).SerializeToString(),
+                                providers=["CPUExecutionProvider"])
+    rows, weights = sess.run(None, {"input_ids": np.arange(vocab, dtype=np.int64)[None]})
+    np.testing.assert_allclose(rows[0], weights.T, atol=1e-6)
