@@ -18,7 +18,8 @@ DECODE_OPT_PAST = 512
 
 
 def _template(name: str, hidden: int, kv_row: tuple[int, ...]):
-    """Input shape in symbols: S rows in this call, P past positions, T = P + S; None for static inputs."""
+    """Input shape in symbols: S rows in this call, P past positions, T = P + S, R head rows (1 at min and opt,
+    up to S); None for static inputs."""
     if name in (m.HIDDEN_IN,):
         return (1, "S", hidden)
     if name == m.ATTENTION_MASK:
@@ -27,6 +28,8 @@ def _template(name: str, hidden: int, kv_row: tuple[int, ...]):
         return (1, "S")
     if name.startswith(("past_key", "past_value")):
         return (1, "P", *kv_row)
+    if name == m.HEAD_ROWS:  # the LM head's rows: usually 1, the K candidates in a lookahead step
+        return ("R",)
     return None  # top_k, SafeSteer vectors and knobs: fixed shapes; pixel_values: left to onnxruntime
 
 
@@ -47,7 +50,7 @@ def profile_options(inputs: list[str], hidden: int, kv_row: tuple[int, ...], max
         specs = []
         for profile in profiles:
             rows, past = profile[i]
-            env = {"S": rows, "P": past, "T": rows + past}
+            env = {"S": rows, "P": past, "T": rows + past, "R": rows if key.endswith("max_shapes") else 1}
             for name, template in dynamic:
                 dims = [env[d] if isinstance(d, str) else d for d in template]
                 specs.append(f"{name}:{'x'.join(str(d) for d in dims)}")

@@ -62,6 +62,12 @@ def test_tensorrt_profiles_cover_decode_and_prefill():
     assert opt[5:7] == ["hidden_states:1x256x64", "attention_mask:1x1x256x256"]
     assert hi[5] == "hidden_states:1x1024x64" and lo[8] == "past_key.4:1x0x32"
     assert profile_options([m.TOP_K, m.PROBE_WEIGHT], 64, (32,), 1024) == {}
+    # the last block's head rows: 1 at min and opt, up to the call's rows at max; the first block's ids
+    lo, opt, hi = (profile_options([m.INPUT_IDS, m.HEAD_ROWS], 64, (32,), 1024)[f"trt_profile_{k}_shapes"].split(",")
+                   for k in ("min", "opt", "max"))
+    assert lo == ["input_ids:1x1", "head_rows:1", "input_ids:1x1", "head_rows:1"]
+    assert opt == ["input_ids:1x1", "head_rows:1", "input_ids:1x256", "head_rows:1"]
+    assert hi == ["input_ids:1x256", "head_rows:256", "input_ids:1x1024", "head_rows:1024"]
 
 
 def test_tensorrt_options_carry_profiles_and_caches(tmp_path):
