@@ -74,12 +74,24 @@ class ProgressBar:
 
 def reusable(out: Path, model_dir: Path) -> bool:
     """``out`` holds a valid artifact exported from a checkpoint of ``model_dir``'s name."""
-    from safesteer_runtime.manifest import load_manifest
+    from safesteer_runtime.manifest import layout_problem, load_manifest
 
     try:
-        return load_manifest(out).export.source == Path(model_dir).name
+        manifest = load_manifest(out)
     except SafeSteerError:
         return False
+    return manifest.export.source == Path(model_dir).name and layout_problem(manifest) is None
+
+
+def outdated(out: Path, model_dir: Path) -> bool:
+    """``out`` holds an artifact of ``model_dir``'s checkpoint in a layout this version no longer runs."""
+    from safesteer_runtime.manifest import layout_problem, load_manifest
+
+    try:
+        manifest = load_manifest(out, verify_files=False)
+    except SafeSteerError:
+        return False
+    return manifest.export.source == Path(model_dir).name and layout_problem(manifest) is not None
 
 
 def main(argv=None) -> int:
@@ -107,6 +119,9 @@ def main(argv=None) -> int:
         if args.reuse and not args.overwrite and reusable(out, model_dir):
             print(f"{out} already holds a valid artifact of {Path(model_dir).name}; kept as it is (drop --reuse to rebuild)")
             return 0
+        if args.reuse and not args.overwrite and outdated(out, model_dir):
+            print(f"{out} holds an artifact of {Path(model_dir).name} from an older safesteer-export; rebuilding it")
+            args.overwrite = True
         if args.reuse and not args.overwrite and out.exists():
             raise SafeSteerError(f"{out} exists but is not a valid artifact of {Path(model_dir).name} (another "
                                  "model, or a broken export); pass --overwrite to replace it, or another -o")

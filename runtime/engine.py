@@ -107,15 +107,12 @@ class Engine:
         # The context the sessions can serve: TensorRT engines are built for shapes up to trt_max_tokens
         limit = self.sizes.max_positions
         self.context_limit = min(limit, cfg.trt_max_tokens) if cfg.uses_tensorrt else limit
+        problem = m.layout_problem(manifest)
+        if problem:
+            raise ArtifactError(f"cannot run this artifact: {problem}")
         blocks = sorted(manifest.graphs_of(m.ROLE_BLOCK), key=lambda e: e.first_layer)
-        if not blocks or m.LOGITS not in blocks[-1].outputs:
-            raise ArtifactError("this artifact's last block has no LM head (a separate head.onnx, safesteer < 0.6): "
-                                "re-export it with this version's safesteer-export")
         vision = manifest.graphs_of(m.ROLE_VISION)[:1]
         embed = manifest.graphs_of(m.ROLE_EMBED)[:1]
-        if m.INPUT_IDS not in blocks[0].inputs and not embed:
-            raise ArtifactError("the manifest lists no embed graph and the first block does not take input_ids; "
-                                "re-export the artifact")
         order = [*vision, *embed, *blocks]
         started = time.perf_counter()
         sessions = [self._open(root, cfg, entry, i, len(order), started) for i, entry in enumerate(order)]

@@ -251,6 +251,17 @@ def _from_dict(cls: type, data: Any, where: str) -> Any:
     return cls(**kwargs)
 
 
+def layout_problem(manifest: Manifest) -> Optional[str]:
+    """Why this runtime cannot run the artifact's graphs as laid out (an older exporter's layout), or None."""
+    blocks = sorted(manifest.graphs_of(ROLE_BLOCK), key=lambda g: g.first_layer)
+    if not blocks or LOGITS not in blocks[-1].outputs:
+        return ("its last block has no LM head (a separate head.onnx, safesteer < 0.6): re-export it with this "
+                "version's safesteer-export")
+    if INPUT_IDS not in blocks[0].inputs and not manifest.graphs_of(ROLE_EMBED):
+        return "it lists no embed graph and its first block does not take input_ids: re-export it"
+    return None
+
+
 def parse_manifest(text: str) -> Manifest:
     try:
         data = json.loads(text)

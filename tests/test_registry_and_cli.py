@@ -102,3 +102,23 @@ def test_export_reuse_keeps_only_an_artifact_of_the_same_model(tiny, tmp_path, c
     assert main([str(other), "-o", str(out), "--reuse", "--no-safety"]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == before  # nothing lost
+
+
+def test_export_reuse_rebuilds_an_outdated_artifact_of_the_same_model(tiny, tmp_path, capsys):
+    """An artifact of the same checkpoint in an older layout (a separate head graph) is rebuilt by --reuse, not kept
+    (the runtime would refuse it) and not refused (it is this tool's own output)."""
+    import shutil
+
+    from safesteer_export.cli import main
+    from safesteer_rt import Generator
+
+    out = tmp_path / "art"
+    shutil.copytree(tiny.artifact("LlamaForCausalLM", "gqa"), out)
+    manifest = out / "manifest.json"
+    data = json.loads(manifest.read_text())
+    last = max((g for g in data["graphs"] if g["role"] == "block"), key=lambda g: g["first_layer"])
+    last["outputs"] = ["hidden_states_out"] + [o for o in last["outputs"] if o.startswith("new_")]
+    manifest.write_text(json.dumps(data))
+    assert main([str(tiny.checkpoint("LlamaForCausalLM", "gqa")), "-o", str(out), "--reuse", "--no-safety"]) == 0
+    assert "older safesteer-export; rebuilding" in capsys.readouterr().out
+    assert Generator(out).generate(prompt="Hello", max_new_tokens=4).token_ids
