@@ -96,6 +96,7 @@ class BlockGraph(nn.Module):
         if head:
             self.norm, self.lm_head = family.text.norm, family.text.lm_head
         self.embeds, self.head = embeds, head
+        self.sliding = {i for i in layers if i in family.sliding_layers}  # these read SLIDING_MASK
         self.rope_kinds = {i: family.rope_kind(i) for i in layers}
         for kind in sorted(set(self.rope_kinds.values())):
             cos, sin = family.rope_tables(kind)
@@ -104,7 +105,10 @@ class BlockGraph(nn.Module):
         self.probe = ProbeOps()
         self.msav = MsavOps()
 
-    def forward(self, first_input, mask, position_ids, *rest):
+    def forward(self, first_input, *rest):
+        mask, rest = (rest[0], rest[1:]) if len(self.sliding) < self.count else (None, rest)
+        sliding_mask, rest = (rest[0], rest[1:]) if self.sliding else (None, rest)
+        position_ids, rest = rest[0], rest[1:]
         head_rows, rest = (rest[0], rest[1:]) if self.head else (None, rest)
         past = rest[: 2 * self.count]
         extra = dict(zip(self.extra_inputs(), rest[2 * self.count :]))
@@ -113,7 +117,8 @@ class BlockGraph(nn.Module):
         for j, (name, layer) in enumerate(self.layers.items()):
             kind = self.rope_kinds[int(name)]
             rope = (position_ids, getattr(self, f"rope_cos_{kind}"), getattr(self, f"rope_sin_{kind}"))
-            hidden, k, v = layer(hidden, mask, rope, past[2 * j], past[2 * j + 1])
+            layer_mask = sliding_mask if int(name) in self.sliding else mask
+            hidden, k, v = layer(hidden, layer_mask, rope, past[2 * j], past[2 * j + 1])
             new_kv += [k, v]
             if int(name) == self.msav_layer:
                 hidden = self.msav(hidden, extra[m.MSAV_VECTOR], extra[m.MSAV_BETA], extra[m.MSAV_MASK])
@@ -137,7 +142,10 @@ class BlockGraph(nn.Module):
 
     def io_names(self) -> tuple[list[str], list[str]]:
         """Graph inputs and outputs in the order forward takes and returns them (top_k is added by rewire_topk)."""
-        inputs = [m.INPUT_IDS if self.embeds else m.HIDDEN_IN, m.ATTENTION_MASK, m.POSITION_IDS]
+        inputs = [m.INPUT_IDS if self.embeds else m.HIDDEN_IN]
+        inputs += [m.ATTENTION_MASK] if len(self.sliding) < self.count else []  # some layer attends fully
+        inputs += [m.SLIDING_MASK] if self.sliding else []
+        inputs += [m.POSITION_IDS]
         inputs += [m.HEAD_ROWS] if self.head else []
         outputs = [m.LOGITS, m.TOPK_LOGPROBS, m.TOPK_IDS] if self.head else [m.HIDDEN_OUT]
         inputs += self.past_names()
@@ -154,11 +162,12 @@ class BlockGraph(nn.Module):
 
     def sample_inputs(self, sizes, past_len: int = 3, rows: int = 2) -> tuple:
         first = torch.tensor([[5] * rows]) if self.embeds else torch.randn(1, rows, sizes.hidden_size)
-        mask = torch.zeros(1, 1, rows, past_len + rows)
+        masks = (torch.zeros(1, 1, rows, past_len + rows),) * (len(self.sliding) < self.count) + \
+            (torch.zeros(1, 1, rows, past_len + rows),) * bool(self.sliding)
         positions = torch.arange(past_len, past_len + rows).unsqueeze(0)
         head_rows = (torch.tensor([rows - 1]),) if self.head else ()
         past = [torch.randn(1, past_len, sizes.num_kv_heads * sizes.head_dim) for _ in range(2 * self.count)]
-        return (first, mask, positions, *head_rows, *past, *self.sample_extra(sizes.hidden_size, rows))
+        return (first, *masks, positions, *head_rows, *past, *self.sample_extra(sizes.hidden_size, rows))
 
     def sample_extra(self, hidden_size: int, rows: int) -> list[torch.Tensor]:
         one = torch.ones(1)
@@ -172,6 +181,7 @@ class BlockGraph(nn.Module):
         axes = {name: rows for name in (m.INPUT_IDS, m.HIDDEN_IN, m.HIDDEN_OUT, m.POSITION_IDS, m.MSAV_MASK,
                                         m.HARM_LOGIT, *self.new_kv_names())}
         axes[m.ATTENTION_MASK] = {0: "batch", 2: "sequence_length", 3: "total_sequence_length"}
+        axes[m.SLIDING_MASK] = axes[m.ATTENTION_MASK]
         axes.update({name: {0: "batch", 1: "past_sequence_length"} for name in self.past_names()})
         axes[m.HEAD_ROWS] = {0: "head_rows"}
         axes.update({name: {0: "batch", 1: "head_rows"} for name in (m.LOGITS, m.TOPK_LOGPROBS, m.TOPK_IDS)})

@@ -16,7 +16,7 @@ import torch
 
 from safesteer_runtime import manifest as m
 from safesteer_runtime.errors import ExportValidationError
-from safesteer_runtime.masks import causal_mask
+from safesteer_runtime.masks import causal_mask, windowed
 
 RTOL = 1e-4  # of the reference's largest magnitude
 ATOL = 1e-4
@@ -128,9 +128,12 @@ def validate_block(report: ValidationReport, path, ref: Reference, *, first: int
 
     def feeds(start: int, stop: int, past: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = stop - start
+        mask, positions = causal_mask(start, rows), np.arange(start, stop, dtype=np.int64)[None]
         f = {m.INPUT_IDS if m.INPUT_IDS in wanted else m.HIDDEN_IN: source[:, start:stop],
-             m.ATTENTION_MASK: causal_mask(start, rows), m.POSITION_IDS: np.arange(start, stop, dtype=np.int64)[None],
+             m.ATTENTION_MASK: mask, m.POSITION_IDS: positions,
              m.HEAD_ROWS: np.arange(rows, dtype=np.int64), m.TOP_K: np.array([k], np.int64), **past}
+        if m.SLIDING_MASK in wanted:
+            f[m.SLIDING_MASK] = windowed(mask, positions, sizes.sliding_window)
         f.update(neutral_safety_feeds(vectors or {}, rows))
         return {name: value for name, value in f.items() if name in wanted}
 

@@ -46,7 +46,8 @@ class Family:
 
     architectures: ClassVar[tuple[str, ...]] = ()
     name: ClassVar[str] = ""
-    window: Optional[int] = None  # sliding-window layers' window: the context is capped there (llama.attention_window)
+    window: Optional[int] = None  # the sliding window of the layers in sliding_layers (llama.attention_window)
+    sliding_layers: frozenset = frozenset()
     final_logit_softcap: Optional[float] = None  # logits = cap * tanh(logits / cap) after the LM head (Gemma 2)
 
     def __init__(self, model: nn.Module):
@@ -68,7 +69,8 @@ class Family:
             head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
             hidden_size=cfg.hidden_size,
             vocab_size=cfg.vocab_size,
-            max_positions=min(cfg.max_position_embeddings, self.window or cfg.max_position_embeddings),
+            max_positions=cfg.max_position_embeddings,
+            sliding_window=self.window,
         )
 
     # --- computation (what goes into the graphs) ----------------------------------------------

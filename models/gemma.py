@@ -1,8 +1,7 @@
 """Gemma 2 and Gemma 3 text models: RMSNorms that scale by (1 + weight), a norm after attention and around the MLP,
 query scaling by query_pre_attn_scalar, embeddings scaled by sqrt(hidden) (inside the checkpoint's embedding module);
 Gemma 2 soft-caps attention scores and final logits, Gemma 3 normalises Q and K per head and gives its local
-(sliding) and global layers different RoPE bases. Sliding-window layers mix with full ones; the context is capped
-at the window, where both see the same positions."""
+(sliding) and global layers different RoPE bases. Sliding-window layers mix with full ones."""
 
 from __future__ import annotations
 
@@ -42,7 +41,7 @@ class Gemma2Family(LlamaFamily):
     model_type = "gemma2"
     config_class = "Gemma2Config"
     tiny = dict(num_key_value_heads=2, tie_word_embeddings=False, head_dim=16, query_pre_attn_scalar=16,
-                sliding_window=128, attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
+                sliding_window=8, attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
     layer_forward = staticmethod(gemma_layer_forward)
     # untied in the tiny configs: with random weights, a tied table times Gemma's sqrt(hidden) embedding scale makes
     # the model repeat its input token, too weak a parity check (tied tables are covered by the Llama configs)
@@ -58,7 +57,7 @@ class Gemma3TextFamily(Gemma2Family):
     model_type = "gemma3_text"
     config_class = "Gemma3TextConfig"
     tiny = dict(num_key_value_heads=1, tie_word_embeddings=False, head_dim=16, query_pre_attn_scalar=16,
-                sliding_window=128, layer_types=["sliding_attention", "sliding_attention", "sliding_attention",
+                sliding_window=8, layer_types=["sliding_attention", "sliding_attention", "sliding_attention",
                                                 "full_attention"],
                 rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                                  "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}})

@@ -56,7 +56,7 @@ class LlavaFamily(Family):
             )
         self._text_family = TEXT_FAMILIES[text_type]
         super().__init__(model)
-        self.window = attention_window(self.text.config)
+        self.window, self.sliding_layers = attention_window(self.text.config)
 
     def text_stack(self) -> TextStack:
         lm = self.model.model.language_model

@@ -26,7 +26,7 @@ def phi3_layer_forward(layer, hidden, mask, rope, past_k, past_v):
 @register("Phi3ForCausalLM")
 class Phi3Family(LlamaFamily):
     """Phi-3 text models. LongRoPE (the 128k variants) and partial rotary (Phi-4-mini) are refused by
-    base.check_rope; Phi-3-mini-4k's 2047-token sliding window caps its context there."""
+    base.check_rope. Phi-3-mini-4k slides a 2047-token window over every layer."""
 
     name = "phi3"
     model_type = "phi3"

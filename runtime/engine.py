@@ -23,6 +23,7 @@ import onnxruntime as ort
 from . import manifest as m
 from .errors import ArtifactError, ConfigError
 from .kv_cache import HOST, DeviceKVCache, KVCache, Span
+from .masks import windowed
 from .sessions import CPU, SessionConfig, open_session
 from .trt_profiles import profile_options
 
@@ -68,6 +69,16 @@ class Block:
     def io(self) -> ort.IOBinding:
         """One binding per block, rebound each call (every name is bound again, so nothing stale stays)."""
         return self.session.io_binding()
+
+    @cached_property
+    def full(self) -> bool:
+        """Some of its layers attend fully (they read ATTENTION_MASK)."""
+        return m.ATTENTION_MASK in self.entry.inputs
+
+    @cached_property
+    def sliding(self) -> bool:
+        """Some of its layers use a sliding window (they read SLIDING_MASK)."""
+        return m.SLIDING_MASK in self.entry.inputs
 
     @cached_property
     def has_probe(self) -> bool:
@@ -174,13 +185,17 @@ class Engine:
         head_rows = np.array([rows - 1], np.int64) if head_rows is None else np.ascontiguousarray(head_rows, np.int64)
         mask = np.ascontiguousarray(mask)
         positions = np.ascontiguousarray(positions, dtype=np.int64)
+        sliding = windowed(mask, positions, self.sizes.sliding_window) if self.sizes.sliding_window else None
         top = np.array([top_k], np.int64)
         out = StepOut(np.empty((1, len(head_rows), self.sizes.vocab_size), np.float32),
                       np.empty((1, len(head_rows), top_k), np.float32), np.empty((1, len(head_rows), top_k), np.int64))
         for block in self.blocks:
             io = block.io
             _bind_in(io, m.INPUT_IDS if first.dtype == np.int64 else m.HIDDEN_IN, first)
-            _bind_in(io, m.ATTENTION_MASK, mask)
+            if block.full:
+                _bind_in(io, m.ATTENTION_MASK, mask)
+            if block.sliding:
+                _bind_in(io, m.SLIDING_MASK, sliding)
             _bind_in(io, m.POSITION_IDS, positions)
             for name in block.extra_inputs:
                 if safety is None or name not in safety:

@@ -34,6 +34,8 @@ INPUTS_EMBEDS = "inputs_embeds"  # embed out:  [batch, sequence_length, hidden]
 HIDDEN_IN = "hidden_states"  # block in:   [batch, sequence_length, hidden]
 HIDDEN_OUT = "hidden_states_out"  # block out
 ATTENTION_MASK = "attention_mask"  # block in: [batch, 1, sequence_length, total_sequence_length], additive
+SLIDING_MASK = "sliding_attention_mask"  # block in (blocks with sliding-window layers): ATTENTION_MASK with keys
+# sliding_window or more positions behind their query blocked too (masks.windowed)
 POSITION_IDS = "position_ids"  # block in: [batch, sequence_length] int64
 HEAD_ROWS = "head_rows"  # last block in: [head_rows] int64, the rows (of this call's) the LM head runs on
 LOGITS = "logits"  # last block out: [batch, head_rows, vocab]
@@ -102,6 +104,7 @@ class ModelSizes:
     hidden_size: int
     vocab_size: int
     max_positions: int
+    sliding_window: Optional[int] = None  # the window of the blocks' sliding layers (they take SLIDING_MASK)
 
 
 @dataclass(frozen=True)

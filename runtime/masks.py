@@ -14,6 +14,16 @@ def causal_mask(past_len: int, rows: int, dtype=np.float32) -> np.ndarray:
     return mask
 
 
+def windowed(mask: np.ndarray, positions: np.ndarray, window: int) -> np.ndarray:
+    """``mask`` [1, 1, rows, past + rows] with keys ``window`` or more positions behind their query blocked too (a
+    sliding-window layer's mask; Hugging Face's rule: key position > query position - window). The first ``past``
+    keys sit at positions 0..past-1 (the cache), the call's own rows at ``positions`` [1, rows]."""
+    rows = positions.shape[1]
+    keys = np.concatenate([np.arange(mask.shape[3] - rows), positions[0]])
+    far = positions[0][:, None] - keys[None, :] >= window
+    return np.where(far[None, None], np.finfo(mask.dtype).min, mask).astype(mask.dtype)
+
+
 def tree_mask(past_len: int, rows: int, dtype=np.float32) -> np.ndarray:
     """Lookahead: each of ``rows`` candidates at the same position sees the past and itself, never the others."""
     blocked = np.finfo(dtype).min

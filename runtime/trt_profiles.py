@@ -22,7 +22,7 @@ def _template(name: str, hidden: int, kv_row: tuple[int, ...]):
     up to S); None for static inputs."""
     if name in (m.HIDDEN_IN,):
         return (1, "S", hidden)
-    if name == m.ATTENTION_MASK:
+    if name in (m.ATTENTION_MASK, m.SLIDING_MASK):
         return (1, 1, "S", "T")
     if name in (m.POSITION_IDS, m.MSAV_MASK, m.INPUT_IDS):
         return (1, "S")

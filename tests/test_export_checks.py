@@ -46,21 +46,24 @@ def test_chat_template_found_wherever_the_folder_keeps_it(tmp_path, where):
 
 
 def test_sliding_window_layers():
-    """Sliding-window layers (all of them, or mixed with full ones): the context is capped at the window."""
+    """Which layers slide (all of them, or those layer_types names) and the window reach the manifest sizes; the
+    context is not capped. RoPE scalings that depend on the sequence length are refused before any export work."""
     import transformers
 
     from safesteer_models.llama import Qwen2Family
     from safesteer_runtime.errors import UnsupportedArchitectureError
 
-    cfg = Qwen2Family.text_config(64, use_sliding_window=True, sliding_window=16, max_window_layers=0)
-    assert Qwen2Family(transformers.Qwen2ForCausalLM(cfg)).sizes().max_positions == 16
-    cfg = Qwen2Family.text_config(64, use_sliding_window=True, sliding_window=16, max_window_layers=2)
-    assert Qwen2Family(transformers.Qwen2ForCausalLM(cfg)).sizes().max_positions == 16
-    cfg = Qwen2Family.text_config(64, use_sliding_window=False, sliding_window=16)
-    assert Qwen2Family(transformers.Qwen2ForCausalLM(cfg)).sizes().max_positions == 512
-    cfg = Qwen2Family.text_config(64, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4})
+    def family(**kw):
+        return Qwen2Family(transformers.Qwen2ForCausalLM(Qwen2Family.text_config(64, **kw)))
+
+    every = family(use_sliding_window=True, sliding_window=16, max_window_layers=0)
+    assert every.sliding_layers == {0, 1, 2, 3} and every.sizes().sliding_window == 16
+    assert every.sizes().max_positions == 512
+    assert family(use_sliding_window=True, sliding_window=16, max_window_layers=2).sliding_layers == {2, 3}
+    off = family(use_sliding_window=False, sliding_window=16)
+    assert off.sliding_layers == set() and off.sizes().sliding_window is None
     with pytest.raises(UnsupportedArchitectureError, match="dynamic"):
-        Qwen2Family(transformers.Qwen2ForCausalLM(cfg))
+        family(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4})
 
 
 @pytest.mark.parametrize("precision", ["int8", "int4", "fp16"])

@@ -43,3 +43,17 @@ def test_tree_mask_shape_and_blocking():
     assert np.all(np.diag(mask[0, 0, :, 3:]) == 0)
     off = mask[0, 0, :, 3:][~np.eye(4, dtype=bool)]
     assert np.all(off == np.finfo(np.float32).min)
+
+
+def test_windowed_mask_blocks_keys_a_window_behind():
+    """Hugging Face's sliding rule: a key is visible when its position > the query's - window; the call's own rows
+    (here: lookahead candidates, all at position 5) keep their tree structure."""
+    from safesteer_runtime.masks import windowed
+
+    blocked = np.finfo(np.float32).min
+    mask = windowed(causal_mask(4, 2), np.array([[4, 5]]), window=3)
+    assert (mask[0, 0] == blocked).tolist() == [[True, True, False, False, False, True],
+                                                 [True, True, True, False, False, False]]
+    tree = windowed(tree_mask(5, 2), np.array([[5, 5]]), window=2)
+    assert (tree[0, 0] == blocked).tolist() == [[True, True, True, True, False, False, True],
+                                                 [True, True, True, True, False, True, False]]
