@@ -107,4 +107,4 @@ class MistralFamily(LlamaFamily):
 
 
 # Text families a multimodal wrapper (LLaVA) can hold, by the text config's model_type.
-TEXT_FAMILIES = {cls.model_type: cls for cls in (LlamaFamily, Qwen2Family, MistralFamily)}
+TEXT_FAMILIES = {cls.model_type: cls for cls in (LlamaFamily, Qwen2Family)}
