@@ -22,7 +22,6 @@ from safesteer_runtime import manifest as m
 INLINE_BYTES = 1024  # tensors up to this size (shapes, scalars, axes) stay inside the graph
 CHUNK_BYTES = 32 << 20  # a transposed weight is written in bands of about this size
 ALIGN = 4096  # external tensors start on a page boundary: onnxruntime maps those instead of reading them
-BIG_CONSTANT = 1024  # Constant nodes with more elements than this become named initializers
 
 
 def data_path(path: Path) -> Path:
@@ -33,11 +32,6 @@ def data_refs(root: Path, path: Path) -> tuple[m.FileRef, ...]:
     """The manifest's data_files for the graph at ``path``."""
     data = data_path(path)
     return (m.file_ref(root, data),) if data.exists() else ()
-
-
-def load_graph(path: Path) -> onnx.ModelProto:
-    """The graph at ``path`` with its weights in memory."""
-    return onnx.load(str(path), load_external_data=True)
 
 
 def save_graph(model: onnx.ModelProto, path: Path) -> None:
@@ -89,7 +83,7 @@ def bind_weights(model: onnx.ModelProto, module: nn.Module) -> dict[str, _Weight
             declare(inp.name, inp.name, False)
     for node in [n for n in graph.node if n.op_type == "Constant" and n.attribute[0].name == "value"]:
         value = numpy_helper.to_array(node.attribute[0].t)
-        if value.size > BIG_CONSTANT:
+        if value.nbytes > INLINE_BYTES:
             graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
             graph.node.remove(node)
     return plan

@@ -97,6 +97,7 @@ class BlockGraph(nn.Module):
             self.norm, self.lm_head = family.text.norm, family.text.lm_head
         self.embeds, self.head = embeds, head
         self.sliding = {i for i in layers if i in family.sliding_layers}  # these read SLIDING_MASK
+        self.full = len(self.sliding) < count  # some layer reads ATTENTION_MASK
         self.rope_kinds = {i: family.rope_kind(i) for i in layers}
         for kind in sorted(set(self.rope_kinds.values())):
             cos, sin = family.rope_tables(kind)
@@ -105,26 +106,21 @@ class BlockGraph(nn.Module):
         self.probe = ProbeOps()
         self.msav = MsavOps()
 
-    def forward(self, first_input, *rest):
-        mask, rest = (rest[0], rest[1:]) if len(self.sliding) < self.count else (None, rest)
-        sliding_mask, rest = (rest[0], rest[1:]) if self.sliding else (None, rest)
-        position_ids, rest = rest[0], rest[1:]
-        head_rows, rest = (rest[0], rest[1:]) if self.head else (None, rest)
-        past = rest[: 2 * self.count]
-        extra = dict(zip(self.extra_inputs(), rest[2 * self.count :]))
-        hidden = self.family.embed(first_input) if self.embeds else first_input
+    def forward(self, *inputs):
+        x = dict(zip(self.io_names()[0], inputs))  # the graph inputs, by name
+        hidden = self.family.embed(x[m.INPUT_IDS]) if self.embeds else x[m.HIDDEN_IN]
         new_kv, harm_logit = [], None
-        for j, (name, layer) in enumerate(self.layers.items()):
-            kind = self.rope_kinds[int(name)]
-            rope = (position_ids, getattr(self, f"rope_cos_{kind}"), getattr(self, f"rope_sin_{kind}"))
-            layer_mask = sliding_mask if int(name) in self.sliding else mask
-            hidden, k, v = layer(hidden, layer_mask, rope, past[2 * j], past[2 * j + 1])
+        for i in range(self.first, self.first + self.count):
+            kind = self.rope_kinds[i]
+            rope = (x[m.POSITION_IDS], getattr(self, f"rope_cos_{kind}"), getattr(self, f"rope_sin_{kind}"))
+            mask = x[m.SLIDING_MASK if i in self.sliding else m.ATTENTION_MASK]
+            hidden, k, v = self.layers[str(i)](hidden, mask, rope, x[m.past_key(i)], x[m.past_value(i)])
             new_kv += [k, v]
-            if int(name) == self.msav_layer:
-                hidden = self.msav(hidden, extra[m.MSAV_VECTOR], extra[m.MSAV_BETA], extra[m.MSAV_MASK])
-            if int(name) == self.probe_layer:
-                hidden, harm_logit = self.probe(hidden, *(extra[n] for n in m.PROBE_INPUTS))
-        out = self.lm_outputs(hidden.index_select(1, head_rows)) if self.head else (hidden,)
+            if i == self.msav_layer:
+                hidden = self.msav(hidden, x[m.MSAV_VECTOR], x[m.MSAV_BETA], x[m.MSAV_MASK])
+            if i == self.probe_layer:
+                hidden, harm_logit = self.probe(hidden, *(x[n] for n in m.PROBE_INPUTS))
+        out = self.lm_outputs(hidden.index_select(1, x[m.HEAD_ROWS])) if self.head else (hidden,)
         return (*out, *new_kv) + ((harm_logit,) if harm_logit is not None else ())
 
     def lm_outputs(self, hidden):
@@ -143,7 +139,7 @@ class BlockGraph(nn.Module):
     def io_names(self) -> tuple[list[str], list[str]]:
         """Graph inputs and outputs in the order forward takes and returns them (top_k is added by rewire_topk)."""
         inputs = [m.INPUT_IDS if self.embeds else m.HIDDEN_IN]
-        inputs += [m.ATTENTION_MASK] if len(self.sliding) < self.count else []  # some layer attends fully
+        inputs += [m.ATTENTION_MASK] if self.full else []
         inputs += [m.SLIDING_MASK] if self.sliding else []
         inputs += [m.POSITION_IDS]
         inputs += [m.HEAD_ROWS] if self.head else []
@@ -161,20 +157,19 @@ class BlockGraph(nn.Module):
         return [f(i) for i in range(self.first, self.first + self.count) for f in (m.new_key, m.new_value)]
 
     def sample_inputs(self, sizes, past_len: int = 3, rows: int = 2) -> tuple:
-        first = torch.tensor([[5] * rows]) if self.embeds else torch.randn(1, rows, sizes.hidden_size)
-        masks = (torch.zeros(1, 1, rows, past_len + rows),) * (len(self.sliding) < self.count) + \
-            (torch.zeros(1, 1, rows, past_len + rows),) * bool(self.sliding)
-        positions = torch.arange(past_len, past_len + rows).unsqueeze(0)
-        head_rows = (torch.tensor([rows - 1]),) if self.head else ()
-        past = [torch.randn(1, past_len, sizes.num_kv_heads * sizes.head_dim) for _ in range(2 * self.count)]
-        return (first, *masks, positions, *head_rows, *past, *self.sample_extra(sizes.hidden_size, rows))
-
-    def sample_extra(self, hidden_size: int, rows: int) -> list[torch.Tensor]:
-        one = torch.ones(1)
-        values = {m.MSAV_VECTOR: torch.randn(hidden_size), m.MSAV_BETA: one, m.MSAV_MASK: torch.ones(1, rows),
-                  m.PROBE_WEIGHT: torch.randn(hidden_size), m.PROBE_BIAS: torch.zeros(1),
-                  m.SAFETY_DIRECTION: torch.randn(hidden_size), m.STEER_ALPHA: one, m.GATE_LOGIT: torch.zeros(1)}
-        return [values[name] for name in self.extra_inputs()]
+        """Tracing inputs, in io_names order."""
+        hidden, one = sizes.hidden_size, torch.ones(1)
+        values = {m.INPUT_IDS: torch.tensor([[5] * rows]), m.HIDDEN_IN: torch.randn(1, rows, hidden),
+                  m.ATTENTION_MASK: torch.zeros(1, 1, rows, past_len + rows),
+                  m.SLIDING_MASK: torch.zeros(1, 1, rows, past_len + rows),
+                  m.POSITION_IDS: torch.arange(past_len, past_len + rows).unsqueeze(0),
+                  m.HEAD_ROWS: torch.tensor([rows - 1]),
+                  m.MSAV_VECTOR: torch.randn(hidden), m.MSAV_BETA: one, m.MSAV_MASK: torch.ones(1, rows),
+                  m.PROBE_WEIGHT: torch.randn(hidden), m.PROBE_BIAS: torch.zeros(1),
+                  m.SAFETY_DIRECTION: torch.randn(hidden), m.STEER_ALPHA: one, m.GATE_LOGIT: torch.zeros(1)}
+        values.update({name: torch.randn(1, past_len, sizes.num_kv_heads * sizes.head_dim)
+                       for name in self.past_names()})
+        return tuple(values[name] for name in self.io_names()[0])
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         rows = {0: "batch", 1: "sequence_length"}

@@ -56,11 +56,10 @@ class Gemma3TextFamily(Gemma2Family):
     name = "gemma3_text"
     model_type = "gemma3_text"
     config_class = "Gemma3TextConfig"
-    tiny = dict(num_key_value_heads=1, tie_word_embeddings=False, head_dim=16, query_pre_attn_scalar=16,
-                sliding_window=8, layer_types=["sliding_attention", "sliding_attention", "sliding_attention",
-                                                "full_attention"],
-                rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-                                 "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}})
+    tiny = {**{k: v for k, v in Gemma2Family.tiny.items() if not k.endswith("softcapping")}, "num_key_value_heads": 1,
+            "layer_types": ["sliding_attention"] * 3 + ["full_attention"],
+            "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}}}
 
     def rope_kind(self, layer: int) -> str:
         return self.text.config.layer_types[layer]
