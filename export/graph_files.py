@@ -4,7 +4,7 @@ The export traces each graph without its weights (an exporter writing them would
 parameter dict, the serialized protobuf, the bytes handed back to Python) and then writes the checkpoint's tensors
 itself, one at a time, straight from the torch module into the data file. So exporting a graph costs about one
 tensor of memory on top of the loaded checkpoint, whatever the graph's size. External data also keeps every graph
-under protobuf's 2 GB limit and lets onnxruntime map page-aligned weights instead of copying them.
+under protobuf's 2 GB limit; tensors start page-aligned so onnxruntime can map rather than copy them.
 """
 
 from __future__ import annotations
