@@ -18,6 +18,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from safesteer_runtime.image_tokens import expand_text
 from safesteer_runtime.images import preprocess
 from safesteer_runtime.text import ChatTemplate, render_messages
 
@@ -67,16 +68,14 @@ class FeatureReader:
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def prompt_ids(self, messages) -> list[int]:
-        placeholder = self.image_info.image_token if self.image_info else None
+        placeholder = self.image_info.placeholder if self.image_info else None
         if self.chat is not None:
             text, images = render_messages(self.chat, messages, placeholder)
         else:
             text, images = messages[-1]["content"] if isinstance(messages[-1]["content"], str) else "", []
-        ids = self.tokenizer(text, add_special_tokens=self.chat is None)["input_ids"]
         if images:
-            tid, n = self.image_info.image_token_id, self.image_info.tokens_per_image
-            ids = [j for i in ids for j in ([i] * n if i == tid else [i])]
-        return ids
+            text = expand_text(text, self.image_info, len(images))
+        return self.tokenizer(text, add_special_tokens=self.chat is None)["input_ids"]
 
     @torch.no_grad()
     def read(self, batch_ids: list[list[int]], steps: int, pixel_values=None) -> tuple[np.ndarray, list[str]]:
@@ -98,7 +97,7 @@ class FeatureReader:
 
         handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
         try:
-            kwargs = {"pixel_values": pixel_values} if pixel_values is not None else {}
+            kwargs = {} if pixel_values is None else self.family.hf_image_kwargs(ids, pixel_values)
             out = self.family.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps,
                                              min_new_tokens=steps, do_sample=False, pad_token_id=self.pad, **kwargs)
         finally:

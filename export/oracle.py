@@ -57,8 +57,9 @@ class TorchSafeSteer:
             handles.append(layers[self.info.msav_layer].register_forward_hook(msav_hook))
         handles.append(layers[self.info.probe_layer].register_forward_hook(probe_hook))
         try:
-            kwargs = {"pixel_values": pixel_values} if pixel_values is not None else {}
-            logits = self.family.model(input_ids=torch.tensor([ids]), use_cache=False, **kwargs).logits[0]
+            input_ids = torch.tensor([ids])
+            kwargs = {} if pixel_values is None else self.family.hf_image_kwargs(input_ids, pixel_values)
+            logits = self.family.model(input_ids=input_ids, use_cache=False, **kwargs).logits[0]
         finally:
             for h in handles:
                 h.remove()

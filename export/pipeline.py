@@ -192,9 +192,7 @@ def _export_float32(cfg: ExportConfig, progress: Optional[Callable[[str], None]]
     probe_layer = cal.probe_layer if cal else None
     msav_layer = cal.msav_layer if cal else None
 
-    image_hw = None
-    if image_info is not None:
-        image_hw = image_info.crop or (image_info.size * 2 if len(image_info.size) == 1 else image_info.size)
+    image_hw = image_info.pixel_size if image_info is not None else None
     ids, pixels = sample_inputs(family, image_info, image_hw)
     ref = reference(family, ids, pixels) if cfg.validate else None
 

@@ -110,7 +110,20 @@ class Family:
     def image_info(self, model_dir: Path, tokenizer) -> Optional[ImageInfo]:
         return None
 
+    def hf_image_kwargs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> dict:
+        """What the Hugging Face model's forward / generate takes besides input_ids for a prompt with images (the
+        PyTorch side of calibration, the oracle and the parity tests)."""
+        return {"pixel_values": pixel_values}
+
     # --- tests ---------------------------------------------------------------------------------
+    tiny_tokens: ClassVar[dict[str, str]] = {"image_token_id": "<image>"}  # config attribute -> special token
+    tiny_marker: ClassVar[str] = "<image>"  # what the tiny chat template writes for an image part
+
+    @staticmethod
+    def tiny_processor(cfg):
+        """The HF image processor saved beside a tiny checkpoint with images."""
+        raise NotImplementedError
+
     @classmethod
     def tiny_configs(cls, vocab_size: int) -> dict[str, object]:
         """Random-init configs small enough for CPU tests, by variant name (a test covers each)."""

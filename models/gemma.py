@@ -5,11 +5,19 @@ Gemma 2 soft-caps attention scores and final logits, Gemma 3 normalises Q and K 
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from safesteer_runtime.errors import UnsupportedArchitectureError
+from safesteer_runtime.manifest import ImageInfo
+
+from .base import TextStack
+from .image_processing import load_processor, preprocessing_fields
 from .llama import LlamaFamily
 from .onnx_ops import attention, rms_norm, rotary
 from .registry import register
-
-import torch
 
 
 def _per_head_norm(x, norm, heads: int):
@@ -66,3 +74,68 @@ class Gemma3TextFamily(Gemma2Family):
 
     def rotary_cos_sin(self, x, positions, kind):
         return self.text.rotary(x, positions, kind)
+
+
+class Gemma3Vision(torch.nn.Module):
+    """pixel_values -> SigLIP last hidden state -> average-pooled to mm_tokens_per_image -> RMSNorm -> projection."""
+
+    def __init__(self, tower, projector):
+        super().__init__()
+        self.tower, self.projector = tower, projector
+
+    def forward(self, pixel_values):
+        return self.projector(self.tower(pixel_values=pixel_values).last_hidden_state)
+
+
+@register("Gemma3ForConditionalGeneration")
+class Gemma3Family(Gemma3TextFamily):
+    """Gemma 3 with images: each image is "\\n\\n<start_of_image>" + mm_tokens_per_image soft tokens + "<end_of_image>\\n\\n"
+    (templates write <start_of_image> once per image), and an image's soft tokens attend to each other in both
+    directions at prefill (Hugging Face does so when generate gets token_type_ids, as its processor returns)."""
+
+    name = "gemma3"
+
+    def text_stack(self) -> TextStack:
+        lm = self.model.model.language_model
+        return TextStack(config=self.model.config.text_config, embed_tokens=lm.embed_tokens, layers=lm.layers,
+                         norm=lm.norm, lm_head=self.model.lm_head, rotary=lm.rotary_emb)
+
+    def vision_module(self) -> torch.nn.Module:
+        return Gemma3Vision(self.model.model.vision_tower, self.model.model.multi_modal_projector).eval()
+
+    def image_info(self, model_dir: Path, tokenizer) -> Optional[ImageInfo]:
+        proc = load_processor(model_dir)
+        if getattr(proc, "do_pan_and_scan", None):
+            raise UnsupportedArchitectureError(
+                "Gemma 3 pan-and-scan crops are not supported yet; set do_pan_and_scan to false in the checkpoint's "
+                "preprocessor_config.json (Hugging Face's default) to export it")
+        cfg = self.model.config
+        token = tokenizer.convert_ids_to_tokens
+        return ImageInfo(image_token=token(cfg.image_token_id), image_token_id=cfg.image_token_id,
+                         tokens_per_image=int(cfg.mm_tokens_per_image), marker=token(cfg.boi_token_id),
+                         prefix="\n\n" + token(cfg.boi_token_id), suffix=token(cfg.eoi_token_id) + "\n\n",
+                         bidirectional=True, **preprocessing_fields(proc))
+
+    def hf_image_kwargs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> dict:
+        return {"pixel_values": pixel_values, "token_type_ids": (input_ids == self.model.config.image_token_id).long()}
+
+    tiny_tokens = {"image_token_id": "<image_soft_token>", "boi_token_id": "<start_of_image>",
+                   "eoi_token_id": "<end_of_image>"}
+    tiny_marker = "<start_of_image>"
+
+    @classmethod
+    def tiny_configs(cls, vocab_size: int) -> dict[str, object]:
+        from transformers import Gemma3Config, SiglipVisionConfig
+
+        # 8x8 patches pooled to 16 tokens: an image's run is longer than the 8-token window of the sliding layers
+        vision = SiglipVisionConfig(image_size=56, patch_size=7, hidden_size=32, intermediate_size=64,
+                                    num_hidden_layers=2, num_attention_heads=4)
+        return {"siglip": Gemma3Config(text_config=cls.text_config(vocab_size), vision_config=vision,
+                                       mm_tokens_per_image=16, tie_word_embeddings=False)}
+
+    @staticmethod
+    def tiny_processor(cfg):
+        from transformers import Gemma3ImageProcessorPil
+
+        size = cfg.vision_config.image_size
+        return Gemma3ImageProcessorPil(size={"height": size, "width": size})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Optional
 
@@ -12,11 +13,11 @@ from safesteer_runtime.errors import UnsupportedArchitectureError
 from safesteer_runtime.manifest import ImageInfo
 
 from .base import Family, TextStack
+from .image_processing import load_processor, preprocessing_fields
 from .llama import TEXT_FAMILIES, attention_window
 from .registry import register
 
 VISION_TOWERS = ("clip_vision_model", "siglip_vision_model", "dinov2")
-_RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}  # PIL enum values
 
 
 class LlavaVision(nn.Module):
@@ -82,36 +83,20 @@ class LlavaFamily(Family):
         ).eval()
 
     def image_info(self, model_dir: Path, tokenizer) -> Optional[ImageInfo]:
-        from transformers import AutoImageProcessor
-
-        proc = AutoImageProcessor.from_pretrained(str(model_dir), local_files_only=True)
-        size = dict(proc.size)
-        if size.get("shortest_edge"):
-            resize, dims = "shortest_edge", (int(size["shortest_edge"]),)
-        else:
-            resize, dims = "exact", (int(size["height"]), int(size["width"]))
-        if not proc.do_resize:
-            resize = "none"
-        crop = None
-        if getattr(proc, "do_center_crop", False):
-            crop = (int(proc.crop_size["height"]), int(proc.crop_size["width"]))
-        height, width = crop or (dims * 2 if len(dims) == 1 else dims)
-        with torch.no_grad():
-            tokens = self.vision_module()(torch.zeros(1, 3, height, width)).shape[1]
         image_token_id = self.model.config.image_token_id
-        return ImageInfo(
-            image_token=tokenizer.convert_ids_to_tokens(image_token_id),
-            image_token_id=image_token_id,
-            tokens_per_image=int(tokens),
-            resize=resize,
-            size=dims,
-            resample=_RESAMPLE_NAMES[int(proc.resample)],
-            crop=crop,
-            rescale_factor=float(proc.rescale_factor) if proc.do_rescale else None,
-            mean=tuple(float(x) for x in proc.image_mean) if proc.do_normalize else None,
-            std=tuple(float(x) for x in proc.image_std) if proc.do_normalize else None,
-            convert_rgb=bool(getattr(proc, "do_convert_rgb", True)),
-        )
+        info = ImageInfo(image_token=tokenizer.convert_ids_to_tokens(image_token_id), image_token_id=image_token_id,
+                         tokens_per_image=0, **preprocessing_fields(load_processor(model_dir)))
+        with torch.no_grad():
+            tokens = self.vision_module()(torch.zeros(1, 3, *info.pixel_size)).shape[1]
+        return dataclasses.replace(info, tokens_per_image=int(tokens))
+
+    @staticmethod
+    def tiny_processor(cfg):
+        from transformers import CLIPImageProcessorPil, SiglipImageProcessorPil
+
+        if cfg.vision_config.model_type == "siglip_vision_model":
+            return SiglipImageProcessorPil(size={"height": 28, "width": 28})
+        return CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 28, "width": 28})
 
     @classmethod
     def tiny_configs(cls, vocab_size: int) -> dict[str, object]:

@@ -16,9 +16,10 @@ import numpy as np
 from . import manifest as m
 from .engine import Engine, StepOut
 from .errors import ConfigError, InputError, PromptTooLongError
+from .image_tokens import expand_ids, expand_text, image_runs
 from .images import ImageLike, preprocess
 from .kv_cache import DeviceKVCache, KVCache
-from .masks import causal_mask, tree_mask
+from .masks import both_ways, causal_mask, tree_mask
 from .sampling import Sampler, SamplingConfig
 from .safety import SafetyConfig, load_vectors, select, sigmoid, static_feeds
 from .safety import resolve as resolve_safety
@@ -144,47 +145,37 @@ class Generator:
         if messages is not None:
             if self.chat is None:
                 raise InputError("this artifact has no chat template; pass prompt= or prompt_ids= instead of messages")
-            placeholder = image_info.image_token if image_info else None
-            text, found = render_messages(self.chat, messages, placeholder)
+            text, found = render_messages(self.chat, messages, image_info.placeholder if image_info else None)
             images = found + images
-            ids = self.codec.encode(text, add_bos=False)
+            ids = self.codec.encode(self._with_images(text, images), add_bos=False)
         elif prompt is not None:
             if not isinstance(prompt, str):
                 raise InputError(f"prompt must be a string, got {type(prompt).__name__}")
-            if images and image_info is not None and image_info.image_token not in prompt:
-                prompt = image_info.image_token * len(images) + "\n" + prompt
-            ids = self.codec.encode(prompt, add_bos=self.manifest.tokenizer.add_bos_token)
+            if images and image_info is not None and image_info.placeholder not in prompt:
+                prompt = image_info.placeholder * len(images) + "\n" + prompt
+            ids = self.codec.encode(self._with_images(prompt, images), add_bos=self.manifest.tokenizer.add_bos_token)
         else:
             ids = [int(i) for i in prompt_ids]
             vocab = self.manifest.sizes.vocab_size
             bad = [i for i in ids if not 0 <= i < vocab]
             if bad:
                 raise InputError(f"prompt_ids has ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+            if image_info is not None:
+                ids = expand_ids(ids, image_info, len(images))
         if not ids:
             raise InputError("the prompt is empty")
         if images and image_info is None:
             raise InputError("this artifact has no vision graph (text-only model); remove the images")
         pixels = None
-        if image_info is not None:
-            ids = self._expand_image_tokens(ids, len(images))
-            if images:
-                pixels = np.stack([preprocess(img, image_info) for img in images])
+        if image_info is not None and images:
+            pixels = np.stack([preprocess(img, image_info) for img in images])
         return _Request(ids, pixels)
 
-    def _expand_image_tokens(self, ids: list[int], num_images: int) -> list[int]:
+    def _with_images(self, text: str, images: list) -> str:
         info = self.manifest.image
-        count = sum(1 for i in ids if i == info.image_token_id)
-        if count == num_images * info.tokens_per_image and num_images:
-            return ids  # already expanded
-        if count != num_images:
-            raise InputError(
-                f"the prompt has {count} image placeholder(s) ({info.image_token!r}) but {num_images} image(s) were "
-                "given; use one placeholder per image"
-            )
-        out: list[int] = []
-        for i in ids:
-            out.extend([i] * info.tokens_per_image if i == info.image_token_id else [i])
-        return out
+        if info is None:
+            return text
+        return expand_text(text, info, len(images))
 
     def _cache_for(self, capacity: int) -> KVCache | DeviceKVCache:
         if self._cache is None or self._cache.capacity < capacity:
@@ -217,7 +208,10 @@ class Generator:
             if msav_on:  # the text after the last image (and, later, every generated token)
                 msav_rows[0, int(np.nonzero(is_image)[0].max()) + 1 :] = 1.0
         positions = np.arange(n, dtype=np.int64)[None]
-        out = self._run_rows(ids, causal_mask(0, n), positions, cache, feeds, msav_rows, embeds)
+        mask = causal_mask(0, n)
+        if req.pixels is not None and self.manifest.image.bidirectional:
+            mask = both_ways(mask, image_runs(ids[0], self.manifest.image.image_token_id))
+        out = self._run_rows(ids, mask, positions, cache, feeds, msav_rows, embeds)
         cache.advance(n)
         return out, (None if out.harm_logit is None else float(out.harm_logit[0, -1]))
 

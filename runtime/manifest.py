@@ -135,6 +135,27 @@ class ImageInfo:
     mean: Optional[tuple[float, float, float]]
     std: Optional[tuple[float, float, float]]
     convert_rgb: bool
+    # Gemma 3: templates write a marker other than the image token, each image becomes prefix + image tokens + suffix
+    # (text, tokenized with the prompt), and an image's tokens see each other both ways at prefill.
+    marker: Optional[str] = None  # what a chat template or prompt writes once per image; None = image_token
+    prefix: str = ""
+    suffix: str = ""
+    bidirectional: bool = False
+
+    @property
+    def pixel_size(self) -> tuple[int, int]:
+        """(height, width) of the pixel values the vision graph takes."""
+        if self.crop is not None:
+            return self.crop
+        return (self.size[0], self.size[0]) if len(self.size) == 1 else (self.size[0], self.size[1])
+
+    @property
+    def placeholder(self) -> str:
+        return self.marker or self.image_token
+
+    def expansion(self) -> str:
+        """The text one image's placeholder becomes."""
+        return self.prefix + self.image_token * self.tokens_per_image + self.suffix
 
 
 @dataclass(frozen=True)

@@ -30,3 +30,13 @@ def tree_mask(past_len: int, rows: int, dtype=np.float32) -> np.ndarray:
     mask = np.zeros((1, 1, rows, past_len + rows), dtype=dtype)
     mask[0, 0, :, past_len:] = np.where(np.eye(rows, dtype=bool), 0.0, blocked).astype(dtype)
     return mask
+
+
+def both_ways(mask: np.ndarray, runs: list[tuple[int, int]]) -> np.ndarray:
+    """``mask`` with the call's rows in each [start, end) run seeing each other in both directions (Gemma 3's image
+    tokens at prefill; sliding layers still apply their window on top, masks.windowed)."""
+    out = mask.copy()
+    past = mask.shape[3] - mask.shape[2]
+    for start, end in runs:
+        out[0, 0, start:end, past + start : past + end] = 0
+    return out

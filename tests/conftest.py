@@ -22,7 +22,9 @@ CORPUS = [
 ] * 4
 
 
-def build_tokenizer(out: Path):
+def build_tokenizer(out: Path, marker: str = "<image>", extra_tokens=("<image>",)):
+    """A byte-level BPE over CORPUS; ``extra_tokens`` are added as special tokens, ``marker`` is what the chat
+    template writes for an image part."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -34,8 +36,8 @@ def build_tokenizer(out: Path):
     tok.train_from_iterator(CORPUS, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
                                    pad_token="<|im_end|>", unk_token="<unk>")
-    fast.add_special_tokens({"additional_special_tokens": ["<image>"]})  # last id
-    fast.chat_template = CHAT_TEMPLATE
+    fast.add_special_tokens({"additional_special_tokens": list(extra_tokens)})  # the last ids
+    fast.chat_template = CHAT_TEMPLATE.replace("<image>", marker)
     fast.save_pretrained(str(out))
     return fast
 
@@ -53,13 +55,15 @@ def build_checkpoint(arch: str, variant: str, out: Path) -> Path:
 
     from safesteer_models import family_class
 
-    tok = build_tokenizer(out)
-    cfg = family_class(arch).tiny_configs(len(tok))[variant]
+    family = family_class(arch)
+    tok = build_tokenizer(out, family.tiny_marker, tuple(family.tiny_tokens.values()))
+    cfg = family.tiny_configs(len(tok))[variant]
     text_cfg = getattr(cfg, "text_config", cfg)
     for c in {id(cfg): cfg, id(text_cfg): text_cfg}.values():
         c.bos_token_id, c.eos_token_id, c.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
-    if hasattr(cfg, "image_token_id"):
-        cfg.image_token_id = tok.convert_tokens_to_ids("<image>")
+    if hasattr(cfg, "vision_config"):
+        for attr, token in family.tiny_tokens.items():
+            setattr(cfg, attr, tok.convert_tokens_to_ids(token))
     cfg.architectures = [arch]
     torch.manual_seed(1234)
     model = getattr(transformers, arch)(cfg).eval()
@@ -69,13 +73,7 @@ def build_checkpoint(arch: str, variant: str, out: Path) -> Path:
                 p.normal_(0.0, 0.15)
     model.save_pretrained(str(out))
     if hasattr(cfg, "vision_config"):
-        from transformers import CLIPImageProcessorPil, SiglipImageProcessorPil
-
-        if cfg.vision_config.model_type == "siglip_vision_model":
-            proc = SiglipImageProcessorPil(size={"height": 28, "width": 28})
-        else:
-            proc = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 28, "width": 28})
-        proc.save_pretrained(str(out))
+        family.tiny_processor(cfg).save_pretrained(str(out))
     return out
 
 

@@ -33,8 +33,11 @@ test_image.__test__ = False  # a helper, not a test
 
 
 def hf_greedy(model, ids, pixel_values=None, n=NEW_TOKENS):
-    kwargs = {"pixel_values": torch.from_numpy(pixel_values)} if pixel_values is not None else {}
-    out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, **kwargs)
+    from safesteer_models import family_for
+
+    input_ids = torch.tensor([ids])
+    kwargs = {} if pixel_values is None else family_for(model).hf_image_kwargs(input_ids, torch.from_numpy(pixel_values))
+    out = model.generate(input_ids, max_new_tokens=n, do_sample=False, **kwargs)
     return out[0, len(ids):].tolist()
 
 

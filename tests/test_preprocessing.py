@@ -8,7 +8,7 @@ from PIL import Image
 
 from safesteer_runtime.errors import InputError
 from safesteer_runtime.images import preprocess
-from safesteer_runtime.manifest import TokenizerInfo
+from safesteer_runtime.manifest import ImageInfo, TokenizerInfo
 from safesteer_runtime.text import ChatTemplate
 from safesteer_rt import Generator
 
@@ -16,45 +16,66 @@ SIZES = [(224, 224), (300, 200), (199, 401), (17, 23), (640, 480)]  # (width, he
 
 
 def processors():
-    from transformers import CLIPImageProcessorPil, SiglipImageProcessorPil
+    from transformers import CLIPImageProcessorPil, Gemma3ImageProcessorPil, SiglipImageProcessorPil
 
     return {
         "clip-336": CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}),
         "siglip-384": SiglipImageProcessorPil(size={"height": 384, "width": 384}),
         "dinov2-224": CLIPImageProcessorPil(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224},
                                            image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]),
+        "gemma3-896": Gemma3ImageProcessorPil(size={"height": 896, "width": 896}),
     }
 
 
-@pytest.mark.parametrize("name", ["clip-336", "siglip-384", "dinov2-224"])
+@pytest.mark.parametrize("name", list(processors()))
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "L"])
 def test_pixels_match_hf_processor(tmp_path, name, size, mode):
-    import torch
-    from transformers import LlavaConfig
-
-    from safesteer_models.llava import LlavaFamily
+    from safesteer_models.image_processing import load_processor, preprocessing_fields
 
     proc = processors()[name]
-    proc.save_pretrained(str(tmp_path))
+    proc.save_pretrained(str(tmp_path))  # read back as an exporter reads a checkpoint's processor
     rng = np.random.default_rng(hash((name, size, mode)) % 2**32)
     channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
     arr = rng.integers(0, 256, size=(size[1], size[0], channels), dtype=np.uint8)
     image = Image.fromarray(arr.squeeze(-1) if channels == 1 else arr, mode)
-
-    class _Tok:
-        @staticmethod
-        def convert_ids_to_tokens(i):
-            return "<image>"
-
-    family = LlavaFamily.__new__(LlavaFamily)  # image_info only needs the processor and a vision module
-    family.model = type("M", (), {"config": LlavaConfig(image_token_id=5)})()
-    family.vision_module = lambda: (lambda px: torch.zeros(px.shape[0], 7, 4))
-    info = family.image_info(tmp_path, _Tok())
+    info = ImageInfo(image_token="<image>", image_token_id=5, tokens_per_image=1,
+                     **preprocessing_fields(load_processor(tmp_path)))
     want = proc(images=image, return_tensors="np")["pixel_values"][0]
     got = preprocess(image, info)
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_gemma3_prompt_and_reply_match_hf_processor(tiny):
+    """Two images of different sizes through Gemma3Processor (prompt ids, pixels, token_type_ids) and HF generate
+    == the Generator's own prompt expansion, preprocessing and bidirectional image attention."""
+    import torch
+    from transformers import AutoImageProcessor, AutoTokenizer, Gemma3Processor
+
+    from test_parity_tiny import hf_model, test_image
+
+    arch, variant = "Gemma3ForConditionalGeneration", "siglip"
+    ckpt = tiny.checkpoint(arch, variant)
+    gen = Generator(tiny.artifact(arch, variant, 2))
+    tok = AutoTokenizer.from_pretrained(str(ckpt))  # a real Gemma 3 tokenizer names these tokens itself
+    tok.boi_token, tok.eoi_token, tok.image_token = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
+    tok.boi_token_id, tok.image_token_id = (tok.convert_tokens_to_ids(t) for t in (tok.boi_token, tok.image_token))
+    proc = Gemma3Processor(image_processor=AutoImageProcessor.from_pretrained(str(ckpt)), tokenizer=tok,
+                           image_seq_length=gen.manifest.image.tokens_per_image)
+    images = [test_image(1, (80, 40)), test_image(2, (23, 61))]
+    parts = [{"type": "image"}, {"type": "text", "text": "Compare"}, {"type": "image"}, {"type": "text", "text": "now."}]
+    text = gen.chat.render([{"role": "user", "content": parts}])
+    want = proc(text=text, images=images, return_tensors="pt")
+    content = [dict(p, image=images[0 if i == 0 else 1]) if p["type"] == "image" else p for i, p in enumerate(parts)]
+    result = gen.generate([{"role": "user", "content": content}], max_new_tokens=24)
+    assert result.prompt_ids == want["input_ids"][0].tolist()
+    assert want["token_type_ids"].sum() == 2 * gen.manifest.image.tokens_per_image
+    got_pixels = np.stack([preprocess(im, gen.manifest.image) for im in images])
+    np.testing.assert_allclose(got_pixels, want["pixel_values"].numpy(), atol=1e-5)
+    model = hf_model(ckpt)
+    out = model.generate(**want, max_new_tokens=24, do_sample=False)
+    assert result.token_ids == out[0, want["input_ids"].shape[1]:].tolist()
 
 
 def test_chat_template_matches_transformers(tiny):
