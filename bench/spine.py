@@ -56,9 +56,9 @@ def time_transformers(ckpt: Path, prompt_ids: list[int], new_tokens: int, runs: 
         model.generate(ids, max_new_tokens=4, do_sample=False)
         for _ in range(runs):
             t0 = time.perf_counter()
-            out = model.generate(ids, max_new_tokens=1, do_sample=False, min_new_tokens=1)
+            model.generate(ids, max_new_tokens=1, do_sample=False, min_new_tokens=1)
             t1 = time.perf_counter()
-            out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens)
+            model.generate(ids, max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens)
             t2 = time.perf_counter()
             speeds.append((new_tokens - 1) / ((t2 - t1) - (t1 - t0)))
     return statistics.median(speeds)

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Optional
 
 from safesteer_runtime.errors import ConfigError
 

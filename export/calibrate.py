@@ -18,8 +18,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from safesteer_runtime.image_tokens import expand_text
-from safesteer_runtime.images import preprocess
+from safesteer_runtime.image_tokens import with_images
 from safesteer_runtime.text import ChatTemplate, render_messages
 
 from .judges import KeywordJudge
@@ -67,15 +66,17 @@ class FeatureReader:
         self.family, self.tokenizer, self.chat, self.image_info = family, tokenizer, chat, image_info
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    def prompt_ids(self, messages) -> list[int]:
+    def prompt(self, messages) -> tuple[list[int], Optional[np.ndarray]]:
+        """(prompt ids with every image's tokens written out, the pixel values of its vision calls or None)."""
         placeholder = self.image_info.placeholder if self.image_info else None
         if self.chat is not None:
             text, images = render_messages(self.chat, messages, placeholder)
         else:
             text, images = messages[-1]["content"] if isinstance(messages[-1]["content"], str) else "", []
+        pixels = None
         if images:
-            text = expand_text(text, self.image_info, len(images))
-        return self.tokenizer(text, add_special_tokens=self.chat is None)["input_ids"]
+            text, pixels = with_images(text, images, self.image_info)
+        return self.tokenizer(text, add_special_tokens=self.chat is None)["input_ids"], pixels
 
     @torch.no_grad()
     def read(self, batch_ids: list[list[int]], steps: int, pixel_values=None) -> tuple[np.ndarray, list[str]]:
@@ -111,7 +112,7 @@ class FeatureReader:
         feats, replies = [], []
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
-            ids = [self.prompt_ids([{"role": "user", "content": p.text}]) for p in chunk]
+            ids = [self.prompt([{"role": "user", "content": p.text}])[0] for p in chunk]
             f, r = self.read(ids, steps)
             feats.append(f)
             replies += r
@@ -123,9 +124,8 @@ class FeatureReader:
         for p in prompts:
             image = render_request(p.text)
             content = [{"type": "image", "image": image}, {"type": "text", "text": NEUTRAL_INSTRUCTION}]
-            ids = self.prompt_ids([{"role": "user", "content": content}])
-            pixels = torch.from_numpy(preprocess(image, self.image_info)[None])
-            rows.append(self.read([ids], 1, pixel_values=pixels)[0][layer, 0, 0])
+            ids, pixels = self.prompt([{"role": "user", "content": content}])
+            rows.append(self.read([ids], 1, pixel_values=torch.from_numpy(pixels))[0][layer, 0, 0])
             tick(1)
         return np.stack(rows)
 

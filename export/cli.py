@@ -151,7 +151,7 @@ def main(argv=None) -> int:
                 f" of {q['greedy_tokens']}, perplexity {q['perplexity_float32']:.2f} -> {q['perplexity_quantized']:.2f}")
         if "probe_auroc_quantized" in q:
             line += f", probe AUROC {q['probe_auroc_float32']:.3f} -> {q['probe_auroc_quantized']:.3f}"
-        print(line + f" (quantization.json)")
+        print(line + " (quantization.json)")
     return 0
 
 

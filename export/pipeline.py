@@ -194,7 +194,7 @@ def _export_float32(cfg: ExportConfig, progress: Optional[Callable[[str], None]]
 
     image_hw = image_info.pixel_size if image_info is not None else None
     ids, pixels = sample_inputs(family, image_info, image_hw)
-    ref = reference(family, ids, pixels) if cfg.validate else None
+    ref = reference(family, ids, pixels, image_info) if cfg.validate else None
 
     entries: list[m.GraphEntry] = []
     checks: list[Callable[[ValidationReport], None]] = []  # run once the checkpoint is released

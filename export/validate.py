@@ -16,7 +16,8 @@ import torch
 
 from safesteer_runtime import manifest as m
 from safesteer_runtime.errors import ExportValidationError
-from safesteer_runtime.masks import causal_mask, windowed
+from safesteer_runtime.image_tokens import image_runs
+from safesteer_runtime.masks import both_ways, causal_mask, windowed
 
 RTOL = 1e-4  # of the reference's largest magnitude
 ATOL = 1e-4
@@ -31,6 +32,7 @@ class Reference:
     layer_inputs: list[np.ndarray]  # hidden state entering layer i
     last_hidden: np.ndarray  # leaving the last layer, before the final norm
     logits: np.ndarray
+    both_ways: list[tuple[int, int]]  # image runs that attend both ways at prefill (ImageInfo.bidirectional)
 
 
 @dataclass
@@ -66,7 +68,8 @@ def sample_inputs(family, image_info, image_hw, seed: int = 0):
 
 
 @torch.no_grad()
-def reference(family, input_ids: np.ndarray, pixel_values: np.ndarray | None) -> Reference:
+def reference(family, input_ids: np.ndarray, pixel_values: np.ndarray | None, image_info=None) -> Reference:
+    """The checkpoint's own outputs on the sample, with the images given as the family's HF model takes them."""
     layers = family.text.layers
     inputs: dict[int, np.ndarray] = {}
     outputs: dict[int, np.ndarray] = {}
@@ -85,17 +88,17 @@ def reference(family, input_ids: np.ndarray, pixel_values: np.ndarray | None) ->
     handles = [layer.register_forward_pre_hook(grab_in(i), with_kwargs=True) for i, layer in enumerate(layers)]
     handles += [layers[-1].register_forward_hook(grab_out(len(layers) - 1))]
     try:
-        kwargs = {"input_ids": torch.from_numpy(input_ids), "use_cache": False}
-        if pixel_values is not None:
-            kwargs["pixel_values"] = torch.from_numpy(pixel_values)
-        logits = family.model(**kwargs).logits.numpy()
+        ids = torch.from_numpy(input_ids)
+        kwargs = {} if pixel_values is None else family.hf_image_kwargs(ids, torch.from_numpy(pixel_values))
+        logits = family.model(input_ids=ids, use_cache=False, **kwargs).logits.numpy()
     finally:
         for h in handles:
             h.remove()
     embeds = family.embed(torch.from_numpy(input_ids)).numpy()
     features = None if pixel_values is None else family.vision_module()(torch.from_numpy(pixel_values)).numpy()
+    runs = image_runs(input_ids[0], image_info.image_token_id) if image_info and image_info.bidirectional else []
     return Reference(input_ids, pixel_values, embeds, features, [inputs[i] for i in range(len(layers))],
-                     outputs[len(layers) - 1], logits)
+                     outputs[len(layers) - 1], logits, runs)
 
 
 def _session(path) -> ort.InferenceSession:
@@ -129,6 +132,8 @@ def validate_block(report: ValidationReport, path, ref: Reference, *, first: int
     def feeds(start: int, stop: int, past: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = stop - start
         mask, positions = causal_mask(start, rows), np.arange(start, stop, dtype=np.int64)[None]
+        if start == 0:
+            mask = both_ways(mask, ref.both_ways)
         f = {m.INPUT_IDS if m.INPUT_IDS in wanted else m.HIDDEN_IN: source[:, start:stop],
              m.ATTENTION_MASK: mask, m.POSITION_IDS: positions,
              m.HEAD_ROWS: np.arange(rows, dtype=np.int64), m.TOP_K: np.array([k], np.int64), **past}

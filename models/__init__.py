@@ -8,7 +8,8 @@ preprocessed. ``family_for`` looks one up by the checkpoint's ``architectures`` 
 from .registry import family_for, family_class, register, supported_architectures
 from . import llama as _llama  # noqa: F401  (registers LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM)
 from . import phi3 as _phi3  # noqa: F401  (registers Phi3ForCausalLM)
-from . import gemma as _gemma  # noqa: F401  (registers Gemma2ForCausalLM, Gemma3ForCausalLM)
+from . import gemma as _gemma  # noqa: F401  (Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3ForConditionalGeneration)
+from . import idefics3 as _idefics3  # noqa: F401  (Idefics3ForConditionalGeneration, SmolVLMForConditionalGeneration)
 from . import llava as _llava  # noqa: F401  (registers LlavaForConditionalGeneration)
 
 __all__ = ["family_for", "family_class", "register", "supported_architectures"]

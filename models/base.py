@@ -24,6 +24,12 @@ class TextStack:
     rotary: nn.Module
 
 
+def inner_text_stack(model, lm) -> TextStack:
+    """The language model ``lm`` inside a multimodal checkpoint (its head is the checkpoint's lm_head)."""
+    return TextStack(config=model.config.text_config, embed_tokens=lm.embed_tokens, layers=lm.layers, norm=lm.norm,
+                     lm_head=model.lm_head, rotary=lm.rotary_emb)
+
+
 def check_rope(cfg) -> None:
     """The graphs look RoPE rows up in tables computed once for every position; scalings whose frequencies depend
     on the sequence length (dynamic NTK, LongRoPE) or that rotate only part of each head cannot be tabled so."""
@@ -118,6 +124,7 @@ class Family:
     # --- tests ---------------------------------------------------------------------------------
     tiny_tokens: ClassVar[dict[str, str]] = {"image_token_id": "<image>"}  # config attribute -> special token
     tiny_marker: ClassVar[str] = "<image>"  # what the tiny chat template writes for an image part
+    tiny_extra_tokens: ClassVar[tuple[str, ...]] = ()  # more special tokens the family's prompts use
 
     @staticmethod
     def tiny_processor(cfg):

@@ -13,7 +13,7 @@ import torch
 from safesteer_runtime.errors import UnsupportedArchitectureError
 from safesteer_runtime.manifest import ImageInfo
 
-from .base import TextStack
+from .base import TextStack, inner_text_stack
 from .image_processing import load_processor, preprocessing_fields
 from .llama import LlamaFamily
 from .onnx_ops import attention, rms_norm, rotary
@@ -96,9 +96,7 @@ class Gemma3Family(Gemma3TextFamily):
     name = "gemma3"
 
     def text_stack(self) -> TextStack:
-        lm = self.model.model.language_model
-        return TextStack(config=self.model.config.text_config, embed_tokens=lm.embed_tokens, layers=lm.layers,
-                         norm=lm.norm, lm_head=self.model.lm_head, rotary=lm.rotary_emb)
+        return inner_text_stack(self.model, self.model.model.language_model)
 
     def vision_module(self) -> torch.nn.Module:
         return Gemma3Vision(self.model.model.vision_tower, self.model.model.multi_modal_projector).eval()

@@ -14,8 +14,9 @@ def load_processor(model_dir: Path):
     return AutoImageProcessor.from_pretrained(str(model_dir), local_files_only=True)
 
 
-def preprocessing_fields(proc) -> dict:
-    size = dict(proc.size)
+def preprocessing_fields(proc, size: dict | None = None) -> dict:
+    """``size``: the resize target when the processor's own size is not one (tiled families pass the tile's)."""
+    size = dict(size or proc.size)
     if size.get("shortest_edge"):
         resize, dims = "shortest_edge", (int(size["shortest_edge"]),)
     else:
@@ -35,4 +36,3 @@ def preprocessing_fields(proc) -> dict:
         std=tuple(float(x) for x in proc.image_std) if proc.do_normalize else None,
         convert_rgb=bool(getattr(proc, "do_convert_rgb", True)),
     )
-

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from safesteer_runtime.errors import UnsupportedArchitectureError
+
 from .base import Family, TextStack
 from .onnx_ops import attention, rms_norm, rotary, skip_rms_norm
 from .registry import register
@@ -27,8 +29,6 @@ def llama_layer_forward(layer, hidden, mask, rope, past_k, past_v):
 def attention_window(cfg) -> tuple[int | None, frozenset[int]]:
     """(the sliding window, the layers that use it); (None, {}) when every layer attends fully. Sliding layers
     read the blocks' sliding_attention_mask, which the runtime builds from the full mask (masks.windowed)."""
-    from safesteer_runtime.errors import UnsupportedArchitectureError
-
     kinds = list(getattr(cfg, "layer_types", None) or [])
     if set(kinds) - {"full_attention", "sliding_attention"}:
         raise UnsupportedArchitectureError(f"{cfg.model_type} layer kinds {sorted(set(kinds))} are not supported yet")
@@ -108,3 +108,19 @@ class MistralFamily(LlamaFamily):
 
 # Text families a multimodal wrapper (LLaVA) can hold, by the text config's model_type.
 TEXT_FAMILIES = {cls.model_type: cls for cls in (LlamaFamily, Qwen2Family)}
+
+
+class WithLlamaText(Family):
+    """A multimodal checkpoint whose language model is one of TEXT_FAMILIES (LLaVA, Idefics3)."""
+
+    def __init__(self, model):
+        text_type = model.config.text_config.model_type
+        if text_type not in TEXT_FAMILIES:
+            raise UnsupportedArchitectureError(f"{self.architectures[0]} with a {text_type!r} language model is not "
+                                               f"supported; supported: {sorted(TEXT_FAMILIES)}")
+        self._text_family = TEXT_FAMILIES[text_type]
+        super().__init__(model)
+        self.window, self.sliding_layers = attention_window(self.text.config)
+
+    def layer_forward(self, layer, hidden, mask, rope, past_k, past_v):
+        return self._text_family.layer_forward(layer, hidden, mask, rope, past_k, past_v)

@@ -12,9 +12,9 @@ from torch import nn
 from safesteer_runtime.errors import UnsupportedArchitectureError
 from safesteer_runtime.manifest import ImageInfo
 
-from .base import Family, TextStack
+from .base import TextStack, inner_text_stack
 from .image_processing import load_processor, preprocessing_fields
-from .llama import TEXT_FAMILIES, attention_window
+from .llama import WithLlamaText
 from .registry import register
 
 VISION_TOWERS = ("clip_vision_model", "siglip_vision_model", "dinov2")
@@ -40,38 +40,18 @@ class LlavaVision(nn.Module):
 
 
 @register("LlavaForConditionalGeneration")
-class LlavaFamily(Family):
+class LlavaFamily(WithLlamaText):
     name = "llava"
 
     def __init__(self, model: nn.Module):
-        cfg = model.config
-        text_type = cfg.text_config.model_type
-        if text_type not in TEXT_FAMILIES:
+        tower = model.config.vision_config.model_type
+        if tower not in VISION_TOWERS:
             raise UnsupportedArchitectureError(
-                f"LLaVA with a {text_type!r} language model is not supported; supported: {sorted(TEXT_FAMILIES)}"
-            )
-        if cfg.vision_config.model_type not in VISION_TOWERS:
-            raise UnsupportedArchitectureError(
-                f"LLaVA with a {cfg.vision_config.model_type!r} vision tower is not supported; "
-                f"supported: {list(VISION_TOWERS)}"
-            )
-        self._text_family = TEXT_FAMILIES[text_type]
+                f"LLaVA with a {tower!r} vision tower is not supported; supported: {list(VISION_TOWERS)}")
         super().__init__(model)
-        self.window, self.sliding_layers = attention_window(self.text.config)
 
     def text_stack(self) -> TextStack:
-        lm = self.model.model.language_model
-        return TextStack(
-            config=self.model.config.text_config,
-            embed_tokens=lm.embed_tokens,
-            layers=lm.layers,
-            norm=lm.norm,
-            lm_head=self.model.lm_head,
-            rotary=lm.rotary_emb,
-        )
-
-    def layer_forward(self, layer, hidden, mask, rope, past_k, past_v):
-        return self._text_family.layer_forward(layer, hidden, mask, rope, past_k, past_v)
+        return inner_text_stack(self.model, self.model.model.language_model)
 
     def vision_module(self) -> nn.Module:
         cfg = self.model.config

@@ -17,7 +17,7 @@ from . import manifest as m
 from .engine import Engine, StepOut
 from .errors import ConfigError, InputError, PromptTooLongError
 from .image_tokens import expand_ids, expand_text, image_runs
-from .images import ImageLike, preprocess
+from .images import ImageLike, prepare
 from .kv_cache import DeviceKVCache, KVCache
 from .masks import both_ways, causal_mask, tree_mask
 from .sampling import Sampler, SamplingConfig
@@ -66,7 +66,7 @@ class GenerationResult:
 @dataclass
 class _Request:
     ids: list[int]
-    pixels: Optional[np.ndarray]  # [num_images, 3, H, W]
+    pixels: Optional[np.ndarray]  # [vision calls, 3, H, W]: every image (or its tiles) in prompt order
 
 
 class Generator:
@@ -141,41 +141,37 @@ class Generator:
         if sum(given) != 1:
             raise InputError("pass exactly one of messages, prompt= or prompt_ids=")
         images = list(images or [])
-        image_info = self.manifest.image
+        info = self.manifest.image
         if messages is not None:
             if self.chat is None:
                 raise InputError("this artifact has no chat template; pass prompt= or prompt_ids= instead of messages")
-            text, found = render_messages(self.chat, messages, image_info.placeholder if image_info else None)
+            text, found = render_messages(self.chat, messages, info.placeholder if info else None)
             images = found + images
-            ids = self.codec.encode(self._with_images(text, images), add_bos=False)
         elif prompt is not None:
             if not isinstance(prompt, str):
                 raise InputError(f"prompt must be a string, got {type(prompt).__name__}")
-            if images and image_info is not None and image_info.placeholder not in prompt:
-                prompt = image_info.placeholder * len(images) + "\n" + prompt
-            ids = self.codec.encode(self._with_images(prompt, images), add_bos=self.manifest.tokenizer.add_bos_token)
-        else:
+            text = prompt
+            if images and info is not None and info.placeholder not in prompt:
+                text = info.placeholder * len(images) + "\n" + prompt
+        if images and info is None:
+            raise InputError("this artifact has no vision graph (text-only model); remove the images")
+        prepared = [prepare(image, info) for image in images]
+        if prompt_ids is not None:
             ids = [int(i) for i in prompt_ids]
             vocab = self.manifest.sizes.vocab_size
             bad = [i for i in ids if not 0 <= i < vocab]
             if bad:
                 raise InputError(f"prompt_ids has ids outside the vocabulary [0, {vocab}): {bad[:5]}")
-            if image_info is not None:
-                ids = expand_ids(ids, image_info, len(images))
+            if info is not None:
+                ids = expand_ids(ids, info, [p.text for p in prepared])
+        else:
+            if info is not None:
+                text = expand_text(text, info, [p.text for p in prepared])
+            ids = self.codec.encode(text, add_bos=messages is None and self.manifest.tokenizer.add_bos_token)
         if not ids:
             raise InputError("the prompt is empty")
-        if images and image_info is None:
-            raise InputError("this artifact has no vision graph (text-only model); remove the images")
-        pixels = None
-        if image_info is not None and images:
-            pixels = np.stack([preprocess(img, image_info) for img in images])
+        pixels = np.concatenate([p.pixels for p in prepared]) if prepared else None
         return _Request(ids, pixels)
-
-    def _with_images(self, text: str, images: list) -> str:
-        info = self.manifest.image
-        if info is None:
-            return text
-        return expand_text(text, info, len(images))
 
     def _cache_for(self, capacity: int) -> KVCache | DeviceKVCache:
         if self._cache is None or self._cache.capacity < capacity:

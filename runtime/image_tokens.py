@@ -1,18 +1,21 @@
-"""Where images sit in a prompt: each placeholder becomes the model's run of image tokens (the slots the vision
-features fill), and which positions of a prompt belong to which image."""
+"""Where images sit in a prompt: each placeholder becomes the model's image tokens (the slots the vision features
+fill) with the family's text around them, and which positions of a prompt belong to which image."""
 
 from __future__ import annotations
+
+from typing import Optional, Sequence
 
 import numpy as np
 
 from .errors import InputError
+from .images import ImageLike, prepare
 from .manifest import ImageInfo
 
 
-def _already_expanded(count: int, num_images: int, info: ImageInfo) -> bool:
+def _already_expanded(count: int, expansions: Sequence[str], info: ImageInfo) -> bool:
     """A processor's output (every image's tokens written out) rather than one placeholder per image."""
-    return num_images > 0 and count == num_images * info.tokens_per_image and (
-        info.tokens_per_image > 1 or info.marker is not None)
+    total = sum(e.count(info.image_token) for e in expansions)
+    return bool(expansions) and count == total and (total > len(expansions) or info.marker is not None)
 
 
 def _check_count(found: int, num_images: int, info: ImageInfo) -> None:
@@ -23,30 +26,38 @@ def _check_count(found: int, num_images: int, info: ImageInfo) -> None:
         )
 
 
-def expand_text(text: str, info: ImageInfo, num_images: int) -> str:
-    """Each placeholder -> prefix + image tokens + suffix, before tokenizing (as the HF processors do: the prefix and
-    suffix text tokenizes together with its neighbours)."""
-    if _already_expanded(text.count(info.image_token), num_images, info):
+def expand_text(text: str, info: ImageInfo, expansions: Sequence[str]) -> str:
+    """The i-th placeholder -> ``expansions[i]`` (what images.prepare says image i becomes), before tokenizing, as
+    the HF processors do (text around the image tokens tokenizes together with its neighbours)."""
+    if _already_expanded(text.count(info.image_token), expansions, info):
         return text
-    _check_count(text.count(info.placeholder), num_images, info)
-    return text.replace(info.placeholder, info.expansion()) if num_images else text
+    _check_count(text.count(info.placeholder), len(expansions), info)
+    pieces = text.split(info.placeholder)
+    return pieces[0] + "".join(e + rest for e, rest in zip(expansions, pieces[1:]))
 
 
-def expand_ids(ids: list[int], info: ImageInfo, num_images: int) -> list[int]:
-    """prompt_ids given directly: each image token id -> tokens_per_image copies (models without prefix/suffix text);
-    ids already expanded pass through."""
-    if _already_expanded(sum(1 for i in ids if i == info.image_token_id), num_images, info):
+def expand_ids(ids: list[int], info: ImageInfo, expansions: Sequence[str]) -> list[int]:
+    """prompt_ids given directly: each image token id -> tokens_per_image copies (models whose images are only
+    image tokens); ids already expanded pass through."""
+    if _already_expanded(sum(1 for i in ids if i == info.image_token_id), expansions, info):
         return ids
-    if info.marker is not None or info.prefix or info.suffix:
+    if any(e != info.image_token * info.tokens_per_image for e in expansions) or info.marker is not None:
         raise InputError(
-            f"this model wraps each image in text ({info.prefix!r} ... {info.suffix!r}); pass prompt= or messages= "
-            "(or prompt_ids with every image's tokens already written out, as its processor makes them)"
+            "this model writes text around each image's tokens; pass prompt= or messages= (or prompt_ids with every "
+            "image's tokens already written out, as its processor makes them)"
         )
-    _check_count(sum(1 for i in ids if i == info.image_token_id), num_images, info)
+    _check_count(sum(1 for i in ids if i == info.image_token_id), len(expansions), info)
     out: list[int] = []
     for i in ids:
         out.extend([i] * info.tokens_per_image if i == info.image_token_id else [i])
     return out
+
+
+def with_images(text: str, images: Sequence[ImageLike], info: ImageInfo) -> tuple[str, Optional[np.ndarray]]:
+    """(the prompt with every image's tokens written out, the pixel values of all vision calls in prompt order)."""
+    prepared = [prepare(image, info) for image in images]
+    text = expand_text(text, info, [p.text for p in prepared])
+    return text, (np.concatenate([p.pixels for p in prepared]) if prepared else None)
 
 
 def image_runs(ids: np.ndarray, image_token_id: int) -> list[tuple[int, int]]:

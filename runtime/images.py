@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
@@ -70,24 +71,50 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def preprocess(image: ImageLike, info: ImageInfo) -> np.ndarray:
-    """-> pixel values [3, H, W] float32."""
+def decode(image: ImageLike, info: ImageInfo) -> Image.Image:
+    """A non-empty PIL image, in RGB when the processor converts."""
     img = load_image(image)
     if img.width == 0 or img.height == 0:
         raise ImageError(f"image has zero size ({img.width}x{img.height})")
-    if info.convert_rgb:
-        img = to_rgb(img)
-    if info.resize != "none":
-        height, width = _resize_shape(img.height, img.width, info)
-        img = img.resize((width, height), resample=_RESAMPLE[info.resample])
-    pixels = np.asarray(img)
+    return to_rgb(img) if info.convert_rgb else img
+
+
+def resize(img: Image.Image, height: int, width: int, info: ImageInfo) -> Image.Image:
+    return img.resize((width, height), resample=_RESAMPLE[info.resample])
+
+
+def normalize(pixels: np.ndarray, info: ImageInfo) -> np.ndarray:
+    """uint8 [H, W(, C)] -> rescaled, normalised float32 [C, H, W]."""
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]
-    if info.crop is not None:
-        pixels = _center_crop(pixels, *info.crop)
     out = pixels.astype(np.float32)
     if info.rescale_factor is not None:
         out = (pixels.astype(np.float64) * info.rescale_factor).astype(np.float32)
     if info.mean is not None:
         out = (out - np.asarray(info.mean, np.float32)) / np.asarray(info.std, np.float32)
     return np.ascontiguousarray(out.transpose(2, 0, 1), dtype=np.float32)
+
+
+def preprocess(image: ImageLike, info: ImageInfo) -> np.ndarray:
+    """One vision call's pixel values [3, H, W] float32 (images that are not tiled)."""
+    img = decode(image, info)
+    if info.resize != "none":
+        img = resize(img, *_resize_shape(img.height, img.width, info), info)
+    pixels = np.asarray(img)
+    if info.crop is not None:
+        pixels = _center_crop(pixels if pixels.ndim == 3 else pixels[:, :, None], *info.crop)
+    return normalize(pixels, info)
+
+
+@dataclass
+class PreparedImage:
+    pixels: np.ndarray  # [vision calls, 3, H, W]: the image, or its tiles
+    text: str  # what the image's placeholder becomes in the prompt
+
+
+def prepare(image: ImageLike, info: ImageInfo) -> PreparedImage:
+    if info.tiling is not None:
+        from .tiling import prepare_tiled
+
+        return prepare_tiled(decode(image, info), info)
+    return PreparedImage(preprocess(image, info)[None], info.expansion())

@@ -121,12 +121,24 @@ class TokenizerInfo:
 
 
 @dataclass(frozen=True)
+class Tiling:
+    """Images cut into tiles, each one vision call (runtime/tiling.py). kind "idefics3" (Idefics3 / SmolVLM): resize
+    so the longest edge is ``longest_edge``, then up to multiples of ``tile``; tiles of tile x tile in rows, then the
+    whole image at tile x tile; each image's text lists its tiles by row and column."""
+
+    kind: str
+    tile: int
+    longest_edge: Optional[int]  # None: the processor does not resize first
+    split: bool  # False: the whole image only, resized to tile x tile
+
+
+@dataclass(frozen=True)
 class ImageInfo:
     """Image preprocessing equal to the model's HF image processor, and how images enter the prompt."""
 
     image_token: str  # the placeholder a chat template writes once per image
     image_token_id: int
-    tokens_per_image: int  # the placeholder expands to this many ids, one per image feature
+    tokens_per_image: int  # image tokens per vision call: per image, or per tile of a tiled image
     resize: str  # "shortest_edge" | "exact" | "none"
     size: tuple[int, ...]  # (shortest_edge,) or (height, width)
     resample: str  # "nearest" | "bilinear" | "bicubic" | "lanczos"
@@ -141,6 +153,7 @@ class ImageInfo:
     prefix: str = ""
     suffix: str = ""
     bidirectional: bool = False
+    tiling: Optional[Tiling] = None  # None: one vision call per image at pixel_size
 
     @property
     def pixel_size(self) -> tuple[int, int]:

@@ -49,6 +49,21 @@ def tiny_variants() -> list[tuple[str, str]]:
     return [(arch, variant) for arch in supported_architectures() for variant in family_class(arch).tiny_configs(8)]
 
 
+def first_variants() -> list[tuple[str, str]]:
+    """(architecture, its first tiny variant) for every registered family."""
+    firsts: dict[str, str] = {}
+    for arch, variant in tiny_variants():
+        firsts.setdefault(arch, variant)
+    return list(firsts.items())
+
+
+def vision_variants() -> list[tuple[str, str]]:
+    """(architecture, its first tiny variant) for every family with images."""
+    from safesteer_models import family_class
+
+    return [(a, v) for a, v in first_variants() if hasattr(family_class(a).tiny_configs(8)[v], "vision_config")]
+
+
 def build_checkpoint(arch: str, variant: str, out: Path) -> Path:
     import torch
     import transformers
@@ -56,7 +71,7 @@ def build_checkpoint(arch: str, variant: str, out: Path) -> Path:
     from safesteer_models import family_class
 
     family = family_class(arch)
-    tok = build_tokenizer(out, family.tiny_marker, tuple(family.tiny_tokens.values()))
+    tok = build_tokenizer(out, family.tiny_marker, (*family.tiny_tokens.values(), *family.tiny_extra_tokens))
     cfg = family.tiny_configs(len(tok))[variant]
     text_cfg = getattr(cfg, "text_config", cfg)
     for c in {id(cfg): cfg, id(text_cfg): text_cfg}.values():

@@ -54,9 +54,9 @@ def test_greedy_tokens_match_transformers(tiny, arch, variant, block_size):
         image = test_image()
         content = [{"type": "image", "image": image}, {"type": "text", "text": "What is in the picture?"}]
         result = gen.generate([{"role": "user", "content": content}], max_new_tokens=NEW_TOKENS)
-        from safesteer_runtime.images import preprocess
+        from safesteer_runtime.images import prepare
 
-        pixels = preprocess(image, gen.manifest.image)[None]
+        pixels = prepare(image, gen.manifest.image).pixels
         assert result.token_ids == hf_greedy(model, result.prompt_ids, pixels)
 
 

@@ -47,22 +47,57 @@ def test_pixels_match_hf_processor(tmp_path, name, size, mode):
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
-def test_gemma3_prompt_and_reply_match_hf_processor(tiny):
-    """Two images of different sizes through Gemma3Processor (prompt ids, pixels, token_type_ids) and HF generate
-    == the Generator's own prompt expansion, preprocessing and bidirectional image attention."""
-    import torch
-    from transformers import AutoImageProcessor, AutoTokenizer, Gemma3Processor
+TILED = {  # Idefics3's defaults, SmolVLM's (512-pixel tiles), and no splitting
+    "idefics3": dict(size={"longest_edge": 4 * 364}, max_image_size={"longest_edge": 364}),
+    "smolvlm": dict(size={"longest_edge": 4 * 512}, max_image_size={"longest_edge": 512}),
+    "whole": dict(size={"longest_edge": 4 * 364}, max_image_size={"longest_edge": 364}, do_image_splitting=False),
+}
 
+
+@pytest.mark.parametrize("name", list(TILED))
+@pytest.mark.parametrize("size", SIZES + [(1500, 700), (5000, 300), (364, 364)])
+def test_tiles_match_idefics3_processor(tmp_path, name, size):
+    """Pixel values of every tile and the whole image, and the tile grid, = Idefics3ImageProcessorPil."""
+    from transformers import Idefics3ImageProcessorPil
+
+    from safesteer_models.idefics3 import Idefics3Family
+    from safesteer_runtime.images import prepare
+    from safesteer_runtime.tiling import idefics3_text
+
+    proc = Idefics3ImageProcessorPil(**TILED[name])
+    proc.save_pretrained(str(tmp_path))
+    family = Idefics3Family.__new__(Idefics3Family)  # image_info only reads the processor and these config values
+    family.model = type("M", (), {"config": type("C", (), {"image_token_id": 5})(),
+                                  "model": type("I", (), {"image_seq_len": 3})()})()
+    info = family.image_info(tmp_path, type("T", (), {"convert_ids_to_tokens": staticmethod(lambda i: "<image>")}))
+    rng = np.random.default_rng(size[0] * 7 + size[1])
+    image = Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8))
+    want = proc(images=[image], return_tensors="np", return_row_col_info=True)
+    got = prepare(image, info)
+    assert got.pixels.shape == want["pixel_values"][0].shape
+    np.testing.assert_allclose(got.pixels, want["pixel_values"][0], atol=1e-5)
+    assert got.text == idefics3_text(want["rows"][0][0], want["cols"][0][0], info)
+
+
+def _tokenizer_naming(ckpt, **tokens):
+    """The tiny checkpoint's tokenizer with the attributes a real one of the family names its tokens by."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(ckpt))
+    for attr, token in tokens.items():
+        setattr(tok, attr, token)
+        setattr(tok, attr + "_id", tok.convert_tokens_to_ids(token))
+    return tok
+
+
+def _processor_round_trip(tiny, arch, variant, make_processor):
+    """Two images of different sizes through the family's HF processor and HF generate == the Generator's own
+    prompt expansion, preprocessing and reply."""
     from test_parity_tiny import hf_model, test_image
 
-    arch, variant = "Gemma3ForConditionalGeneration", "siglip"
     ckpt = tiny.checkpoint(arch, variant)
     gen = Generator(tiny.artifact(arch, variant, 2))
-    tok = AutoTokenizer.from_pretrained(str(ckpt))  # a real Gemma 3 tokenizer names these tokens itself
-    tok.boi_token, tok.eoi_token, tok.image_token = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
-    tok.boi_token_id, tok.image_token_id = (tok.convert_tokens_to_ids(t) for t in (tok.boi_token, tok.image_token))
-    proc = Gemma3Processor(image_processor=AutoImageProcessor.from_pretrained(str(ckpt)), tokenizer=tok,
-                           image_seq_length=gen.manifest.image.tokens_per_image)
+    proc = make_processor(ckpt, gen.manifest.image)
     images = [test_image(1, (80, 40)), test_image(2, (23, 61))]
     parts = [{"type": "image"}, {"type": "text", "text": "Compare"}, {"type": "image"}, {"type": "text", "text": "now."}]
     text = gen.chat.render([{"role": "user", "content": parts}])
@@ -70,12 +105,36 @@ def test_gemma3_prompt_and_reply_match_hf_processor(tiny):
     content = [dict(p, image=images[0 if i == 0 else 1]) if p["type"] == "image" else p for i, p in enumerate(parts)]
     result = gen.generate([{"role": "user", "content": content}], max_new_tokens=24)
     assert result.prompt_ids == want["input_ids"][0].tolist()
-    assert want["token_type_ids"].sum() == 2 * gen.manifest.image.tokens_per_image
-    got_pixels = np.stack([preprocess(im, gen.manifest.image) for im in images])
-    np.testing.assert_allclose(got_pixels, want["pixel_values"].numpy(), atol=1e-5)
     model = hf_model(ckpt)
     out = model.generate(**want, max_new_tokens=24, do_sample=False)
     assert result.token_ids == out[0, want["input_ids"].shape[1]:].tolist()
+    return want
+
+
+def test_gemma3_prompt_and_reply_match_hf_processor(tiny):
+    """Also: an image's tokens attend both ways (HF: the processor's token_type_ids)."""
+    from transformers import AutoImageProcessor, Gemma3Processor
+
+    def make(ckpt, info):
+        tok = _tokenizer_naming(ckpt, boi_token="<start_of_image>", eoi_token="<end_of_image>",
+                                image_token="<image_soft_token>")
+        return Gemma3Processor(image_processor=AutoImageProcessor.from_pretrained(str(ckpt)), tokenizer=tok,
+                               image_seq_length=info.tokens_per_image)
+
+    want = _processor_round_trip(tiny, "Gemma3ForConditionalGeneration", "siglip", make)
+    assert want["token_type_ids"].sum() == 2 * 16
+
+
+def test_idefics3_prompt_and_reply_match_hf_processor(tiny):
+    """Tiles by row and column plus the whole image, for two images of different aspect ratios."""
+    from transformers import AutoImageProcessor, Idefics3Processor
+
+    def make(ckpt, info):
+        return Idefics3Processor(image_processor=AutoImageProcessor.from_pretrained(str(ckpt)),
+                                 tokenizer=_tokenizer_naming(ckpt), image_seq_len=info.tokens_per_image)
+
+    want = _processor_round_trip(tiny, "Idefics3ForConditionalGeneration", "llama", make)
+    assert want["pixel_values"].shape[1] > 2  # the images were tiled
 
 
 def test_chat_template_matches_transformers(tiny):

@@ -7,8 +7,6 @@ from pathlib import Path
 import subprocess
 import sys
 
-import pytest
-
 from conftest import tiny_variants
 
 
