@@ -66,20 +66,20 @@ class FeatureReader:
         self.family, self.tokenizer, self.chat, self.image_info = family, tokenizer, chat, image_info
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    def prompt(self, messages) -> tuple[list[int], Optional[np.ndarray]]:
-        """(prompt ids with every image's tokens written out, the pixel values of its vision calls or None)."""
+    def prompt(self, messages) -> tuple[list[int], list]:
+        """(prompt ids with every image's tokens written out, the prepared images in prompt order)."""
         placeholder = self.image_info.placeholder if self.image_info else None
         if self.chat is not None:
             text, images = render_messages(self.chat, messages, placeholder)
         else:
             text, images = messages[-1]["content"] if isinstance(messages[-1]["content"], str) else "", []
-        pixels = None
+        prepared = []
         if images:
-            text, pixels = with_images(text, images, self.image_info)
-        return self.tokenizer(text, add_special_tokens=self.chat is None)["input_ids"], pixels
+            text, prepared = with_images(text, images, self.image_info)
+        return self.tokenizer(text, add_special_tokens=self.chat is None)["input_ids"], prepared
 
     @torch.no_grad()
-    def read(self, batch_ids: list[list[int]], steps: int, pixel_values=None) -> tuple[np.ndarray, list[str]]:
+    def read(self, batch_ids: list[list[int]], steps: int, images=()) -> tuple[np.ndarray, list[str]]:
         """-> ([layers, batch, steps, hidden], replies): step 0 = last prompt position, step i = i-th reply
         token; replies = the greedy reply text of each row (``steps`` tokens)."""
         layers = self.family.text.layers
@@ -98,7 +98,7 @@ class FeatureReader:
 
         handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
         try:
-            kwargs = {} if pixel_values is None else self.family.hf_image_kwargs(ids, pixel_values)
+            kwargs = self.family.hf_image_kwargs(ids, images) if images else {}
             out = self.family.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps,
                                              min_new_tokens=steps, do_sample=False, pad_token_id=self.pad, **kwargs)
         finally:
@@ -124,8 +124,8 @@ class FeatureReader:
         for p in prompts:
             image = render_request(p.text)
             content = [{"type": "image", "image": image}, {"type": "text", "text": NEUTRAL_INSTRUCTION}]
-            ids, pixels = self.prompt([{"role": "user", "content": content}])
-            rows.append(self.read([ids], 1, pixel_values=torch.from_numpy(pixels))[0][layer, 0, 0])
+            ids, prepared = self.prompt([{"role": "user", "content": content}])
+            rows.append(self.read([ids], 1, images=prepared)[0][layer, 0, 0])
             tick(1)
         return np.stack(rows)
 

@@ -334,7 +334,7 @@ def export_block(family, first: int, count: int, path: Path, probe_layer: int | 
 
 def export_vision(family, path: Path, image_hw: tuple[int, int]) -> tuple[list[str], list[str]]:
     pixels = torch.randn(1, 3, *image_hw)
-    io_names = ([m.PIXEL_VALUES], [m.IMAGE_FEATURES])
+    io_names = ([m.PIXEL_VALUES], family.vision_outputs())
     axes = {m.PIXEL_VALUES: {0: "num_images"}, m.IMAGE_FEATURES: {0: "num_images"}}
     export_module(family.vision_module(), (pixels,), path, *io_names, axes)
     return io_names

@@ -30,7 +30,7 @@ class TorchSafeSteer:
         self.v = {k: torch.from_numpy(np.asarray(a, np.float32)) for k, a in vectors.items()}
 
     @torch.no_grad()
-    def forward(self, ids: list[int], pixel_values, cfg: SafetyConfig, msav_from: Optional[int]):
+    def forward(self, ids: list[int], images, cfg: SafetyConfig, msav_from: Optional[int]):
         """Logits and harm_logit at every position of ``ids``, with MSAV and correction hooked in."""
         layers = self.family.text.layers
         seen: dict[str, torch.Tensor] = {}
@@ -58,7 +58,7 @@ class TorchSafeSteer:
         handles.append(layers[self.info.probe_layer].register_forward_hook(probe_hook))
         try:
             input_ids = torch.tensor([ids])
-            kwargs = {} if pixel_values is None else self.family.hf_image_kwargs(input_ids, pixel_values)
+            kwargs = self.family.hf_image_kwargs(input_ids, images) if images else {}
             logits = self.family.model(input_ids=input_ids, use_cache=False, **kwargs).logits[0]
         finally:
             for h in handles:
@@ -66,19 +66,19 @@ class TorchSafeSteer:
         return logits.double(), seen["harm"][0].double()
 
     def generate(self, prompt_ids: list[int], cfg: SafetyConfig, max_new_tokens: int,
-                 pixel_values=None, eos_ids=()) -> OracleResult:
+                 images=(), eos_ids=()) -> OracleResult:
         msav_from = None
-        if pixel_values is not None and self.info.msav_layer is not None and cfg.beta != 0:
+        if images and self.info.msav_layer is not None and cfg.beta != 0:
             msav_from = max(i for i, t in enumerate(prompt_ids) if t == self.image_token_id) + 1
         ids = list(prompt_ids)
-        logits, harm = self.forward(ids, pixel_values, cfg, msav_from)
+        logits, harm = self.forward(ids, images, cfg, msav_from)
         out = OracleResult([], prompt_logit=float(harm[-1]))
         z = logits[-1]
         for step in range(max_new_tokens):
             lp = torch.log_softmax(z, dim=-1)
             if cfg.k > 1 and step < cfg.lookahead_steps:
                 top_lp, top_ids = torch.topk(lp, cfg.k)
-                rows = [self.forward(ids + [int(c)], pixel_values, cfg, msav_from) for c in top_ids]
+                rows = [self.forward(ids + [int(c)], images, cfg, msav_from) for c in top_ids]
                 harm_rows = torch.stack([r[1][-1] for r in rows])
                 scores = torch.sigmoid(harm_rows).numpy()
                 choice = select(top_lp.numpy(), scores, cfg, None, 1.0)
@@ -88,7 +88,7 @@ class TorchSafeSteer:
                                   "harm_logits": harm_rows.numpy().tolist()})
             else:
                 token = int(torch.argmax(z))
-                logits, harm = self.forward(ids + [token], pixel_values, cfg, msav_from)
+                logits, harm = self.forward(ids + [token], images, cfg, msav_from)
                 z = logits[-1]
                 out.trace.append({"token": token, "score_chosen": float(torch.sigmoid(harm[-1]))})
             ids.append(token)

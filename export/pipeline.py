@@ -192,9 +192,8 @@ def _export_float32(cfg: ExportConfig, progress: Optional[Callable[[str], None]]
     probe_layer = cal.probe_layer if cal else None
     msav_layer = cal.msav_layer if cal else None
 
-    image_hw = image_info.pixel_size if image_info is not None else None
-    ids, pixels = sample_inputs(family, image_info, image_hw)
-    ref = reference(family, ids, pixels, image_info) if cfg.validate else None
+    ids, images = sample_inputs(family, image_info)
+    ref = reference(family, ids, images, image_info) if cfg.validate else None
 
     entries: list[m.GraphEntry] = []
     checks: list[Callable[[ValidationReport], None]] = []  # run once the checkpoint is released
@@ -208,7 +207,7 @@ def _export_float32(cfg: ExportConfig, progress: Optional[Callable[[str], None]]
     with torch.no_grad():
         if image_info is not None:
             t0 = time.perf_counter()
-            add(m.ROLE_VISION, "vision.onnx", graphs.export_vision(family, staging / "vision.onnx", image_hw),
+            add(m.ROLE_VISION, "vision.onnx", graphs.export_vision(family, staging / "vision.onnx", image_info.pixel_size),
                 validate_vision)
             step("vision graph", t0)
             # image features are merged into the embeddings between the embed graph and the first block

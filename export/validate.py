@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnxruntime as ort
 import torch
+from PIL import Image
 
 from safesteer_runtime import manifest as m
 from safesteer_runtime.errors import ExportValidationError
-from safesteer_runtime.image_tokens import image_runs
+from safesteer_runtime.image_tokens import all_pixels, image_runs
+from safesteer_runtime.images import prepare
 from safesteer_runtime.masks import both_ways, causal_mask, windowed
 
 RTOL = 1e-4  # of the reference's largest magnitude
@@ -26,9 +28,9 @@ ATOL = 1e-4
 @dataclass
 class Reference:
     input_ids: np.ndarray  # [1, n]
-    pixel_values: np.ndarray | None
+    pixel_values: np.ndarray | None  # every vision call of the sample's image
     embeds: np.ndarray  # the embedding of input_ids (image tokens included, before features are merged in)
-    image_features: np.ndarray | None
+    vision: dict[str, np.ndarray]  # the vision module's outputs by graph output name
     layer_inputs: list[np.ndarray]  # hidden state entering layer i
     last_hidden: np.ndarray  # leaving the last layer, before the final norm
     logits: np.ndarray
@@ -55,20 +57,21 @@ class ValidationReport:
             raise ExportValidationError(self.mismatches)
 
 
-def sample_inputs(family, image_info, image_hw, seed: int = 0):
+def sample_inputs(family, image_info, seed: int = 0) -> tuple[np.ndarray, list]:
+    """(input ids [1, n], prepared images): random text ids, with one random-noise image prepared the way the runtime
+    prepares images (its tiles, if the family tiles) and its image tokens after the third id."""
     rng = np.random.default_rng(seed)
     vocab = family.sizes().vocab_size
     text = rng.integers(3, vocab - 1, size=12)
     if image_info is None:
-        return text[None, :].astype(np.int64), None
-    image = np.full(image_info.tokens_per_image, image_info.image_token_id)
-    ids = np.concatenate([text[:3], image, text[3:]])
-    pixels = rng.standard_normal((1, 3, *image_hw)).astype(np.float32)
-    return ids[None, :].astype(np.int64), pixels
+        return text[None, :].astype(np.int64), []
+    image = prepare(Image.fromarray(rng.integers(0, 256, (36, 48, 3), dtype=np.uint8)), image_info)
+    slots = np.full(image.text.count(image_info.image_token), image_info.image_token_id)
+    return np.concatenate([text[:3], slots, text[3:]])[None, :].astype(np.int64), [image]
 
 
 @torch.no_grad()
-def reference(family, input_ids: np.ndarray, pixel_values: np.ndarray | None, image_info=None) -> Reference:
+def reference(family, input_ids: np.ndarray, images: list, image_info=None) -> Reference:
     """The checkpoint's own outputs on the sample, with the images given as the family's HF model takes them."""
     layers = family.text.layers
     inputs: dict[int, np.ndarray] = {}
@@ -89,15 +92,20 @@ def reference(family, input_ids: np.ndarray, pixel_values: np.ndarray | None, im
     handles += [layers[-1].register_forward_hook(grab_out(len(layers) - 1))]
     try:
         ids = torch.from_numpy(input_ids)
-        kwargs = {} if pixel_values is None else family.hf_image_kwargs(ids, torch.from_numpy(pixel_values))
+        kwargs = family.hf_image_kwargs(ids, images) if images else {}
         logits = family.model(input_ids=ids, use_cache=False, **kwargs).logits.numpy()
     finally:
         for h in handles:
             h.remove()
     embeds = family.embed(torch.from_numpy(input_ids)).numpy()
-    features = None if pixel_values is None else family.vision_module()(torch.from_numpy(pixel_values)).numpy()
+    pixel_values = all_pixels(images) if images else None
+    vision = {}
+    if images:
+        out = family.vision_module()(torch.from_numpy(pixel_values))
+        out = out if isinstance(out, tuple) else (out,)
+        vision = {name: o.numpy() for name, o in zip(family.vision_outputs(), out)}
     runs = image_runs(input_ids[0], image_info.image_token_id) if image_info and image_info.bidirectional else []
-    return Reference(input_ids, pixel_values, embeds, features, [inputs[i] for i in range(len(layers))],
+    return Reference(input_ids, pixel_values, embeds, vision, [inputs[i] for i in range(len(layers))],
                      outputs[len(layers) - 1], logits, runs)
 
 
@@ -173,5 +181,7 @@ def validate_embed(report: ValidationReport, path, ref: Reference) -> None:
 
 
 def validate_vision(report: ValidationReport, path, ref: Reference) -> None:
-    (got,) = _session(path).run(None, {m.PIXEL_VALUES: ref.pixel_values})
-    report.check(f"vision {m.IMAGE_FEATURES}", got, ref.image_features)
+    sess = _session(path)
+    names = [o.name for o in sess.get_outputs()]
+    for name, got in zip(names, sess.run(names, {m.PIXEL_VALUES: ref.pixel_values})):
+        report.check(f"vision {name}", got, ref.vision[name])

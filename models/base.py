@@ -9,6 +9,8 @@ from typing import ClassVar, Optional
 import torch
 from torch import nn
 
+from safesteer_runtime.image_tokens import all_pixels
+from safesteer_runtime import manifest as m
 from safesteer_runtime.manifest import ImageInfo, ModelSizes
 
 
@@ -113,13 +115,18 @@ class Family:
         """pixel_values -> image features in the LM embedding space, or None for text-only families."""
         return None
 
+    def vision_outputs(self) -> list[str]:
+        """The vision module's outputs, in order, by graph output name."""
+        return [m.IMAGE_FEATURES]
+
     def image_info(self, model_dir: Path, tokenizer) -> Optional[ImageInfo]:
         return None
 
-    def hf_image_kwargs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> dict:
-        """What the Hugging Face model's forward / generate takes besides input_ids for a prompt with images (the
-        PyTorch side of calibration, the oracle and the parity tests)."""
-        return {"pixel_values": pixel_values}
+    def hf_image_kwargs(self, input_ids: torch.Tensor, images: list) -> dict:
+        """What the Hugging Face model's forward / generate takes besides input_ids for a prompt with ``images``
+        (runtime PreparedImage, in prompt order): the PyTorch side of validation, calibration, the oracle and the
+        parity tests."""
+        return {"pixel_values": torch.from_numpy(all_pixels(images))}
 
     # --- tests ---------------------------------------------------------------------------------
     tiny_tokens: ClassVar[dict[str, str]] = {"image_token_id": "<image>"}  # config attribute -> special token

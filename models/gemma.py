@@ -114,8 +114,9 @@ class Gemma3Family(Gemma3TextFamily):
                          prefix="\n\n" + token(cfg.boi_token_id), suffix=token(cfg.eoi_token_id) + "\n\n",
                          bidirectional=True, **preprocessing_fields(proc))
 
-    def hf_image_kwargs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> dict:
-        return {"pixel_values": pixel_values, "token_type_ids": (input_ids == self.model.config.image_token_id).long()}
+    def hf_image_kwargs(self, input_ids: torch.Tensor, images: list) -> dict:
+        return {**super().hf_image_kwargs(input_ids, images),
+                "token_type_ids": (input_ids == self.model.config.image_token_id).long()}
 
     tiny_tokens = {"image_token_id": "<image_soft_token>", "boi_token_id": "<start_of_image>",
                    "eoi_token_id": "<end_of_image>"}

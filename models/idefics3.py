@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from safesteer_runtime.image_tokens import all_pixels
 from safesteer_runtime.manifest import ImageInfo, Tiling
 
 from .base import TextStack, inner_text_stack
@@ -55,8 +56,8 @@ class Idefics3Family(WithLlamaText):
                          image_token_id=cfg.image_token_id, tokens_per_image=int(self.model.model.image_seq_len),
                          tiling=tiling, **preprocessing_fields(proc, {"height": tile, "width": tile}))
 
-    def hf_image_kwargs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> dict:
-        return {"pixel_values": pixel_values[None]}  # [batch 1, tiles, 3, S, S]
+    def hf_image_kwargs(self, input_ids: torch.Tensor, images: list) -> dict:
+        return {"pixel_values": torch.from_numpy(all_pixels(images))[None]}  # [batch 1, tiles, 3, S, S]
 
     tiny_extra_tokens = ("<fake_token_around_image>", "<global-img>", "<end_of_utterance>")
 

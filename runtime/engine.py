@@ -157,9 +157,10 @@ class Engine:
             return KVCache(self.sizes.num_layers, capacity, self._kv_row)
         return DeviceKVCache(self.sizes.num_layers, capacity, self._kv_row, self.kv_device)
 
-    def image_features(self, pixel_values: np.ndarray) -> np.ndarray:
-        (features,) = self.vision.run([m.IMAGE_FEATURES], {m.PIXEL_VALUES: pixel_values})
-        return features
+    def run_vision(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
+        """The vision graph's outputs by name: IMAGE_FEATURES [calls, tokens, hidden] (and IMAGE_NEWLINE)."""
+        names = [o.name for o in self.vision.get_outputs()]
+        return dict(zip(names, self.vision.run(names, {m.PIXEL_VALUES: pixel_values})))
 
     def embed_ids(self, ids: np.ndarray) -> np.ndarray:
         """Token embeddings [1, rows, H] from the embed graph (artifacts with images: features are merged into them)."""

@@ -16,8 +16,8 @@ import numpy as np
 from . import manifest as m
 from .engine import Engine, StepOut
 from .errors import ConfigError, InputError, PromptTooLongError
-from .image_tokens import expand_ids, expand_text, image_runs
-from .images import ImageLike, prepare
+from .image_tokens import all_pixels, expand_ids, expand_text, image_rows, image_runs
+from .images import ImageLike, PreparedImage, prepare
 from .kv_cache import DeviceKVCache, KVCache
 from .masks import both_ways, causal_mask, tree_mask
 from .sampling import Sampler, SamplingConfig
@@ -66,7 +66,7 @@ class GenerationResult:
 @dataclass
 class _Request:
     ids: list[int]
-    pixels: Optional[np.ndarray]  # [vision calls, 3, H, W]: every image (or its tiles) in prompt order
+    images: list[PreparedImage]  # in prompt order
 
 
 class Generator:
@@ -170,8 +170,7 @@ class Generator:
             ids = self.codec.encode(text, add_bos=messages is None and self.manifest.tokenizer.add_bos_token)
         if not ids:
             raise InputError("the prompt is empty")
-        pixels = np.concatenate([p.pixels for p in prepared]) if prepared else None
-        return _Request(ids, pixels)
+        return _Request(ids, prepared)
 
     def _cache_for(self, capacity: int) -> KVCache | DeviceKVCache:
         if self._cache is None or self._cache.capacity < capacity:
@@ -196,17 +195,17 @@ class Generator:
         n = ids.shape[1]
         embeds = None
         msav_rows = np.zeros((1, n), np.float32)
-        if req.pixels is not None:
+        info = self.manifest.image
+        if req.images:
             embeds = self.engine.embed_ids(ids)
-            is_image = ids[0] == self.manifest.image.image_token_id
-            features = self.engine.image_features(req.pixels)
-            embeds[0, is_image] = features.reshape(-1, features.shape[-1])
+            is_image = ids[0] == info.image_token_id
+            embeds[0, is_image] = image_rows(req.images, self.engine.run_vision(all_pixels(req.images)), info)
             if msav_on:  # the text after the last image (and, later, every generated token)
                 msav_rows[0, int(np.nonzero(is_image)[0].max()) + 1 :] = 1.0
         positions = np.arange(n, dtype=np.int64)[None]
         mask = causal_mask(0, n)
-        if req.pixels is not None and self.manifest.image.bidirectional:
-            mask = both_ways(mask, image_runs(ids[0], self.manifest.image.image_token_id))
+        if req.images and info.bidirectional:
+            mask = both_ways(mask, image_runs(ids[0], info.image_token_id))
         out = self._run_rows(ids, mask, positions, cache, feeds, msav_rows, embeds)
         cache.advance(n)
         return out, (None if out.harm_logit is None else float(out.harm_logit[0, -1]))
@@ -240,7 +239,7 @@ class Generator:
         decoder = IncrementalDecoder(self.codec)
         timings = Timings(prompt_tokens=len(req.ids))
         feeds = self._safety_feeds(cfg)
-        msav_on = bool(cfg and req.pixels is not None and self.manifest.safety.msav_layer is not None)
+        msav_on = bool(cfg and req.images and self.manifest.safety.msav_layer is not None)
         msav_one = np.full((1, 1), 1.0 if msav_on else 0.0, np.float32)
 
         out, prompt_logit = self._prefill(req, cache, feeds, msav_on)

@@ -3,13 +3,15 @@ fill) with the family's text around them, and which positions of a prompt belong
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from .errors import InputError
-from .images import ImageLike, prepare
+from . import manifest as m
+from .images import ImageLike, PreparedImage, prepare
 from .manifest import ImageInfo
+from .tiling import anyres_rows
 
 
 def _already_expanded(count: int, expansions: Sequence[str], info: ImageInfo) -> bool:
@@ -53,11 +55,28 @@ def expand_ids(ids: list[int], info: ImageInfo, expansions: Sequence[str]) -> li
     return out
 
 
-def with_images(text: str, images: Sequence[ImageLike], info: ImageInfo) -> tuple[str, Optional[np.ndarray]]:
-    """(the prompt with every image's tokens written out, the pixel values of all vision calls in prompt order)."""
+def with_images(text: str, images: Sequence[ImageLike], info: ImageInfo) -> tuple[str, list[PreparedImage]]:
+    """(the prompt with every image's tokens written out, the prepared images in prompt order)."""
     prepared = [prepare(image, info) for image in images]
-    text = expand_text(text, info, [p.text for p in prepared])
-    return text, (np.concatenate([p.pixels for p in prepared]) if prepared else None)
+    return expand_text(text, info, [p.text for p in prepared]), prepared
+
+
+def all_pixels(images: Sequence[PreparedImage]) -> np.ndarray:
+    """Every vision call of the request, in prompt order: [calls, 3, H, W]."""
+    return np.concatenate([p.pixels for p in images])
+
+
+def image_rows(images: Sequence[PreparedImage], vision: dict[str, np.ndarray], info: ImageInfo) -> np.ndarray:
+    """The vision graph's outputs over all_pixels(images) -> the rows of every image token, in prompt order."""
+    features = vision[m.IMAGE_FEATURES]
+    if info.tiling is None or info.tiling.kind != "anyres":
+        return features.reshape(-1, features.shape[-1])
+    rows, start = [], 0
+    for image in images:
+        calls = image.pixels.shape[0]
+        rows.append(anyres_rows(features[start:start + calls], image, info, vision[m.IMAGE_NEWLINE]))
+        start += calls
+    return np.concatenate(rows)
 
 
 def image_runs(ids: np.ndarray, image_token_id: int) -> list[tuple[int, int]]:

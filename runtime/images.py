@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -95,26 +95,33 @@ def normalize(pixels: np.ndarray, info: ImageInfo) -> np.ndarray:
     return np.ascontiguousarray(out.transpose(2, 0, 1), dtype=np.float32)
 
 
-def preprocess(image: ImageLike, info: ImageInfo) -> np.ndarray:
-    """One vision call's pixel values [3, H, W] float32 (images that are not tiled)."""
-    img = decode(image, info)
+def fit(img: Image.Image, info: ImageInfo) -> np.ndarray:
+    """The processor's resize and center crop: uint8 [H, W, C]."""
     if info.resize != "none":
         img = resize(img, *_resize_shape(img.height, img.width, info), info)
     pixels = np.asarray(img)
-    if info.crop is not None:
-        pixels = _center_crop(pixels if pixels.ndim == 3 else pixels[:, :, None], *info.crop)
-    return normalize(pixels, info)
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    return _center_crop(pixels, *info.crop) if info.crop is not None else pixels
+
+
+def preprocess(image: ImageLike, info: ImageInfo) -> np.ndarray:
+    """One vision call's pixel values [3, H, W] float32 (images that are not tiled)."""
+    return normalize(fit(decode(image, info), info), info)
 
 
 @dataclass
 class PreparedImage:
     pixels: np.ndarray  # [vision calls, 3, H, W]: the image, or its tiles
     text: str  # what the image's placeholder becomes in the prompt
+    size: tuple[int, int]  # the image's own (height, width)
+    grid: Optional[tuple[int, int]] = None  # anyres: the resolution (height, width) its tiles cover
 
 
 def prepare(image: ImageLike, info: ImageInfo) -> PreparedImage:
+    img = decode(image, info)
     if info.tiling is not None:
         from .tiling import prepare_tiled
 
-        return prepare_tiled(decode(image, info), info)
-    return PreparedImage(preprocess(image, info)[None], info.expansion())
+        return prepare_tiled(img, info)
+    return PreparedImage(normalize(fit(img, info), info)[None], info.expansion(), (img.height, img.width))

@@ -29,6 +29,7 @@ ROLE_BLOCK = "block"
 # Graph input / output names. Symbolic dims are named in the graphs (batch, sequence_length, ...).
 PIXEL_VALUES = "pixel_values"  # vision in:  [num_images, 3, H, W] float
 IMAGE_FEATURES = "image_features"  # vision out: [num_images, tokens_per_image, hidden]
+IMAGE_NEWLINE = "image_newline"  # vision out (LLaVA-NeXT): [hidden], appended to each row of an image's tile grid
 INPUT_IDS = "input_ids"  # embed / first block in:   [batch, sequence_length] int64
 INPUTS_EMBEDS = "inputs_embeds"  # embed out:  [batch, sequence_length, hidden]
 HIDDEN_IN = "hidden_states"  # block in:   [batch, sequence_length, hidden]
@@ -122,14 +123,20 @@ class TokenizerInfo:
 
 @dataclass(frozen=True)
 class Tiling:
-    """Images cut into tiles, each one vision call (runtime/tiling.py). kind "idefics3" (Idefics3 / SmolVLM): resize
-    so the longest edge is ``longest_edge``, then up to multiples of ``tile``; tiles of tile x tile in rows, then the
-    whole image at tile x tile; each image's text lists its tiles by row and column."""
+    """Images cut into tiles, one vision call each (runtime/tiling.py).
+
+    kind "idefics3" (Idefics3 / SmolVLM): resize so the longest edge is ``longest_edge``, then up to whole tiles;
+    tiles of tile x tile in rows, then the whole image at tile x tile; the text lists tiles by row and column.
+    kind "anyres" (LLaVA-NeXT): fit the image into the best of the ``grid`` resolutions (height, width), pad,
+    cut tile x tile tiles after the whole image (squashed to the processor's size); the features of the tiles are
+    laid out as one grid, cropped to the image's aspect ratio, with IMAGE_NEWLINE after each row.
+    """
 
     kind: str
     tile: int
-    longest_edge: Optional[int]  # None: the processor does not resize first
-    split: bool  # False: the whole image only, resized to tile x tile
+    longest_edge: Optional[int] = None  # idefics3; None: the processor does not resize first
+    split: bool = True  # idefics3; False: the whole image only, resized to tile x tile
+    grid: tuple[tuple[int, int], ...] = ()  # anyres
 
 
 @dataclass(frozen=True)

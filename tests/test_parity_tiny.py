@@ -32,11 +32,12 @@ def test_image(seed: int = 0, size=(40, 30)) -> Image.Image:
 test_image.__test__ = False  # a helper, not a test
 
 
-def hf_greedy(model, ids, pixel_values=None, n=NEW_TOKENS):
+def hf_greedy(model, ids, images=(), n=NEW_TOKENS):
+    """``images``: runtime PreparedImages, given to the HF model as its family's processor would."""
     from safesteer_models import family_for
 
     input_ids = torch.tensor([ids])
-    kwargs = {} if pixel_values is None else family_for(model).hf_image_kwargs(input_ids, torch.from_numpy(pixel_values))
+    kwargs = family_for(model).hf_image_kwargs(input_ids, list(images)) if images else {}
     out = model.generate(input_ids, max_new_tokens=n, do_sample=False, **kwargs)
     return out[0, len(ids):].tolist()
 
@@ -56,8 +57,7 @@ def test_greedy_tokens_match_transformers(tiny, arch, variant, block_size):
         result = gen.generate([{"role": "user", "content": content}], max_new_tokens=NEW_TOKENS)
         from safesteer_runtime.images import prepare
 
-        pixels = prepare(image, gen.manifest.image).pixels
-        assert result.token_ids == hf_greedy(model, result.prompt_ids, pixels)
+        assert result.token_ids == hf_greedy(model, result.prompt_ids, [prepare(image, gen.manifest.image)])
 
 
 @pytest.mark.parametrize("arch,variant", tiny_variants())

@@ -70,8 +70,7 @@ def test_runtime_matches_torch_oracle_with_image_and_msav(tiny, safe_artifact, a
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8))
     msgs = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Do it."}]}]
     result = gen.generate(msgs, max_new_tokens=10, safety=cfg)
-    pixels = torch.from_numpy(prepare(image, gen.manifest.image).pixels)
-    want = oracle.generate(result.prompt_ids, cfg, 10, pixel_values=pixels,
+    want = oracle.generate(result.prompt_ids, cfg, 10, images=[prepare(image, gen.manifest.image)],
                            eos_ids=gen.manifest.tokenizer.eos_token_ids)
     assert result.token_ids == want.token_ids
     np.testing.assert_allclose([t["score_chosen"] for t in result.safety_trace],
