@@ -110,9 +110,11 @@ class BlockGraph(nn.Module):
         x = dict(zip(self.io_names()[0], inputs))  # the graph inputs, by name
         hidden = self.family.embed(x[m.INPUT_IDS]) if self.embeds else x[m.HIDDEN_IN]
         new_kv, harm_logit = [], None
+        ropes = {kind: self.family.rope_inputs(x[m.POSITION_IDS], getattr(self, f"rope_cos_{kind}"),
+                                               getattr(self, f"rope_sin_{kind}"))
+                 for kind in sorted(set(self.rope_kinds.values()))}
         for i in range(self.first, self.first + self.count):
-            kind = self.rope_kinds[i]
-            rope = (x[m.POSITION_IDS], getattr(self, f"rope_cos_{kind}"), getattr(self, f"rope_sin_{kind}"))
+            rope = ropes[self.rope_kinds[i]]
             mask = x[m.SLIDING_MASK if i in self.sliding else m.ATTENTION_MASK]
             hidden, k, v = self.layers[str(i)](hidden, mask, rope, x[m.past_key(i)], x[m.past_value(i)])
             new_kv += [k, v]
@@ -162,7 +164,7 @@ class BlockGraph(nn.Module):
         values = {m.INPUT_IDS: torch.tensor([[5] * rows]), m.HIDDEN_IN: torch.randn(1, rows, hidden),
                   m.ATTENTION_MASK: torch.zeros(1, 1, rows, past_len + rows),
                   m.SLIDING_MASK: torch.zeros(1, 1, rows, past_len + rows),
-                  m.POSITION_IDS: torch.arange(past_len, past_len + rows).unsqueeze(0),
+                  m.POSITION_IDS: self.positions(torch.arange(past_len, past_len + rows).unsqueeze(0), sizes),
                   m.HEAD_ROWS: torch.tensor([rows - 1]),
                   m.MSAV_VECTOR: torch.randn(hidden), m.MSAV_BETA: one, m.MSAV_MASK: torch.ones(1, rows),
                   m.PROBE_WEIGHT: torch.randn(hidden), m.PROBE_BIAS: torch.zeros(1),
@@ -171,6 +173,11 @@ class BlockGraph(nn.Module):
                        for name in self.past_names()})
         return tuple(values[name] for name in self.io_names()[0])
 
+    @staticmethod
+    def positions(rows: torch.Tensor, sizes) -> torch.Tensor:
+        """position_ids for ``rows`` [b, s]: the same on all three rows for multimodal RoPE."""
+        return rows.expand(3, -1, -1).contiguous() if sizes.mrope_sections else rows
+
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         rows = {0: "batch", 1: "sequence_length"}
         axes = {name: rows for name in (m.INPUT_IDS, m.HIDDEN_IN, m.HIDDEN_OUT, m.POSITION_IDS, m.MSAV_MASK,
@@ -178,6 +185,8 @@ class BlockGraph(nn.Module):
         axes[m.ATTENTION_MASK] = {0: "batch", 2: "sequence_length", 3: "total_sequence_length"}
         axes[m.SLIDING_MASK] = axes[m.ATTENTION_MASK]
         axes.update({name: {0: "batch", 1: "past_sequence_length"} for name in self.past_names()})
+        if self.family.sizes().mrope_sections:
+            axes[m.POSITION_IDS] = {1: "batch", 2: "sequence_length"}
         axes[m.HEAD_ROWS] = {0: "head_rows"}
         axes.update({name: {0: "batch", 1: "head_rows"} for name in (m.LOGITS, m.TOPK_LOGPROBS, m.TOPK_IDS)})
         inputs, outputs = self.io_names()
@@ -332,9 +341,15 @@ def export_block(family, first: int, count: int, path: Path, probe_layer: int | 
     return inputs + ([m.TOP_K] if head else []), outputs
 
 
-def export_vision(family, path: Path, image_hw: tuple[int, int]) -> tuple[list[str], list[str]]:
-    pixels = torch.randn(1, 3, *image_hw)
-    io_names = ([m.PIXEL_VALUES], family.vision_outputs())
-    axes = {m.PIXEL_VALUES: {0: "num_images"}, m.IMAGE_FEATURES: {0: "num_images"}}
-    export_module(family.vision_module(), (pixels,), path, *io_names, axes)
+def export_vision(family, path: Path, feeds: dict[str, np.ndarray]) -> tuple[list[str], list[str]]:
+    """``feeds``: sample inputs by name (the validation sample's). Dimension 0 of every input and of the features
+    is the number of vision calls (or patches); masks over patches are [1, 1, patches, patches]."""
+    io_names = (family.vision_inputs(), family.vision_outputs())
+    axes = {name: {0: "calls"} for name in (m.PIXEL_VALUES, m.VISION_POSITIONS, m.IMAGE_FEATURES)}
+    axes.update({name: {2: "calls", 3: "calls"} for name in (m.VISION_MASK, m.VISION_WINDOW_MASK)})
+    axes = {name: axis for name, axis in axes.items() if name in io_names[0] or name in io_names[1]}
+    if m.VISION_POSITIONS in io_names[0]:  # merged tokens: a quarter of the patches
+        axes[m.IMAGE_FEATURES] = {0: "tokens"}
+    sample = tuple(torch.from_numpy(feeds[name]) for name in io_names[0])
+    export_module(family.vision_module(), sample, path, *io_names, axes)
     return io_names

@@ -17,6 +17,7 @@ from typing import Callable, Optional
 from safesteer_models.onnx_ops import standard_ops
 from safesteer_runtime import manifest as m
 from safesteer_runtime.errors import ArtifactError, ConfigError
+from safesteer_runtime.image_tokens import vision_inputs
 
 from . import graph_files, graphs
 from .calibrate import Calibration, CalibrationConfig, calibrate
@@ -193,6 +194,7 @@ def _export_float32(cfg: ExportConfig, progress: Optional[Callable[[str], None]]
     msav_layer = cal.msav_layer if cal else None
 
     ids, images = sample_inputs(family, image_info)
+    vision_feeds = vision_inputs(images, image_info)[0] if images else {}
     ref = reference(family, ids, images, image_info) if cfg.validate else None
 
     entries: list[m.GraphEntry] = []
@@ -207,7 +209,7 @@ def _export_float32(cfg: ExportConfig, progress: Optional[Callable[[str], None]]
     with torch.no_grad():
         if image_info is not None:
             t0 = time.perf_counter()
-            add(m.ROLE_VISION, "vision.onnx", graphs.export_vision(family, staging / "vision.onnx", image_info.pixel_size),
+            add(m.ROLE_VISION, "vision.onnx", graphs.export_vision(family, staging / "vision.onnx", vision_feeds),
                 validate_vision)
             step("vision graph", t0)
             # image features are merged into the embeddings between the embed graph and the first block

@@ -17,7 +17,8 @@ from PIL import Image
 
 from safesteer_runtime import manifest as m
 from safesteer_runtime.errors import ExportValidationError
-from safesteer_runtime.image_tokens import all_pixels, image_runs
+from safesteer_runtime.image_tokens import image_runs, vision_inputs
+from safesteer_runtime.qwen_vl import mrope_positions
 from safesteer_runtime.images import prepare
 from safesteer_runtime.masks import both_ways, causal_mask, windowed
 
@@ -28,13 +29,14 @@ ATOL = 1e-4
 @dataclass
 class Reference:
     input_ids: np.ndarray  # [1, n]
-    pixel_values: np.ndarray | None  # every vision call of the sample's image
+    vision_feeds: dict[str, np.ndarray]  # the vision graph's inputs for the sample's image (runtime's own)
     embeds: np.ndarray  # the embedding of input_ids (image tokens included, before features are merged in)
     vision: dict[str, np.ndarray]  # the vision module's outputs by graph output name
     layer_inputs: list[np.ndarray]  # hidden state entering layer i
     last_hidden: np.ndarray  # leaving the last layer, before the final norm
     logits: np.ndarray
     both_ways: list[tuple[int, int]]  # image runs that attend both ways at prefill (ImageInfo.bidirectional)
+    rope_positions: np.ndarray | None  # multimodal RoPE: the blocks' position_ids [3, 1, n]
 
 
 @dataclass
@@ -98,15 +100,19 @@ def reference(family, input_ids: np.ndarray, images: list, image_info=None) -> R
         for h in handles:
             h.remove()
     embeds = family.embed(torch.from_numpy(input_ids)).numpy()
-    pixel_values = all_pixels(images) if images else None
-    vision = {}
+    feeds, vision = {}, {}
     if images:
-        out = family.vision_module()(torch.from_numpy(pixel_values))
+        feeds, _order = vision_inputs(images, image_info)
+        out = family.vision_module()(*(torch.from_numpy(feeds[name]) for name in family.vision_inputs()))
         out = out if isinstance(out, tuple) else (out,)
         vision = {name: o.numpy() for name, o in zip(family.vision_outputs(), out)}
-    runs = image_runs(input_ids[0], image_info.image_token_id) if image_info and image_info.bidirectional else []
-    return Reference(input_ids, pixel_values, embeds, vision, [inputs[i] for i in range(len(layers))],
-                     outputs[len(layers) - 1], logits, runs)
+    runs = image_runs(input_ids[0], image_info.image_token_id) if images else []
+    rope = None
+    if family.sizes().mrope_sections:
+        rows = np.arange(input_ids.shape[1])[None]
+        rope = mrope_positions(input_ids[0], images, image_info, runs)[0] if images else np.stack([rows] * 3)
+    return Reference(input_ids, feeds, embeds, vision, [inputs[i] for i in range(len(layers))],
+                     outputs[len(layers) - 1], logits, runs if image_info and image_info.bidirectional else [], rope)
 
 
 def _session(path) -> ort.InferenceSession:
@@ -142,8 +148,9 @@ def validate_block(report: ValidationReport, path, ref: Reference, *, first: int
         mask, positions = causal_mask(start, rows), np.arange(start, stop, dtype=np.int64)[None]
         if start == 0:
             mask = both_ways(mask, ref.both_ways)
+        rope = positions if ref.rope_positions is None else np.ascontiguousarray(ref.rope_positions[:, :, start:stop])
         f = {m.INPUT_IDS if m.INPUT_IDS in wanted else m.HIDDEN_IN: source[:, start:stop],
-             m.ATTENTION_MASK: mask, m.POSITION_IDS: positions,
+             m.ATTENTION_MASK: mask, m.POSITION_IDS: rope,
              m.HEAD_ROWS: np.arange(rows, dtype=np.int64), m.TOP_K: np.array([k], np.int64), **past}
         if m.SLIDING_MASK in wanted:
             f[m.SLIDING_MASK] = windowed(mask, positions, sizes.sliding_window)
@@ -183,5 +190,5 @@ def validate_embed(report: ValidationReport, path, ref: Reference) -> None:
 def validate_vision(report: ValidationReport, path, ref: Reference) -> None:
     sess = _session(path)
     names = [o.name for o in sess.get_outputs()]
-    for name, got in zip(names, sess.run(names, {m.PIXEL_VALUES: ref.pixel_values})):
+    for name, got in zip(names, sess.run(names, ref.vision_feeds)):
         report.check(f"vision {name}", got, ref.vision[name])

@@ -106,6 +106,11 @@ class Family:
     def rotary_cos_sin(self, x: torch.Tensor, positions: torch.Tensor, kind: str):
         return self.text.rotary(x, positions)
 
+    def rope_inputs(self, position_ids: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor):
+        """The block's position_ids input and a kind's tables -> what each layer's rotary op takes (ids, cos, sin):
+        the tables themselves, looked up by position (multimodal RoPE assembles per-token rows instead)."""
+        return position_ids, cos_table, sin_table
+
     def layer_forward(self, layer, hidden, mask, rope, past_k, past_v):
         """One decoder layer: returns (hidden, new_k, new_v); K/V are [batch, seq, kv_heads * head_dim].
         ``rope`` = (position_ids, cos table, sin table)."""
@@ -114,6 +119,10 @@ class Family:
     def vision_module(self) -> Optional[nn.Module]:
         """pixel_values -> image features in the LM embedding space, or None for text-only families."""
         return None
+
+    def vision_inputs(self) -> list[str]:
+        """The vision module's inputs, in order, by graph input name."""
+        return [m.PIXEL_VALUES]
 
     def vision_outputs(self) -> list[str]:
         """The vision module's outputs, in order, by graph output name."""

@@ -157,10 +157,11 @@ class Engine:
             return KVCache(self.sizes.num_layers, capacity, self._kv_row)
         return DeviceKVCache(self.sizes.num_layers, capacity, self._kv_row, self.kv_device)
 
-    def run_vision(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
-        """The vision graph's outputs by name: IMAGE_FEATURES [calls, tokens, hidden] (and IMAGE_NEWLINE)."""
+    def run_vision(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The vision graph's outputs by name: IMAGE_FEATURES [calls, tokens, hidden] (and IMAGE_NEWLINE);
+        ``feeds`` from image_tokens.vision_inputs."""
         names = [o.name for o in self.vision.get_outputs()]
-        return dict(zip(names, self.vision.run(names, {m.PIXEL_VALUES: pixel_values})))
+        return dict(zip(names, self.vision.run(names, feeds)))
 
     def embed_ids(self, ids: np.ndarray) -> np.ndarray:
         """Token embeddings [1, rows, H] from the embed graph (artifacts with images: features are merged into them)."""
@@ -170,11 +171,13 @@ class Engine:
     def step(self, cache: KVCache | DeviceKVCache, mask: np.ndarray, positions: np.ndarray, *,
              ids: Optional[np.ndarray] = None, embeds: Optional[np.ndarray] = None,
              head_rows: Optional[np.ndarray] = None, top_k: int = 1,
-             safety: Optional[dict[str, np.ndarray]] = None) -> StepOut:
+             safety: Optional[dict[str, np.ndarray]] = None, rope_positions: Optional[np.ndarray] = None) -> StepOut:
         """Run the model over this call's rows: ``ids`` [1, rows] or, for artifacts with an embed graph, ``embeds``
         [1, rows, H] (image features merged in). New K/V land in the cache slots after ``cache.length``, which is
         not advanced: the caller commits the rows it keeps. The LM head runs on ``head_rows`` (default: the last
-        row); ``safety``: the SafeSteer inputs (vectors, knobs, msav_mask) for the blocks that take them."""
+        row); ``safety``: the SafeSteer inputs (vectors, knobs, msav_mask) for the blocks that take them.
+        ``positions`` [1, rows]: the rows' places in the sequence (sliding masks); ``rope_positions``: what the
+        blocks rotate by when it differs — multimodal RoPE's [3, 1, rows] (default: ``positions`` on every row)."""
         if embeds is None:
             ids = np.ascontiguousarray(ids, dtype=np.int64)
             first = ids if self.embeds_in_block else self.embed_ids(ids)
@@ -187,6 +190,9 @@ class Engine:
         mask = np.ascontiguousarray(mask)
         positions = np.ascontiguousarray(positions, dtype=np.int64)
         sliding = windowed(mask, positions, self.sizes.sliding_window) if self.sizes.sliding_window else None
+        if rope_positions is None and self.sizes.mrope_sections:
+            rope_positions = np.broadcast_to(positions, (3, *positions.shape))
+        rope_positions = positions if rope_positions is None else np.ascontiguousarray(rope_positions, np.int64)
         top = np.array([top_k], np.int64)
         out = StepOut(np.empty((1, len(head_rows), self.sizes.vocab_size), np.float32),
                       np.empty((1, len(head_rows), top_k), np.float32), np.empty((1, len(head_rows), top_k), np.int64))
@@ -197,7 +203,7 @@ class Engine:
                 _bind_in(io, m.ATTENTION_MASK, mask)
             if block.sliding:
                 _bind_in(io, m.SLIDING_MASK, sliding)
-            _bind_in(io, m.POSITION_IDS, positions)
+            _bind_in(io, m.POSITION_IDS, rope_positions)
             for name in block.extra_inputs:
                 if safety is None or name not in safety:
                     raise ArtifactError(f"{block.entry.file.path} needs the SafeSteer input {name}")

@@ -16,10 +16,11 @@ import numpy as np
 from . import manifest as m
 from .engine import Engine, StepOut
 from .errors import ConfigError, InputError, PromptTooLongError
-from .image_tokens import all_pixels, expand_ids, expand_text, image_rows, image_runs
+from .image_tokens import expand_ids, expand_text, image_rows, image_runs, vision_inputs
 from .images import ImageLike, PreparedImage, prepare
 from .kv_cache import DeviceKVCache, KVCache
 from .masks import both_ways, causal_mask, tree_mask
+from .qwen_vl import mrope_positions
 from .sampling import Sampler, SamplingConfig
 from .safety import SafetyConfig, load_vectors, select, sigmoid, static_feeds
 from .safety import resolve as resolve_safety
@@ -96,6 +97,7 @@ class Generator:
         self.chat: Optional[ChatTemplate] = load_chat_template(self.root, self.manifest.tokenizer)
         self._cache: Optional[KVCache | DeviceKVCache] = None
         self._top_k = 1  # TopK candidates per step: the request's SafeSteer k (1 with SafeSteer off)
+        self._rope_offset = 0  # multimodal RoPE: what positions after the prompt add (the request's rope delta)
         info = self.manifest.safety
         self._vectors = load_vectors(self.root, info, self.manifest.sizes.hidden_size) if info else None
 
@@ -128,6 +130,7 @@ class Generator:
         n = ids.shape[1]
         if n < 2 or n > self.engine.context_limit:
             raise InputError(f"token_logprobs needs 2 to {self.engine.context_limit} tokens, got {n}")
+        self._rope_offset = 0
         out = self._run_rows(ids, causal_mask(0, n), np.arange(n, dtype=np.int64)[None], self._cache_for(n),
                              self._safety_feeds(None), np.zeros((1, n), np.float32), head_rows=np.arange(n - 1))
         logits = out.logits[0].astype(np.float64)
@@ -184,11 +187,13 @@ class Generator:
 
     def _run_rows(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, cache: KVCache,
                   feeds: Optional[dict], msav_rows: np.ndarray, embeds: Optional[np.ndarray] = None,
-                  head_rows: Optional[np.ndarray] = None) -> StepOut:
+                  head_rows: Optional[np.ndarray] = None, rope_positions: Optional[np.ndarray] = None) -> StepOut:
         if feeds is not None:
             feeds = {**feeds, m.MSAV_MASK: msav_rows}
+        if rope_positions is None and self._rope_offset:
+            rope_positions = np.broadcast_to(positions + self._rope_offset, (3, *positions.shape))
         return self.engine.step(cache, mask, positions, ids=None if embeds is not None else ids, embeds=embeds,
-                                head_rows=head_rows, top_k=self._top_k, safety=feeds)
+                                head_rows=head_rows, top_k=self._top_k, safety=feeds, rope_positions=rope_positions)
 
     def _prefill(self, req: _Request, cache: KVCache, feeds, msav_on: bool) -> tuple[StepOut, Optional[float]]:
         ids = np.asarray(req.ids, dtype=np.int64)[None]
@@ -196,17 +201,22 @@ class Generator:
         embeds = None
         msav_rows = np.zeros((1, n), np.float32)
         info = self.manifest.image
+        positions = np.arange(n, dtype=np.int64)[None]
+        mask, rope_positions = causal_mask(0, n), None
+        self._rope_offset = 0
         if req.images:
             embeds = self.engine.embed_ids(ids)
             is_image = ids[0] == info.image_token_id
-            embeds[0, is_image] = image_rows(req.images, self.engine.run_vision(all_pixels(req.images)), info)
+            vision_feeds, order = vision_inputs(req.images, info)
+            embeds[0, is_image] = image_rows(req.images, self.engine.run_vision(vision_feeds), info, order)
             if msav_on:  # the text after the last image (and, later, every generated token)
                 msav_rows[0, int(np.nonzero(is_image)[0].max()) + 1 :] = 1.0
-        positions = np.arange(n, dtype=np.int64)[None]
-        mask = causal_mask(0, n)
-        if req.images and info.bidirectional:
-            mask = both_ways(mask, image_runs(ids[0], info.image_token_id))
-        out = self._run_rows(ids, mask, positions, cache, feeds, msav_rows, embeds)
+            runs = image_runs(ids[0], info.image_token_id)
+            if info.bidirectional:
+                mask = both_ways(mask, runs)
+            if self.manifest.sizes.mrope_sections:
+                rope_positions, self._rope_offset = mrope_positions(ids[0], req.images, info, runs)
+        out = self._run_rows(ids, mask, positions, cache, feeds, msav_rows, embeds, rope_positions=rope_positions)
         cache.advance(n)
         return out, (None if out.harm_logit is None else float(out.harm_logit[0, -1]))
 

@@ -3,7 +3,7 @@ fill) with the family's text around them, and which positions of a prompt belong
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -62,13 +62,25 @@ def with_images(text: str, images: Sequence[ImageLike], info: ImageInfo) -> tupl
 
 
 def all_pixels(images: Sequence[PreparedImage]) -> np.ndarray:
-    """Every vision call of the request, in prompt order: [calls, 3, H, W]."""
+    """Every vision call (or patch) of the request, in prompt order."""
     return np.concatenate([p.pixels for p in images])
 
 
-def image_rows(images: Sequence[PreparedImage], vision: dict[str, np.ndarray], info: ImageInfo) -> np.ndarray:
-    """The vision graph's outputs over all_pixels(images) -> the rows of every image token, in prompt order."""
+def vision_inputs(images: Sequence[PreparedImage], info: ImageInfo) -> tuple[dict[str, np.ndarray], Optional[np.ndarray]]:
+    """(the vision graph's feeds, the permutation that puts its output rows in prompt order, or None)."""
+    if info.patching is not None:
+        from .qwen_vl import vision_feeds
+
+        return vision_feeds(images, info)
+    return {m.PIXEL_VALUES: all_pixels(images)}, None
+
+
+def image_rows(images: Sequence[PreparedImage], vision: dict[str, np.ndarray], info: ImageInfo,
+               order: Optional[np.ndarray] = None) -> np.ndarray:
+    """The vision graph's outputs over vision_inputs(images) -> the rows of every image token, in prompt order."""
     features = vision[m.IMAGE_FEATURES]
+    if order is not None:
+        features = features[order]
     if info.tiling is None or info.tiling.kind != "anyres":
         return features.reshape(-1, features.shape[-1])
     rows, start = [], 0

@@ -115,11 +115,15 @@ class PreparedImage:
     pixels: np.ndarray  # [vision calls, 3, H, W]: the image, or its tiles
     text: str  # what the image's placeholder becomes in the prompt
     size: tuple[int, int]  # the image's own (height, width)
-    grid: Optional[tuple[int, int]] = None  # anyres: the resolution (height, width) its tiles cover
+    grid: Optional[tuple[int, ...]] = None  # anyres: the (height, width) its tiles cover; patching: (t, rows, cols)
 
 
 def prepare(image: ImageLike, info: ImageInfo) -> PreparedImage:
     img = decode(image, info)
+    if info.patching is not None:
+        from .qwen_vl import prepare_patched
+
+        return prepare_patched(img, info)
     if info.tiling is not None:
         from .tiling import prepare_tiled
 

@@ -30,6 +30,11 @@ ROLE_BLOCK = "block"
 PIXEL_VALUES = "pixel_values"  # vision in:  [num_images, 3, H, W] float
 IMAGE_FEATURES = "image_features"  # vision out: [num_images, tokens_per_image, hidden]
 IMAGE_NEWLINE = "image_newline"  # vision out (LLaVA-NeXT): [hidden], appended to each row of an image's tile grid
+# Patch-based vision (Qwen2-VL): pixel_values are [patches, C * T * P * P]; each patch's (row, column) in its image,
+# and additive masks [1, 1, patches, patches] that keep attention within an image (within a window: Qwen2.5-VL).
+VISION_POSITIONS = "vision_position_ids"  # vision in: [patches, 2] int64
+VISION_MASK = "vision_attention_mask"  # vision in: [1, 1, patches, patches]
+VISION_WINDOW_MASK = "vision_window_mask"  # vision in (Qwen2.5-VL): [1, 1, patches, patches]
 INPUT_IDS = "input_ids"  # embed / first block in:   [batch, sequence_length] int64
 INPUTS_EMBEDS = "inputs_embeds"  # embed out:  [batch, sequence_length, hidden]
 HIDDEN_IN = "hidden_states"  # block in:   [batch, sequence_length, hidden]
@@ -37,7 +42,7 @@ HIDDEN_OUT = "hidden_states_out"  # block out
 ATTENTION_MASK = "attention_mask"  # block in: [batch, 1, sequence_length, total_sequence_length], additive
 SLIDING_MASK = "sliding_attention_mask"  # block in (blocks with sliding-window layers): ATTENTION_MASK with keys
 # sliding_window or more positions behind their query blocked too (masks.windowed)
-POSITION_IDS = "position_ids"  # block in: [batch, sequence_length] int64
+POSITION_IDS = "position_ids"  # block in: [batch, sequence_length] int64 ([3, batch, sequence_length]: sizes.mrope_sections)
 HEAD_ROWS = "head_rows"  # last block in: [head_rows] int64, the rows (of this call's) the LM head runs on
 LOGITS = "logits"  # last block out: [batch, head_rows, vocab]
 TOP_K = "top_k"  # last block in: [1] int64, how many candidates TopK returns
@@ -106,6 +111,9 @@ class ModelSizes:
     vocab_size: int
     max_positions: int
     sliding_window: Optional[int] = None  # the window of the blocks' sliding layers (they take SLIDING_MASK)
+    # multimodal RoPE (Qwen2-VL): position_ids hold (temporal, height, width) rows and the rotary half-dims are split
+    # into these sections, each rotated by its own row
+    mrope_sections: Optional[tuple[int, ...]] = None
 
 
 @dataclass(frozen=True)
@@ -140,6 +148,21 @@ class Tiling:
 
 
 @dataclass(frozen=True)
+class Patching:
+    """Patch-based images (Qwen2-VL, runtime/qwen_vl.py): resized so both sides are multiples of patch * merge and
+    the area lies in [min_pixels, max_pixels], cut into patch x patch squares (each repeated over temporal frames),
+    ordered merge x merge block by block; every merge x merge block becomes one image token. ``window``: Qwen2.5-VL's
+    attention window in pixels (None: attention over the whole image in every vision layer)."""
+
+    patch: int
+    merge: int
+    temporal: int
+    min_pixels: int
+    max_pixels: int
+    window: Optional[int] = None
+
+
+@dataclass(frozen=True)
 class ImageInfo:
     """Image preprocessing equal to the model's HF image processor, and how images enter the prompt."""
 
@@ -161,6 +184,7 @@ class ImageInfo:
     suffix: str = ""
     bidirectional: bool = False
     tiling: Optional[Tiling] = None  # None: one vision call per image at pixel_size
+    patching: Optional[Patching] = None
 
     @property
     def pixel_size(self) -> tuple[int, int]:

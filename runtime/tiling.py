@@ -100,9 +100,10 @@ def best_grid(height: int, width: int, grid) -> tuple[int, int]:
 
 
 def _fit_inside(height: int, width: int, target_h: int, target_w: int) -> tuple[int, int]:
-    if target_w / width < target_h / height:
-        return min(math.ceil(height * target_w / width), target_h), target_w
-    return target_h, min(math.ceil(width * target_h / height), target_w)
+    scale_w, scale_h = target_w / width, target_h / height  # rounded as HF rounds them (ceil sees 224.00000000000003)
+    if scale_w < scale_h:
+        return min(math.ceil(height * scale_w), target_h), target_w
+    return target_h, min(math.ceil(width * scale_h), target_w)
 
 
 def _unpadded(rows: int, cols: int, size: tuple[int, int]) -> tuple[slice, slice]:

@@ -13,6 +13,16 @@ from safesteer_runtime.text import ChatTemplate
 from safesteer_rt import Generator
 
 SIZES = [(224, 224), (300, 200), (199, 401), (17, 23), (640, 480)]  # (width, height)
+# Each family with images -> the test comparing its preprocessing with its HF processor (a meta-test checks this).
+PREPROCESSING_TESTS = {
+    "LlavaForConditionalGeneration": "test_pixels_match_hf_processor",
+    "Gemma3ForConditionalGeneration": "test_gemma3_prompt_and_reply_match_hf_processor",
+    "Idefics3ForConditionalGeneration": "test_idefics3_prompt_and_reply_match_hf_processor",
+    "SmolVLMForConditionalGeneration": "test_tiles_match_idefics3_processor",
+    "LlavaNextForConditionalGeneration": "test_llava_next_prompt_and_reply_match_hf_processor",
+    "Qwen2VLForConditionalGeneration": "test_qwen_vl_two_images_match_transformers",
+    "Qwen2_5_VLForConditionalGeneration": "test_qwen_vl_two_images_match_transformers",
+}
 
 
 def processors():
@@ -54,17 +64,18 @@ TILED = {  # Idefics3's defaults, SmolVLM's (512-pixel tiles), and no splitting
 }
 
 
+@pytest.mark.parametrize("processor", ["Idefics3ImageProcessorPil", "SmolVLMImageProcessorPil"])
 @pytest.mark.parametrize("name", list(TILED))
 @pytest.mark.parametrize("size", SIZES + [(1500, 700), (5000, 300), (364, 364)])
-def test_tiles_match_idefics3_processor(tmp_path, name, size):
-    """Pixel values of every tile and the whole image, and the tile grid, = Idefics3ImageProcessorPil."""
-    from transformers import Idefics3ImageProcessorPil
+def test_tiles_match_idefics3_processor(tmp_path, processor, name, size):
+    """Pixel values of every tile and the whole image, and the tile grid, = Idefics3's (and SmolVLM's) processor."""
+    import transformers
 
     from safesteer_models.idefics3 import Idefics3Family
     from safesteer_runtime.images import prepare
     from safesteer_runtime.tiling import idefics3_text
 
-    proc = Idefics3ImageProcessorPil(**TILED[name])
+    proc = getattr(transformers, processor)(**TILED[name])
     proc.save_pretrained(str(tmp_path))
     family = Idefics3Family.__new__(Idefics3Family)  # image_info only reads the processor and these config values
     family.model = type("M", (), {"config": type("C", (), {"image_token_id": 5})(),
@@ -77,6 +88,116 @@ def test_tiles_match_idefics3_processor(tmp_path, name, size):
     assert got.pixels.shape == want["pixel_values"][0].shape
     np.testing.assert_allclose(got.pixels, want["pixel_values"][0], atol=1e-5)
     assert got.text == idefics3_text(want["rows"][0][0], want["cols"][0][0], info)
+
+
+GRIDS = {  # LLaVA-NeXT 1.6's grid, and a wider one with more tiles
+    "llava-v1.6": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+    "wide": [[336, 336], [336, 1344], [1344, 336], [672, 1008], [1008, 672]],
+}
+
+
+@pytest.mark.parametrize("name", list(GRIDS))
+@pytest.mark.parametrize("size", SIZES + [(1500, 700), (300, 1400), (336, 336)])
+def test_anyres_tiles_match_llava_next_processor(name, size):
+    """Pixel values of the whole image and every tile = LlavaNextImageProcessorPil; the image's token count =
+    LlavaNextProcessor's (which the model's feature layout must fill exactly)."""
+    from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor
+
+    from safesteer_models.image_processing import preprocessing_fields
+    from safesteer_runtime.images import prepare
+    from safesteer_runtime.manifest import Tiling
+
+    proc = LlavaNextImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
+                                      image_grid_pinpoints=GRIDS[name])
+    info = ImageInfo(image_token="<image>", image_token_id=5, tokens_per_image=576,
+                     tiling=Tiling(kind="anyres", tile=336, grid=tuple(map(tuple, GRIDS[name]))),
+                     **preprocessing_fields(proc))
+    rng = np.random.default_rng(size[0] * 7 + size[1])
+    image = Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8))
+    want = proc(images=[image], return_tensors="np")
+    got = prepare(image, info)
+    assert got.pixels.shape == want["pixel_values"][0].shape
+    np.testing.assert_allclose(got.pixels, want["pixel_values"][0], atol=1e-5)
+    tok = type("Tok", (), {"image_token": "<image>", "image_token_id": 5})()
+    counter = LlavaNextProcessor.__new__(LlavaNextProcessor)  # only its token arithmetic, no tokenizer needed
+    counter.image_processor, counter.patch_size, counter.num_additional_image_tokens = proc, 14, 1
+    counter.vision_feature_select_strategy, counter.tokenizer = "default", tok
+    assert len(got.text) // len("<image>") == counter._get_number_of_features(size[1], size[0], 336, 336) - 1
+
+
+PATCHING = {  # Qwen2-VL's processor defaults, and a small pixel budget that forces downscaling
+    "qwen2-vl": dict(size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280}),
+    "small-budget": dict(size={"shortest_edge": 28 * 28 * 4, "longest_edge": 28 * 28 * 16}),
+}
+
+
+@pytest.mark.parametrize("name", list(PATCHING))
+@pytest.mark.parametrize("size", SIZES + [(1500, 700), (300, 1400), (28, 28)])
+def test_patches_match_qwen2vl_processor(name, size):
+    """Patches and grid = Qwen2VLImageProcessorPil; patch positions and Qwen2.5-VL's window order = transformers'
+    vision_utils (what the vision model computes from the grid)."""
+    import torch
+    from transformers import Qwen2VLImageProcessorPil
+    from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
+
+    from safesteer_models.image_processing import preprocessing_fields
+    from safesteer_runtime import manifest as m
+    from safesteer_runtime.image_tokens import vision_inputs
+    from safesteer_runtime.images import prepare
+    from safesteer_runtime.manifest import Patching
+
+    proc = Qwen2VLImageProcessorPil(**PATCHING[name])
+    patching = Patching(patch=14, merge=2, temporal=2, min_pixels=proc.size["shortest_edge"],
+                        max_pixels=proc.size["longest_edge"], window=112)
+    info = ImageInfo(image_token="<|image_pad|>", image_token_id=5, tokens_per_image=1, patching=patching,
+                     **preprocessing_fields(proc, {"height": 28, "width": 28}))
+    rng = np.random.default_rng(size[0] * 7 + size[1])
+    image = Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8))
+    want = proc(images=[image], return_tensors="np")
+    got = prepare(image, info)
+    assert list(got.grid) == want["image_grid_thw"][0].tolist()
+    np.testing.assert_allclose(got.pixels, want["pixel_values"], atol=1e-5)
+    assert got.text.count("<|image_pad|>") == int(np.prod(got.grid)) // 4
+    grid = torch.tensor([got.grid])
+    windows, _ = get_vision_window_index(grid, spatial_merge_size=2, window_size=112, patch_size=14)
+    feeds, order = vision_inputs([got], info)
+    positions = get_vision_position_ids(grid, 2).numpy()
+    assert np.array_equal(feeds[m.VISION_POSITIONS], positions.reshape(-1, 4, 2)[windows.numpy()].reshape(-1, 2))
+    assert np.array_equal(order, np.argsort(windows.numpy()))
+
+
+@pytest.mark.parametrize("arch", ["Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"])
+def test_qwen_vl_two_images_match_transformers(tiny, arch):
+    """Two images of different sizes: M-RoPE positions = get_rope_index, and 24 greedy tokens = transformers fed the
+    image processor's own patches (Qwen2VLProcessor itself needs torchvision, absent beside the CPU torch wheel)."""
+    import torch
+    from transformers import AutoImageProcessor
+
+    from safesteer_runtime.image_tokens import image_runs
+    from safesteer_runtime.images import prepare
+    from safesteer_runtime.qwen_vl import mrope_positions
+    from test_parity_tiny import hf_model, test_image
+
+    variant = "qwen2"
+    ckpt = tiny.checkpoint(arch, variant)
+    gen = Generator(tiny.artifact(arch, variant, 2))
+    images = [test_image(1, (80, 40)), test_image(2, (23, 61))]
+    content = [{"type": "image", "image": images[0]}, {"type": "text", "text": "Compare"},
+               {"type": "image", "image": images[1]}, {"type": "text", "text": "now."}]
+    result = gen.generate([{"role": "user", "content": content}], max_new_tokens=24)
+    want = AutoImageProcessor.from_pretrained(str(ckpt))(images=images, return_tensors="pt")
+    info = gen.manifest.image
+    ids = torch.tensor([result.prompt_ids])
+    kinds = (ids == info.image_token_id).int()
+    model = hf_model(ckpt)
+    hf_positions, hf_delta = model.model.get_rope_index(ids, mm_token_type_ids=kinds,
+                                                        image_grid_thw=want["image_grid_thw"])
+    prepared = [prepare(im, info) for im in images]
+    ours, delta = mrope_positions(ids[0].numpy(), prepared, info, image_runs(ids[0].numpy(), info.image_token_id))
+    assert np.array_equal(ours, hf_positions.numpy()) and delta == int(hf_delta)
+    out = model.generate(ids, pixel_values=want["pixel_values"], image_grid_thw=want["image_grid_thw"],
+                         mm_token_type_ids=kinds, max_new_tokens=24, do_sample=False)
+    assert result.token_ids == out[0, ids.shape[1]:].tolist()
 
 
 def _tokenizer_naming(ckpt, **tokens):
@@ -134,6 +255,20 @@ def test_idefics3_prompt_and_reply_match_hf_processor(tiny):
                                  tokenizer=_tokenizer_naming(ckpt), image_seq_len=info.tokens_per_image)
 
     want = _processor_round_trip(tiny, "Idefics3ForConditionalGeneration", "llama", make)
+    assert want["pixel_values"].shape[1] > 2  # the images were tiled
+
+
+def test_llava_next_prompt_and_reply_match_hf_processor(tiny):
+    """Any-resolution grids for two images of different aspect ratios: token counts and the packed feature layout
+    (unpadding, newline after each row) against LlavaNextProcessor + transformers."""
+    from transformers import AutoImageProcessor, LlavaNextProcessor
+
+    def make(ckpt, info):
+        return LlavaNextProcessor(image_processor=AutoImageProcessor.from_pretrained(str(ckpt)),
+                                  tokenizer=_tokenizer_naming(ckpt), patch_size=14,
+                                  vision_feature_select_strategy="default", num_additional_image_tokens=1)
+
+    want = _processor_round_trip(tiny, "LlavaNextForConditionalGeneration", "clip-qwen2", make)
     assert want["pixel_values"].shape[1] > 2  # the images were tiled
 
 

@@ -21,6 +21,14 @@ def test_every_registered_family_has_tiny_test_configs():
     for arch in supported_architectures():
         assert family_class(arch).tiny_configs(64), f"{arch} has no tiny config"
         assert f"| `{arch}` |" in readme, f"the README's supported-families table has no row for {arch}"
+    # every family with images has a preprocessing-parity test against its HF processor
+    import test_preprocessing
+
+    from conftest import vision_variants
+
+    for arch, _variant in vision_variants():
+        name = test_preprocessing.PREPROCESSING_TESTS.get(arch)
+        assert name and callable(getattr(test_preprocessing, name, None)), f"{arch} has no preprocessing test"
     # LLaVA's tiny variants cover each supported vision tower
     llava = family_class("LlavaForConditionalGeneration").tiny_configs(64)
     from safesteer_models.llava import VISION_TOWERS
