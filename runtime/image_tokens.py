@@ -39,19 +39,21 @@ def expand_text(text: str, info: ImageInfo, expansions: Sequence[str]) -> str:
 
 
 def expand_ids(ids: list[int], info: ImageInfo, expansions: Sequence[str]) -> list[int]:
-    """prompt_ids given directly: each image token id -> tokens_per_image copies (models whose images are only
-    image tokens); ids already expanded pass through."""
+    """prompt_ids given directly: the i-th image token id -> as many copies as image i needs (models whose images
+    are image tokens only); ids already expanded pass through."""
     if _already_expanded(sum(1 for i in ids if i == info.image_token_id), expansions, info):
         return ids
-    if any(e != info.image_token * info.tokens_per_image for e in expansions) or info.marker is not None:
+    counts = [e.count(info.image_token) for e in expansions]
+    if info.marker is not None or any(e != info.image_token * n for e, n in zip(expansions, counts)):
         raise InputError(
             "this model writes text around each image's tokens; pass prompt= or messages= (or prompt_ids with every "
             "image's tokens already written out, as its processor makes them)"
         )
     _check_count(sum(1 for i in ids if i == info.image_token_id), len(expansions), info)
     out: list[int] = []
+    per_image = iter(counts)
     for i in ids:
-        out.extend([i] * info.tokens_per_image if i == info.image_token_id else [i])
+        out.extend([i] * next(per_image) if i == info.image_token_id else [i])
     return out
 
 

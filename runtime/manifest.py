@@ -168,7 +168,7 @@ class ImageInfo:
 
     image_token: str  # the placeholder a chat template writes once per image
     image_token_id: int
-    tokens_per_image: int  # image tokens per vision call: per image, or per tile of a tiled image
+    tokens_per_image: int  # image tokens per vision call: per image, or per tile (patching: unused, 1)
     resize: str  # "shortest_edge" | "exact" | "none"
     size: tuple[int, ...]  # (shortest_edge,) or (height, width)
     resample: str  # "nearest" | "bilinear" | "bicubic" | "lanczos"

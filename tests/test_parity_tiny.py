@@ -97,3 +97,24 @@ def test_token_logprobs_match_transformers(tiny, safe_artifact):
             logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].double(), -1)
         want = logp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].numpy()
         np.testing.assert_allclose(gen.token_logprobs(ids), want, atol=2e-4)
+
+
+@pytest.mark.parametrize("arch,variant", [("LlavaNextForConditionalGeneration", "clip-qwen2"),
+                                          ("Qwen2VLForConditionalGeneration", "qwen2")])
+def test_prompt_ids_with_one_placeholder_per_image(tiny, arch, variant):
+    """prompt_ids holding one image token per image expand like a rendered prompt does (each image by its own
+    size); ids already expanded pass through; families with text around their image tokens refuse clearly."""
+    from safesteer_runtime.errors import InputError
+
+    gen = Generator(tiny.artifact(arch, variant, 2))
+    image = test_image(4, (70, 30))
+    content = [{"type": "image", "image": image}, {"type": "text", "text": "What is in the picture?"}]
+    full = gen.generate([{"role": "user", "content": content}], max_new_tokens=8)
+    tid = gen.manifest.image.image_token_id
+    short = [t for i, t in enumerate(full.prompt_ids) if t != tid or full.prompt_ids[i - 1] != tid]
+    assert len(short) < len(full.prompt_ids)
+    assert gen.generate(prompt_ids=short, images=[image], max_new_tokens=8).token_ids == full.token_ids
+    assert gen.generate(prompt_ids=full.prompt_ids, images=[image], max_new_tokens=8).token_ids == full.token_ids
+    gemma = Generator(tiny.artifact("Gemma3ForConditionalGeneration", "siglip", 2))
+    with pytest.raises(InputError, match="writes text around each image"):
+        gemma.generate(prompt_ids=[5, gemma.manifest.image.image_token_id, 6], images=[image], max_new_tokens=2)
