@@ -143,7 +143,8 @@ class Engine:
         if cfg.uses_tensorrt:  # engine builds take minutes: say where we are
             log.info("TensorRT: engine for %s (graph %d of %d, %.0f s so far); a first build takes minutes, later "
                      "loads come from the engine cache", entry.file.path, i + 1, count, time.perf_counter() - started)
-            profiles = profile_options(list(entry.inputs), self.sizes.hidden_size, self._kv_row, self.context_limit)
+            profiles = profile_options(list(entry.inputs), self.sizes.hidden_size, self._kv_row, self.context_limit,
+                                       mrope=bool(self.sizes.mrope_sections))
         return open_session(root / entry.file.path, cfg, profiles)
 
     def providers(self) -> dict[str, str]:

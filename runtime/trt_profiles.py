@@ -17,13 +17,15 @@ PREFILL_OPT_ROWS = 256
 DECODE_OPT_PAST = 512
 
 
-def _template(name: str, hidden: int, kv_row: tuple[int, ...]):
+def _template(name: str, hidden: int, kv_row: tuple[int, ...], mrope: bool):
     """Input shape in symbols: S rows in this call, P past positions, T = P + S, R head rows (1 at min and opt,
-    up to S); None for static inputs."""
+    up to S); None for static inputs. ``mrope``: position_ids have three rows (sizes.mrope_sections)."""
     if name in (m.HIDDEN_IN,):
         return (1, "S", hidden)
     if name in (m.ATTENTION_MASK, m.SLIDING_MASK):
         return (1, 1, "S", "T")
+    if name == m.POSITION_IDS and mrope:
+        return (3, 1, "S")
     if name in (m.POSITION_IDS, m.MSAV_MASK, m.INPUT_IDS):
         return (1, "S")
     if name.startswith(("past_key", "past_value")):
@@ -33,7 +35,8 @@ def _template(name: str, hidden: int, kv_row: tuple[int, ...]):
     return None  # top_k, SafeSteer vectors and knobs: fixed shapes; pixel_values: left to onnxruntime
 
 
-def profile_options(inputs: list[str], hidden: int, kv_row: tuple[int, ...], max_tokens: int) -> dict[str, str]:
+def profile_options(inputs: list[str], hidden: int, kv_row: tuple[int, ...], max_tokens: int,
+                    mrope: bool = False) -> dict[str, str]:
     """TensorRT provider options (trt_profile_min/opt/max_shapes) for a graph with these input names;
     {} when none of them is dynamic."""
     decode_rows = min(DECODE_MAX_ROWS, max_tokens)
@@ -42,7 +45,7 @@ def profile_options(inputs: list[str], hidden: int, kv_row: tuple[int, ...], max
     # (S, P) for min / opt / max, per profile
     profiles = [((1, 0), (1, opt_past), (decode_rows, max_tokens)),
                 ((1, 0), (opt_rows, 0), (max_tokens, max_tokens))]
-    dynamic = [(n, t) for n in inputs if (t := _template(n, hidden, kv_row)) is not None]
+    dynamic = [(n, t) for n in inputs if (t := _template(n, hidden, kv_row, mrope)) is not None]
     if not dynamic:
         return {}
     out = {}

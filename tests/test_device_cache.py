@@ -68,6 +68,9 @@ def test_tensorrt_profiles_cover_decode_and_prefill():
     assert lo == ["input_ids:1x1", "head_rows:1", "input_ids:1x1", "head_rows:1"]
     assert opt == ["input_ids:1x1", "head_rows:1", "input_ids:1x256", "head_rows:1"]
     assert hi == ["input_ids:1x256", "head_rows:256", "input_ids:1x1024", "head_rows:1024"]
+    # multimodal RoPE: three position rows
+    hi = profile_options([m.POSITION_IDS], 64, (32,), 1024, mrope=True)["trt_profile_max_shapes"].split(",")
+    assert hi == ["position_ids:3x1x256", "position_ids:3x1x1024"]
 
 
 def test_tensorrt_options_carry_profiles_and_caches(tmp_path):

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from conftest import vision_variants
 from safesteer_runtime.errors import ArtifactError, ConfigError, ExportValidationError
 
 
@@ -226,3 +227,22 @@ def test_tied_table_is_stored_once(tiny, tmp_path):
                                 providers=["CPUExecutionProvider"])
     rows, weights = sess.run(None, {"input_ids": np.arange(vocab, dtype=np.int64)[None]})
     np.testing.assert_allclose(rows[0], weights.T, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch,variant", vision_variants())
+def test_quantized_vision_families_run_with_images(tiny, tmp_path, arch, variant):
+    """int4 blocks next to a float32 vision graph, for every family with images: the artifact loads, passes its
+    hashes and answers a request with an image; fp16 leaves greedy tokens of the tiny model unchanged."""
+    from safesteer_export.quantize import quantize_artifact
+    from safesteer_rt import Generator
+    from test_parity_tiny import test_image
+
+    src = tiny.artifact(arch, variant, 2)
+    content = [{"type": "image", "image": test_image()}, {"type": "text", "text": "What is in the picture?"}]
+    want = Generator(src).generate([{"role": "user", "content": content}], max_new_tokens=8).token_ids
+    for precision in ("int4", "fp16"):
+        quantize_artifact(src, tmp_path / precision, precision)
+        got = Generator(tmp_path / precision).generate([{"role": "user", "content": content}], max_new_tokens=8)
+        assert len(got.token_ids) == 8
+        if precision == "fp16":
+            assert got.token_ids == want
