@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import vision_variants
 from safesteer_runtime.errors import (ArtifactError, ConfigError, ImageError, InputError, PromptTooLongError,
                                       UnsupportedArchitectureError)
 from safesteer_rt import Generator
@@ -123,6 +124,25 @@ def test_broken_images(tiny, tmp_path, payload, match):
         gen.generate([{"role": "user", "content": [{"type": "image", "image": str(path)}]}], max_new_tokens=2)
     with pytest.raises(ImageError, match="does not exist"):
         gen.generate(prompt="hi", images=[str(tmp_path / "nope.png")], max_new_tokens=2)
+
+
+@pytest.mark.parametrize("arch,variant", vision_variants())
+def test_bad_images_on_every_vision_family(tiny, arch, variant):
+    """Every family's preprocessing says what is wrong with a bad image and the generator keeps serving: an
+    unreadable file, a placeholder count that does not match the images; Qwen2-VL refuses extreme aspect ratios."""
+    from PIL import Image
+
+    gen = Generator(tiny.artifact(arch, variant, 2))
+    with pytest.raises(ImageError, match="not a readable image"):
+        gen.generate(prompt="hi", images=[b"\x89PNG\r\n\x1a\nbroken"], max_new_tokens=2)
+    two = gen.manifest.image.placeholder * 2 + " describe"
+    with pytest.raises(InputError, match="placeholder"):
+        gen.generate(prompt=two, images=[Image.new("RGB", (40, 30))], max_new_tokens=2)
+    if gen.manifest.image.patching is not None:
+        with pytest.raises(ImageError, match="aspect ratio"):
+            gen.generate(prompt="hi", images=[Image.new("RGB", (3000, 14))], max_new_tokens=2)
+    content = [{"type": "image", "image": Image.new("RGB", (40, 30), "red")}, {"type": "text", "text": "hi"}]
+    assert gen.generate([{"role": "user", "content": content}], max_new_tokens=2).token_ids  # still serves
 
 
 def test_image_on_text_only_artifact(tiny):
