@@ -61,12 +61,15 @@ class Idefics3Family(WithLlamaText):
 
     tiny_extra_tokens = ("<fake_token_around_image>", "<global-img>", "<end_of_utterance>")
 
-    @staticmethod
-    def tiny_processor(cfg):
-        from transformers import Idefics3ImageProcessorPil
+    tiny_processor_class = "Idefics3ImageProcessorPil"
+
+    @classmethod
+    def tiny_processor(cls, cfg):
+        import transformers
 
         tile = cfg.vision_config.image_size
-        return Idefics3ImageProcessorPil(size={"longest_edge": 3 * tile}, max_image_size={"longest_edge": tile})
+        return getattr(transformers, cls.tiny_processor_class)(size={"longest_edge": 3 * tile},
+                                                               max_image_size={"longest_edge": tile})
 
     @classmethod
     def tiny_configs(cls, vocab_size: int) -> dict[str, object]:
@@ -87,12 +90,7 @@ class SmolVLMFamily(Idefics3Family):
 
     name = "smolvlm"
 
-    @staticmethod
-    def tiny_processor(cfg):
-        from transformers import SmolVLMImageProcessorPil
-
-        tile = cfg.vision_config.image_size
-        return SmolVLMImageProcessorPil(size={"longest_edge": 3 * tile}, max_image_size={"longest_edge": tile})
+    tiny_processor_class = "SmolVLMImageProcessorPil"
 
     @classmethod
     def tiny_configs(cls, vocab_size: int) -> dict[str, object]:
