@@ -116,8 +116,11 @@ class Qwen2VLFamily(Family):
                             max_pixels=int(proc.size["longest_edge"]), window=self.vision_window())
         side = patching.patch * patching.merge
         cfg = self.model.config
-        return ImageInfo(image_token=tokenizer.convert_ids_to_tokens(cfg.image_token_id),
-                         image_token_id=cfg.image_token_id, tokens_per_image=1, patching=patching,
+        token = tokenizer.convert_ids_to_tokens
+        start, pad, end = (token(i) for i in (cfg.vision_start_token_id, cfg.image_token_id, cfg.vision_end_token_id))
+        # templates write start + pad + end per image; the pad becomes the image's tokens (as Qwen2VLProcessor does)
+        return ImageInfo(image_token=pad, image_token_id=cfg.image_token_id, tokens_per_image=1, patching=patching,
+                         marker=start + pad + end, prefix=start, suffix=end,
                          **preprocessing_fields(proc, {"height": side, "width": side}))
 
     def hf_image_kwargs(self, input_ids: torch.Tensor, images: list) -> dict:

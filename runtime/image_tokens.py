@@ -39,12 +39,15 @@ def expand_text(text: str, info: ImageInfo, expansions: Sequence[str]) -> str:
 
 
 def expand_ids(ids: list[int], info: ImageInfo, expansions: Sequence[str]) -> list[int]:
-    """prompt_ids given directly: the i-th image token id -> as many copies as image i needs (models whose images
-    are image tokens only); ids already expanded pass through."""
+    """prompt_ids given directly: the i-th image token id -> as many copies as image i needs, where that is all the
+    expansion does (the marker, if any, is prefix + one image token + suffix, and the ids already hold the prefix
+    and suffix tokens); ids already expanded pass through."""
     if _already_expanded(sum(1 for i in ids if i == info.image_token_id), expansions, info):
         return ids
     counts = [e.count(info.image_token) for e in expansions]
-    if info.marker is not None or any(e != info.image_token * n for e, n in zip(expansions, counts)):
+    wrap = info.prefix, info.suffix
+    only_tokens = info.marker in (None, wrap[0] + info.image_token + wrap[1])
+    if not only_tokens or any(e != wrap[0] + info.image_token * n + wrap[1] for e, n in zip(expansions, counts)):
         raise InputError(
             "this model writes text around each image's tokens; pass prompt= or messages= (or prompt_ids with every "
             "image's tokens already written out, as its processor makes them)"

@@ -177,8 +177,10 @@ class ImageInfo:
     mean: Optional[tuple[float, float, float]]
     std: Optional[tuple[float, float, float]]
     convert_rgb: bool
-    # Gemma 3: templates write a marker other than the image token, each image becomes prefix + image tokens + suffix
-    # (text, tokenized with the prompt), and an image's tokens see each other both ways at prefill.
+    # Templates may write a marker other than the image token; each image's marker becomes prefix + image tokens +
+    # suffix (text, tokenized with the prompt). Gemma 3: <start_of_image> -> "\n\n<start_of_image>" + tokens +
+    # "<end_of_image>\n\n", and an image's tokens see each other both ways at prefill. Qwen2-VL:
+    # <|vision_start|><|image_pad|><|vision_end|> -> the same with the pad repeated.
     marker: Optional[str] = None  # what a chat template or prompt writes once per image; None = image_token
     prefix: str = ""
     suffix: str = ""

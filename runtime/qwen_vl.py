@@ -48,7 +48,8 @@ def prepare_patched(img: Image.Image, info: ImageInfo) -> PreparedImage:
     blocks = np.broadcast_to(blocks, (*blocks.shape[:5], p.temporal, p.patch, p.patch))
     patches = np.ascontiguousarray(blocks.reshape(rows * cols, -1), dtype=np.float32)
     tokens = rows * cols // (p.merge * p.merge)
-    return PreparedImage(patches, info.image_token * tokens, (img.height, img.width), (1, rows, cols))
+    text = info.prefix + info.image_token * tokens + info.suffix
+    return PreparedImage(patches, text, (img.height, img.width), (1, rows, cols))
 
 
 def _patch_positions(grid: tuple[int, int, int], merge: int) -> np.ndarray:

@@ -118,3 +118,13 @@ def test_prompt_ids_with_one_placeholder_per_image(tiny, arch, variant):
     gemma = Generator(tiny.artifact("Gemma3ForConditionalGeneration", "siglip", 2))
     with pytest.raises(InputError, match="writes text around each image"):
         gemma.generate(prompt_ids=[5, gemma.manifest.image.image_token_id, 6], images=[image], max_new_tokens=2)
+
+
+def test_raw_prompt_gets_the_family_marker(tiny):
+    """prompt= with images and no placeholder: each image is put in front as the family's templates write it
+    (Qwen2-VL: <|vision_start|> + its pads + <|vision_end|>)."""
+    gen = Generator(tiny.artifact("Qwen2VLForConditionalGeneration", "qwen2", 2))
+    result = gen.generate(prompt="Describe it.", images=[test_image()], max_new_tokens=2)
+    text = gen.codec.tokenizer.decode(result.prompt_ids, skip_special_tokens=False)
+    pads = text.count("<|image_pad|>")
+    assert pads > 1 and text.startswith("<|vision_start|>" + "<|image_pad|>" * pads + "<|vision_end|>")
