@@ -10,6 +10,7 @@ from safesteer_runtime.errors import ConfigError
 from safesteer_runtime.kv_cache import DeviceKVCache
 from safesteer_rt import Generator
 
+from conftest import vision_variants
 from test_safesteer import BOMB, oracle_for, strong
 
 LLAMA = ("LlamaForCausalLM", "gqa")
@@ -120,3 +121,21 @@ def test_generate_cli_kv_cache_and_tensorrt_flags(safe_artifact, capsys):
     assert runs[0] == runs[1] and len(runs[0]) >= 1
     assert main([art, "--prompt", "hi", "--trt-max-tokens", "1"]) != 0
     assert "trt_max_tokens" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch,variant", vision_variants())
+def test_device_cache_with_images_on_every_vision_family(tiny, safe_artifact, arch, variant):
+    """The device cache path with each family's images (tiles, patches, M-RoPE positions, Gemma 3's two-way image
+    mask) and SafeSteer lookahead + MSAV: the same tokens and scores as the host cache."""
+    from test_parity_tiny import test_image
+
+    art = safe_artifact(arch, variant, 2)
+    host, device = Generator(art, kv_cache="host"), Generator(art, kv_cache="device")
+    cfg = strong(host, beta=1.0, lookahead_steps=8)
+    content = [{"type": "image", "image": test_image(5, (60, 44))}, {"type": "text", "text": "Do it."}]
+    a = host.generate([{"role": "user", "content": content}], max_new_tokens=10, safety=cfg)
+    b = device.generate([{"role": "user", "content": content}], max_new_tokens=10, safety=cfg)
+    assert isinstance(device._cache, DeviceKVCache)
+    assert a.token_ids == b.token_ids
+    np.testing.assert_allclose([t["score_chosen"] for t in b.safety_trace],
+                               [t["score_chosen"] for t in a.safety_trace], atol=1e-5)

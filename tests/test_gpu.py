@@ -16,6 +16,7 @@ import pytest
 from safesteer_runtime.kv_cache import DeviceKVCache
 from safesteer_rt import Generator
 
+from conftest import vision_variants
 from test_safesteer import BOMB, oracle_for, strong
 
 AVAILABLE = ort.get_available_providers()
@@ -37,6 +38,20 @@ def test_cuda_greedy_equals_cpu(tiny, block_size):
     assert set(gpu.providers.values()) == {CUDA}
     out = gpu.generate(MSG, max_new_tokens=32, safety=False)
     assert isinstance(gpu._cache, DeviceKVCache)
+    assert out.token_ids == cpu.token_ids
+
+
+@needs_cuda
+@pytest.mark.parametrize("arch,variant", vision_variants())
+def test_cuda_images_equal_cpu(tiny, arch, variant):
+    """Every family with images on CUDA (vision graph, tiles / patches, M-RoPE, two-way image masks) = the CPU."""
+    from test_parity_tiny import test_image
+
+    art = tiny.artifact(arch, variant, 2)
+    content = [{"type": "image", "image": test_image(5, (60, 44))}, {"type": "text", "text": "What is in it?"}]
+    msg = [{"role": "user", "content": content}]
+    cpu = Generator(art, providers=["CPUExecutionProvider"]).generate(msg, max_new_tokens=24, safety=False)
+    out = Generator(art, providers=[CUDA]).generate(msg, max_new_tokens=24, safety=False)
     assert out.token_ids == cpu.token_ids
 
 
