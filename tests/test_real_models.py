@@ -157,3 +157,70 @@ def test_default_checkpoint_keeps_the_language_model_intact():
         want = qwen(input_ids=ids).logits[0]
     torch.testing.assert_close(got[:, : want.shape[1]], want, atol=1e-4, rtol=1e-4)
     assert (got.argmax(-1) != llava.config.image_token_id).all()
+
+
+def qwen2vl_with_real_text(out):
+    """A Qwen2-VL checkpoint whose language model is the packaged Qwen2.5-Coder-0.5B (Qwen2-VL's text backbone
+    architecture; multimodal RoPE sections 8/12/12 of its 32 rotary half-dims) and whose small vision tower is random:
+    no Qwen2-VL weights ship in a wheel, so this checks multimodal RoPE and the patch path at a real model's size."""
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
+                              Qwen2VLImageProcessorPil)
+
+    from safesteer_models.packaged import QWEN25_CODER_05B, checkpoint
+
+    src = checkpoint(QWEN25_CODER_05B)
+    lm = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(src))
+    c = lm.config
+    text = dict(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+                num_key_value_heads=c.num_key_value_heads, max_position_embeddings=c.max_position_embeddings,
+                rms_norm_eps=c.rms_norm_eps, bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
+                rope_parameters={"rope_type": "default", "rope_theta": c.rope_parameters["rope_theta"],
+                                 "mrope_section": [8, 12, 12]})
+    vision = dict(depth=2, embed_dim=64, num_heads=4, mlp_ratio=2, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, hidden_size=c.hidden_size)
+    ids = {name: tok.convert_tokens_to_ids(f"<|{name}|>") for name in ("image_pad", "video_pad", "vision_start",
+                                                                       "vision_end")}
+    cfg = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids["image_pad"],
+                        video_token_id=ids["video_pad"], vision_start_token_id=ids["vision_start"],
+                        vision_end_token_id=ids["vision_end"], tie_word_embeddings=False)
+    cfg.architectures = ["Qwen2VLForConditionalGeneration"]
+    torch.manual_seed(0)
+    model = Qwen2VLForConditionalGeneration(cfg).eval()
+    model.model.language_model.load_state_dict(lm.model.state_dict())
+    model.lm_head.load_state_dict(lm.lm_head.state_dict())
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    Qwen2VLImageProcessorPil(size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 64}).save_pretrained(str(out))
+    return out
+
+
+def test_qwen2vl_with_real_text_matches_transformers(tmp_path_factory):
+    """Export (validated against PyTorch), then greedy tokens with two images = transformers."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from safesteer_export.pipeline import ExportConfig, export_artifact
+    from safesteer_runtime.image_tokens import all_pixels
+    from safesteer_runtime.images import prepare
+
+    ckpt = qwen2vl_with_real_text(tmp_path_factory.mktemp("qwen2vl"))
+    art = tmp_path_factory.mktemp("qwen2vl-art") / "artifact"
+    export_artifact(ExportConfig(ckpt, art, block_size=0, safety=False))
+    gen = Generator(art)
+    red, blue = Image.new("RGB", (200, 120), "white"), Image.new("RGB", (90, 160), "white")
+    ImageDraw.Draw(red).rectangle([20, 20, 120, 90], fill="red")
+    ImageDraw.Draw(blue).ellipse([10, 30, 80, 120], fill="blue")
+    content = [{"type": "image", "image": red}, {"type": "image", "image": blue},
+               {"type": "text", "text": "Write a Python function that adds two numbers."}]
+    result = gen.generate([{"role": "user", "content": content}], max_new_tokens=NEW_TOKENS, safety=False)
+    info = gen.manifest.image
+    prepared = [prepare(im, info) for im in (red, blue)]
+    model = Qwen2VLForConditionalGeneration.from_pretrained(str(ckpt), dtype=torch.float32).eval()
+    ids = torch.tensor([result.prompt_ids])
+    want = model.generate(ids, pixel_values=torch.from_numpy(all_pixels(prepared)),
+                          image_grid_thw=torch.tensor([list(p.grid) for p in prepared]),
+                          mm_token_type_ids=(ids == info.image_token_id).int(), max_new_tokens=NEW_TOKENS,
+                          do_sample=False)[0, ids.shape[1]:].tolist()
+    assert result.token_ids == want
+    assert gen.codec.tokenizer.decode(result.token_ids).strip()  # the real LM writes text
