@@ -9,6 +9,7 @@ runtime feeds patches in window order and restores the order of the merged token
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Optional
 
@@ -36,8 +37,8 @@ class QwenVision(nn.Module):
     def __init__(self, visual, windowed: bool):
         super().__init__()
         self.visual = visual
-        self.full_layers = set(getattr(visual, "fullatt_block_indexes", range(len(visual.blocks))))
-        self.windowed = windowed
+        # layers that attend over the whole image; the others (Qwen2.5-VL) within windows
+        self.full_layers = set(visual.fullatt_block_indexes) if windowed else set(range(len(visual.blocks)))
 
     def attention(self, attn, x, cos, sin, mask):
         n, heads = x.shape[0], attn.num_heads
@@ -52,7 +53,7 @@ class QwenVision(nn.Module):
         cos, sin = v.rotary_pos_emb(x, positions)  # [N, d]
         cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
         for i, block in enumerate(v.blocks):
-            layer_mask = mask if not self.windowed or i in self.full_layers else window_mask
+            layer_mask = mask if i in self.full_layers else window_mask
             x = x + self.attention(block.attn, block.norm1(x), cos, sin, layer_mask)
             x = x + block.mlp(block.norm2(x))
         return v.merger(x)
@@ -71,8 +72,6 @@ class Qwen2VLFamily(Family):
         return tuple(int(s) for s in self.text.config.rope_parameters["mrope_section"])
 
     def sizes(self) -> ModelSizes:
-        import dataclasses
-
         return dataclasses.replace(super().sizes(), mrope_sections=self.mrope_sections)
 
     def rope_inputs(self, position_ids, cos_table, sin_table):
@@ -93,20 +92,16 @@ class Qwen2VLFamily(Family):
         return self.text.rotary(x, positions.expand(3, -1, -1))
 
     # --- vision ------------------------------------------------------------------------------------
-    windowed = False
+    def vision_window(self) -> Optional[int]:
+        """Qwen2.5-VL's attention window in pixels; None: every vision layer attends over the whole image."""
+        return None
 
     def vision_module(self) -> nn.Module:
-        return QwenVision(self.model.model.visual, self.windowed).eval()
+        return QwenVision(self.model.model.visual, self.vision_window() is not None).eval()
 
     def vision_inputs(self) -> list[str]:
         names = [m.PIXEL_VALUES, m.VISION_POSITIONS, m.VISION_MASK]
-        return names + ([m.VISION_WINDOW_MASK] if self.windowed else [])
-
-    def vision_outputs(self) -> list[str]:
-        return [m.IMAGE_FEATURES]
-
-    def vision_window(self) -> Optional[int]:
-        return None
+        return names + ([m.VISION_WINDOW_MASK] if self.vision_window() is not None else [])
 
     def image_info(self, model_dir: Path, tokenizer) -> Optional[ImageInfo]:
         proc = load_processor(model_dir)
@@ -170,7 +165,6 @@ class Qwen2_5_VLFamily(Qwen2VLFamily):
     """Qwen2.5-VL: RMSNorm / SwiGLU vision blocks, attention within windows except in fullatt_block_indexes."""
 
     name = "qwen2_5_vl"
-    windowed = True
     config_class = "Qwen2_5_VLConfig"
 
     def vision_window(self) -> Optional[int]:
