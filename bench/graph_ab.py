@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/graph_ab.py A.onnx B.onnx [...] [--past 100] [--rounds 8] [--calls 40] [--threads 2]
 
-Decode-step shapes: one new row over ``--past`` cached positions (past_* inputs get that length, the
+Decode-step shapes: one new row over ``--past`` cached positions (past_* inputs get that length, or for
+blocks with an in-place cache buffers of past + 1 positions bound to both past_* and present_*; the
 attention mask past + 1, position ids the next position; SafeSteer knobs are zero). The graphs run in
 one process, alternating every ``--calls`` calls for ``--rounds`` rounds, so a slow minute on a shared
 machine hits all of them; prints each graph's median ms per call and its ratio to the first. Step-level
@@ -32,7 +33,9 @@ def decode_feeds(sess: ort.InferenceSession, past: int, rng: np.random.Generator
     feeds = {}
     for inp in sess.get_inputs():
         shape = [d if isinstance(d, int) else 1 for d in inp.shape]
-        if inp.name.startswith("past_"):
+        if inp.name.startswith("past_") and len(shape) == 4:  # in-place cache buffer [b, kv_heads, capacity, d]
+            shape[2] = past + 1
+        elif inp.name.startswith("past_"):
             shape[1] = past
         if inp.name == "attention_mask" and len(shape) == 4:
             shape[3] = past + 1
@@ -48,6 +51,24 @@ def decode_feeds(sess: ort.InferenceSession, past: int, rng: np.random.Generator
     return feeds
 
 
+def binding(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> ort.IOBinding:
+    """Inputs bound once; an in-place cache's buffers also as their present_* outputs (as the runtime does), other
+    outputs left to onnxruntime."""
+    io = sess.io_binding()
+    for name, value in feeds.items():
+        present = name.replace("past_", "present_", 1)
+        if name.startswith("past_") and present in {o.name for o in sess.get_outputs()}:
+            buffer = ort.OrtValue.ortvalue_from_numpy(value)
+            io.bind_ortvalue_input(name, buffer)
+            io.bind_ortvalue_output(present, buffer)
+        else:
+            io.bind_cpu_input(name, value)
+    for out in sess.get_outputs():
+        if not out.name.startswith("present_"):
+            io.bind_output(out.name)
+    return io
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("graphs", nargs="+")
@@ -58,13 +79,13 @@ def main() -> None:
     args = p.parse_args()
     rng = np.random.default_rng(0)
     sessions = [session(g, args.threads) for g in args.graphs]
-    feeds = [decode_feeds(s, args.past, rng) for s in sessions]
+    bindings = [binding(s, decode_feeds(s, args.past, rng)) for s in sessions]
     times: list[list[float]] = [[] for _ in sessions]
     for _ in range(args.rounds):
-        for s, f, acc in zip(sessions, feeds, times):
+        for s, io, acc in zip(sessions, bindings, times):
             start = time.perf_counter()
             for _ in range(args.calls):
-                s.run(None, f)
+                s.run_with_iobinding(io)
             acc.append((time.perf_counter() - start) / args.calls * 1000.0)
     base = statistics.median(times[0])
     for g, acc in zip(args.graphs, times):

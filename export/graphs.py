@@ -18,7 +18,7 @@ import onnx
 import torch
 from torch import nn
 
-from safesteer_models.onnx_ops import OPSET23_DOMAIN
+from safesteer_models.onnx_ops import OPSET23_DOMAIN, in_place_cache, rows_may_look_ahead
 from safesteer_runtime import manifest as m
 
 from .graph_files import bind_weights, write_graph
@@ -103,6 +103,7 @@ class BlockGraph(nn.Module):
             cos, sin = family.rope_tables(kind)
             self.register_buffer(f"rope_cos_{kind}", cos, persistent=False)
             self.register_buffer(f"rope_sin_{kind}", sin, persistent=False)
+        self.in_place = in_place_cache()  # GroupQueryAttention over cache buffers (else standard ops, new rows out)
         self.probe = ProbeOps()
         self.msav = MsavOps()
 
@@ -156,7 +157,16 @@ class BlockGraph(nn.Module):
         return [f(i) for i in range(self.first, self.first + self.count) for f in (m.past_key, m.past_value)]
 
     def new_kv_names(self) -> list[str]:
-        return [f(i) for i in range(self.first, self.first + self.count) for f in (m.new_key, m.new_value)]
+        names = (m.present_key, m.present_value) if self.in_place else (m.new_key, m.new_value)
+        return [f(i) for i in range(self.first, self.first + self.count) for f in names]
+
+    def kv_shapes(self, sizes) -> tuple[list, list]:
+        """(past input shape, K/V output shape), dims named where they vary."""
+        if self.in_place:
+            buffer = ["batch", sizes.num_kv_heads, "capacity", sizes.head_dim]
+            return buffer, buffer
+        return (["batch", "past_sequence_length", sizes.num_kv_heads * sizes.head_dim],
+                ["batch", "sequence_length", sizes.num_kv_heads * sizes.head_dim])
 
     def sample_inputs(self, sizes, past_len: int = 3, rows: int = 2) -> tuple:
         """Tracing inputs, in io_names order."""
@@ -169,8 +179,9 @@ class BlockGraph(nn.Module):
                   m.MSAV_VECTOR: torch.randn(hidden), m.MSAV_BETA: one, m.MSAV_MASK: torch.ones(1, rows),
                   m.PROBE_WEIGHT: torch.randn(hidden), m.PROBE_BIAS: torch.zeros(1),
                   m.SAFETY_DIRECTION: torch.randn(hidden), m.STEER_ALPHA: one, m.GATE_LOGIT: torch.zeros(1)}
-        values.update({name: torch.randn(1, past_len, sizes.num_kv_heads * sizes.head_dim)
-                       for name in self.past_names()})
+        kv = sizes.num_kv_heads, sizes.head_dim
+        past = (1, kv[0], past_len + rows + 1, kv[1]) if self.in_place else (1, past_len, kv[0] * kv[1])
+        values.update({name: torch.randn(*past) for name in self.past_names()})
         return tuple(values[name] for name in self.io_names()[0])
 
     @staticmethod
@@ -181,10 +192,12 @@ class BlockGraph(nn.Module):
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         rows = {0: "batch", 1: "sequence_length"}
         axes = {name: rows for name in (m.INPUT_IDS, m.HIDDEN_IN, m.HIDDEN_OUT, m.POSITION_IDS, m.MSAV_MASK,
-                                        m.HARM_LOGIT, *self.new_kv_names())}
+                                        m.HARM_LOGIT)}
+        past, new = self.kv_shapes(self.family.sizes())
+        axes.update({name: {i: d for i, d in enumerate(past) if isinstance(d, str)} for name in self.past_names()})
+        axes.update({name: {i: d for i, d in enumerate(new) if isinstance(d, str)} for name in self.new_kv_names()})
         axes[m.ATTENTION_MASK] = {0: "batch", 2: "sequence_length", 3: "total_sequence_length"}
         axes[m.SLIDING_MASK] = axes[m.ATTENTION_MASK]
-        axes.update({name: {0: "batch", 1: "past_sequence_length"} for name in self.past_names()})
         if self.family.sizes().mrope_sections:
             axes[m.POSITION_IDS] = {1: "batch", 2: "sequence_length"}
         axes[m.HEAD_ROWS] = {0: "head_rows"}
@@ -329,15 +342,15 @@ def export_block(family, first: int, count: int, path: Path, probe_layer: int | 
     sizes = family.sizes()
     block = BlockGraph(family, first, count, probe_layer, msav_layer, embeds=embeds, head=head)
     inputs, outputs = block.io_names()
-    kv_shape = ["batch", "sequence_length", sizes.num_kv_heads * sizes.head_dim]
-    dims = {name: kv_shape for name in block.new_kv_names()}
+    dims = {name: block.kv_shapes(sizes)[1] for name in block.new_kv_names()}
 
     def rewrite(model: onnx.ModelProto) -> None:
         if head:
             rewire_topk(model)
         finish_block(model, dims)
 
-    export_module(block, block.sample_inputs(sizes), path, inputs, outputs, block.dynamic_axes(), rewrite)
+    with rows_may_look_ahead(family.bidirectional_images):
+        export_module(block, block.sample_inputs(sizes), path, inputs, outputs, block.dynamic_axes(), rewrite)
     return inputs + ([m.TOP_K] if head else []), outputs
 
 

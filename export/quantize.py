@@ -6,7 +6,8 @@ embed graph, or a text-only model's first block) becomes GatherBlockQuantized (i
 int8 keeps a float32 table); vision graphs stay float32.
 fp16 (for GPUs): onnxruntime's float16 converter turns the embed and block graphs to float16 inside,
 float32 at their inputs and outputs (so the runtime and the KV cache layout are unchanged); the head's
-LogSoftmax and TopK stay float32 so candidate log-probabilities keep their precision.
+LogSoftmax and TopK stay float32 so candidate log-probabilities keep their precision, and GroupQueryAttention
+stays float32 so it keeps reading and writing the float32 cache buffers in place.
 The check compares the float32 artifact with the quantized one on the runtime itself:
 greedy agreement on fixed chat prompts, perplexity on a fixed text, and (calibrated artifacts) the
 probe's AUROC at the last prompt position on packaged validation prompts. It is written into the
@@ -131,7 +132,7 @@ def _half_graph(path: Path) -> None:
     from .graph_files import save_graph
 
     model = convert_float_to_float16(onnx.load(str(path)), keep_io_types=True,
-                                     op_block_list=[*DEFAULT_OP_BLOCK_LIST, "LogSoftmax", "TopK"])
+                                     op_block_list=[*DEFAULT_OP_BLOCK_LIST, "LogSoftmax", "TopK", "GroupQueryAttention"])
     save_graph(model, path)
 
 

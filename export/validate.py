@@ -140,7 +140,10 @@ def validate_block(report: ValidationReport, path, ref: Reference, *, first: int
     n = ref.input_ids.shape[1]
     split = n - 4
     source = ref.input_ids if m.INPUT_IDS in wanted else ref.layer_inputs[first]
-    empty = np.zeros((1, 0, sizes.num_kv_heads * sizes.head_dim), np.float32)
+    layers = range(first, first + count)
+    in_place = m.present_key(first) in names  # cache buffers (with slack) in and out; else past rows in, new rows out
+    empty = np.zeros((1, sizes.num_kv_heads, n + 3, sizes.head_dim) if in_place
+                     else (1, 0, sizes.num_kv_heads * sizes.head_dim), np.float32)
     k = 5
 
     def feeds(start: int, stop: int, past: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -169,15 +172,16 @@ def validate_block(report: ValidationReport, path, ref: Reference, *, first: int
         report.check(f"{label} {stage} {m.TOPK_IDS} (log-prob of the returned ids)", chosen,
                      out[m.TOPK_LOGPROBS].astype(np.float64))
 
-    past = {name: empty for i in range(first, first + count) for name in (m.past_key(i), m.past_value(i))}
+    past = {name: empty for i in layers for name in (m.past_key(i), m.past_value(i))}
     prefill = dict(zip(names, sess.run(None, feeds(0, split, past))))
     check("prefill", prefill, 0, split)
     if m.HARM_LOGIT in prefill:
         layer_out = ref.layer_inputs[probe_layer + 1] if probe_layer + 1 < len(ref.layer_inputs) else ref.last_hidden
         probe = layer_out[0, :split].astype(np.float64) @ vectors[m.PROBE_WEIGHT] + vectors[m.PROBE_BIAS][0]
         report.check(f"{label} {m.HARM_LOGIT}", prefill[m.HARM_LOGIT][0], probe)
-    past = {m.past_key(i): prefill[m.new_key(i)] for i in range(first, first + count)}
-    past.update({m.past_value(i): prefill[m.new_value(i)] for i in range(first, first + count)})
+    out_k, out_v = (m.present_key, m.present_value) if in_place else (m.new_key, m.new_value)
+    past = {m.past_key(i): prefill[out_k(i)] for i in layers}
+    past.update({m.past_value(i): prefill[out_v(i)] for i in layers})
     decode = dict(zip(names, sess.run(None, feeds(split, n, past))))
     check("cached", decode, split, n)
 

@@ -57,6 +57,8 @@ class Family:
     window: Optional[int] = None  # the sliding window of the layers in sliding_layers (llama.attention_window)
     sliding_layers: frozenset = frozenset()
     final_logit_softcap: Optional[float] = None  # logits = cap * tanh(logits / cap) after the LM head (Gemma 2)
+    # some rows of a prefill see later rows (an image's tokens attend both ways: Gemma 3); ImageInfo.bidirectional
+    bidirectional_images: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module):
         self.model = model.eval()

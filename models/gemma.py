@@ -16,7 +16,7 @@ from safesteer_runtime.manifest import ImageInfo
 from .base import TextStack, inner_text_stack
 from .image_processing import load_processor, preprocessing_fields
 from .llama import LlamaFamily
-from .onnx_ops import attention, rms_norm, rotary
+from .onnx_ops import cached_attention, rms_norm, rotary
 from .registry import register
 
 
@@ -34,9 +34,9 @@ def gemma_layer_forward(layer, hidden, mask, rope, past_k, past_v):
     if hasattr(attn, "q_norm"):  # Gemma 3
         q, k = _per_head_norm(q, attn.q_norm, heads), _per_head_norm(k, attn.k_norm, kv_heads)
     q, k = rotary(q, *rope, heads), rotary(k, *rope, kv_heads)
-    keys, values = torch.cat((past_k, k), dim=1), torch.cat((past_v, v), dim=1)
     softcap = getattr(cfg, "attn_logit_softcapping", None)
-    x = attn.o_proj(attention(q, keys, values, mask, heads, kv_heads, attn.scaling, softcap))
+    x, k, v = cached_attention(q, k, v, past_k, past_v, mask, heads, kv_heads, attn.scaling, softcap)
+    x = attn.o_proj(x)
     hidden = hidden + rms_norm(x, layer.post_attention_layernorm, offset=1.0)
     x = layer.mlp(rms_norm(hidden, layer.pre_feedforward_layernorm, offset=1.0))
     hidden = hidden + rms_norm(x, layer.post_feedforward_layernorm, offset=1.0)
@@ -94,6 +94,7 @@ class Gemma3Family(Gemma3TextFamily):
     directions at prefill (Hugging Face does so when generate gets token_type_ids, as its processor returns)."""
 
     name = "gemma3"
+    bidirectional_images = True
 
     def text_stack(self) -> TextStack:
         return inner_text_stack(self.model, self.model.model.language_model)
@@ -112,7 +113,7 @@ class Gemma3Family(Gemma3TextFamily):
         return ImageInfo(image_token=token(cfg.image_token_id), image_token_id=cfg.image_token_id,
                          tokens_per_image=int(cfg.mm_tokens_per_image), marker=token(cfg.boi_token_id),
                          prefix="\n\n" + token(cfg.boi_token_id), suffix=token(cfg.eoi_token_id) + "\n\n",
-                         bidirectional=True, **preprocessing_fields(proc))
+                         bidirectional=self.bidirectional_images, **preprocessing_fields(proc))
 
     def hf_image_kwargs(self, input_ids: torch.Tensor, images: list) -> dict:
         return {**super().hf_image_kwargs(input_ids, images),

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import torch
-
 from safesteer_runtime.errors import UnsupportedArchitectureError
 
 from .base import Family, TextStack
-from .onnx_ops import attention, rms_norm, rotary, skip_rms_norm
+from .onnx_ops import cached_attention, rms_norm, rotary, skip_rms_norm
 from .registry import register
 
 
@@ -18,10 +16,8 @@ def llama_layer_forward(layer, hidden, mask, rope, past_k, past_v):
     x = rms_norm(hidden, layer.input_layernorm)
     q = rotary(attn.q_proj(x), *rope, heads)
     k = rotary(attn.k_proj(x), *rope, kv_heads)  # [b, s, kv_heads * d]: the new cache rows
-    v = attn.v_proj(x)
-    keys, values = torch.cat((past_k, k), dim=1), torch.cat((past_v, v), dim=1)
-    x, hidden = skip_rms_norm(attn.o_proj(attention(q, keys, values, mask, heads, kv_heads, attn.scaling)), hidden,
-                              layer.post_attention_layernorm)
+    x, k, v = cached_attention(q, k, attn.v_proj(x), past_k, past_v, mask, heads, kv_heads, attn.scaling)
+    x, hidden = skip_rms_norm(attn.o_proj(x), hidden, layer.post_attention_layernorm)
     hidden = hidden + layer.mlp(x)
     return hidden, k, v
 

@@ -16,6 +16,8 @@ import torch
 # False: onnxruntime's fused contrib ops (fastest on onnxruntime). True: standard ONNX opset-23 ops only
 # (RotaryEmbedding, RMSNormalization, Attention) for TensorRT and other runtimes without the contrib ops.
 _STANDARD_OPS = contextvars.ContextVar("safesteer_standard_ops", default=False)
+# True: attention may look ahead of the row where the mask allows it (GroupQueryAttention causal=0, a slower kernel)
+_LOOKS_AHEAD = contextvars.ContextVar("safesteer_looks_ahead", default=False)
 
 
 @contextlib.contextmanager
@@ -64,8 +66,9 @@ OPSET23_DOMAIN = "safesteer.opset23"  # placeholder domain: graphs.finish_block 
 
 
 class _Attention(torch.autograd.Function):
-    """ONNX (opset 23) Attention with grouped K/V heads and an additive mask, over 3-D [b, seq, heads * d];
-    ``softcap`` > 0: scores become softcap * tanh(scores / softcap) before the mask (Gemma 2)."""
+    """ONNX (opset 23) Attention with grouped K/V heads and an additive mask: q [b, s, heads * d], k / v
+    [b, t, kv_heads * d], mask [b, 1, s, t]; query head h reads K/V head h // (heads / kv_heads). ``softcap`` > 0:
+    scores become softcap * tanh(scores / softcap) before the mask (Gemma 2)."""
 
     @staticmethod
     def forward(ctx, q, k, v, mask, heads, kv_heads, scale, softcap):
@@ -89,11 +92,77 @@ class _Attention(torch.autograd.Function):
         return out
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, heads: int, kv_heads: int,
-              scale: float, softcap: float | None = None) -> torch.Tensor:
-    """q [b, s, heads * d]; k, v [b, t, kv_heads * d]; mask [b, 1, s, t] additive -> [b, s, heads * d].
-    Query head h reads K/V head h // (heads / kv_heads)."""
-    return _Attention.apply(q, k, v, mask, int(heads), int(kv_heads), float(scale), float(softcap or 0.0))
+class _CachedAttention(torch.autograd.Function):
+    """onnxruntime's com.microsoft GroupQueryAttention over a KV cache it writes in place: ``past_k`` / ``past_v``
+    [b, kv_heads, capacity, d] are the whole cache buffers (the runtime binds each to both the input and the
+    output), this call's new rows k / v [b, s, kv_heads * d] land at positions [total - s, total), where total =
+    mask.shape[3] (seqlens_k = total - 1), and attention reads positions [0, total) under the additive ``mask``
+    (lookahead trees, windows), within GroupQueryAttention's causal rule unless rows may look ahead (causal = 0)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, past_k, past_v, mask, heads, kv_heads, scale, softcap):
+        b, s, _ = k.shape
+        total, d = mask.shape[3], past_k.shape[3]
+        start = total - s  # where this call's rows go
+        # (written in this order and read from the inputs: other forms trip the TorchScript peephole pass when
+        # kv_heads is 1)
+        present_k, present_v = (torch.index_copy(past, 2, torch.arange(start, total),
+                                                 new.reshape(b, s, kv_heads, d).transpose(1, 2))
+                                for past, new in ((past_k, k), (past_v, v)))
+        keys, values = (torch.cat((past[:, :, :start].transpose(1, 2).reshape(b, start, -1), new), dim=1)
+                        for past, new in ((past_k, k), (past_v, v)))
+        return _Attention.forward(ctx, q, keys, values, mask, heads, kv_heads, scale, softcap), present_k, present_v
+
+    @staticmethod
+    def symbolic(g, q, k, v, past_k, past_v, mask, heads, kv_heads, scale, softcap):
+        # total_sequence_length / seqlens_k from the mask's last dim (identical per layer: onnxruntime merges them)
+        total = g.op("Cast", g.op("Shape", mask, start_i=3, end_i=4), to_i=6)  # int32 [1]
+        seqlens = g.op("Sub", total, g.op("Constant", value_t=torch.tensor([1], dtype=torch.int32)))
+        total = g.op("Squeeze", total)
+        extra = {"softcap_f": softcap} if softcap > 0 else {}
+        unused = g.op("prim::Constant")  # an omitted optional input (cos / sin caches, position ids: RoPE is ours)
+        unused.setType(torch._C.OptionalType.ofTensor())
+        out, present_k, present_v = g.op(
+            "com.microsoft::GroupQueryAttention", q, k, v, past_k, past_v, seqlens, total, unused, unused, unused,
+            mask, num_heads_i=heads, kv_num_heads_i=kv_heads, scale_f=scale, causal_i=int(not _LOOKS_AHEAD.get()),
+            outputs=3, **extra)
+        out.setType(q.type())
+        present_k.setType(past_k.type())
+        present_v.setType(past_v.type())
+        return out, present_k, present_v
+
+
+@contextlib.contextmanager
+def rows_may_look_ahead(enabled: bool = True):
+    """Within this block, cached attention lets the mask alone decide (for prefill rows that see later rows: an
+    image's tokens in Gemma 3). Otherwise GroupQueryAttention also applies its causal rule, which every other mask
+    satisfies (causal, lookahead tree, window) and which runs ~8% faster per decode step on CPU."""
+    token = _LOOKS_AHEAD.set(enabled)
+    try:
+        yield
+    finally:
+        _LOOKS_AHEAD.reset(token)
+
+
+def in_place_cache() -> bool:
+    """Whether blocks exported now keep their KV cache in place (GroupQueryAttention, the default) or take the past
+    and return the new rows (standard ops: Concat + Attention, for TensorRT)."""
+    return not _STANDARD_OPS.get()
+
+
+def cached_attention(q, k, v, past_k, past_v, mask, heads: int, kv_heads: int, scale: float,
+                     softcap: float | None = None):
+    """Attention of this call's rows over the cache and themselves -> (output, K out, V out).
+
+    q [b, s, heads * d]; k, v [b, s, kv_heads * d] (RoPE applied to q and k); mask [b, 1, s, past + s] additive.
+    In-place cache (in_place_cache()): past_k / past_v are the whole buffers [b, kv_heads, capacity, d] and K/V out
+    are them with the new rows written. Standard ops: past_k / past_v are [b, past, kv_heads * d] and K/V out are
+    the new rows (the runtime stores them)."""
+    heads, kv_heads, scale, softcap = int(heads), int(kv_heads), float(scale), float(softcap or 0.0)
+    if in_place_cache():
+        return _CachedAttention.apply(q, k, v, past_k, past_v, mask, heads, kv_heads, scale, softcap)
+    keys, values = torch.cat((past_k, k), dim=1), torch.cat((past_v, v), dim=1)
+    return _Attention.apply(q, keys, values, mask, heads, kv_heads, scale, softcap), k, v
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

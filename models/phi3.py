@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import torch
-
 from .llama import LlamaFamily
-from .onnx_ops import attention, rms_norm, rotary, skip_rms_norm
+from .onnx_ops import cached_attention, rms_norm, rotary, skip_rms_norm
 from .registry import register
 
 
@@ -15,9 +13,8 @@ def phi3_layer_forward(layer, hidden, mask, rope, past_k, past_v):
     x = rms_norm(hidden, layer.input_layernorm)
     q, k, v = attn.qkv_proj(x).split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
     q, k = rotary(q, *rope, heads), rotary(k, *rope, kv_heads)
-    keys, values = torch.cat((past_k, k), dim=1), torch.cat((past_v, v), dim=1)
-    x, hidden = skip_rms_norm(attn.o_proj(attention(q, keys, values, mask, heads, kv_heads, attn.scaling)), hidden,
-                              layer.post_attention_layernorm)
+    x, k, v = cached_attention(q, k, v, past_k, past_v, mask, heads, kv_heads, attn.scaling)
+    x, hidden = skip_rms_norm(attn.o_proj(x), hidden, layer.post_attention_layernorm)
     gate, up = layer.mlp.gate_up_proj(x).chunk(2, dim=-1)
     hidden = hidden + layer.mlp.down_proj(up * layer.mlp.activation_fn(gate))
     return hidden, k, v

@@ -2,10 +2,12 @@
 block of a text-only model embeds the ids itself and the last block ends in the LM head, so a text-only artifact in
 one block is one graph call per step.
 
-Blocks are called through IOBinding: the past K/V are bound as views into the preallocated cache and the
-new K/V outputs are bound straight into the cache slots after them, so a decode step allocates nothing but
-the small hidden-state and logits buffers. The cache lives in host memory for the CPU provider and in device memory
-for CUDA / TensorRT (kv_cache.DeviceKVCache), where the K/V never cross to the host.
+Blocks are called through IOBinding over a preallocated cache (kv_cache.py). Default exports keep it in place: each
+layer's K and V buffers are bound once as both input and output, and GroupQueryAttention writes the new rows itself.
+Standard-ops exports get the past bound as views into the cache and their new K/V outputs bound straight into the
+slots after it. Either way a decode step allocates nothing but the small hidden-state and logits buffers. The cache
+lives in host memory for the CPU provider and in device memory for CUDA / TensorRT (kv_cache.DeviceKVCache), where the
+K/V never cross to the host.
 """
 
 from __future__ import annotations
@@ -65,9 +67,12 @@ class Block:
     def extra_inputs(self) -> list[str]:
         return [n for n in self.entry.inputs if n in m.PROBE_INPUTS or n in m.MSAV_INPUTS]
 
+    cache: object = None  # the in-place KV cache whose buffers are bound to io (bound once, not per call)
+
     @cached_property
     def io(self) -> ort.IOBinding:
-        """One binding per block, rebound each call (every name is bound again, so nothing stale stays)."""
+        """One binding per block, rebound each call (every name but an in-place cache's buffers is bound again, so
+        nothing stale stays)."""
         return self.session.io_binding()
 
     @cached_property
@@ -100,13 +105,6 @@ class StepOut:
         return StepOut(self.logits[:, i : i + 1], self.top_logprobs[:, i : i + 1], self.top_ids[:, i : i + 1], harm)
 
 
-def _kv_row(manifest: m.Manifest) -> tuple[int, ...]:
-    """One cached position's K (or V) shape: [kv_heads * head_dim] since safesteer 0.4, whose blocks are opset 23
-    (the same release); [kv_heads, head_dim] in the opset-17 artifacts before it."""
-    s = manifest.sizes
-    return (s.num_kv_heads * s.head_dim,) if manifest.export.opset >= 23 else (s.num_kv_heads, s.head_dim)
-
-
 class Engine:
     def __init__(self, root: Path, manifest: m.Manifest, cfg: SessionConfig, kv_cache: str = "auto"):
         if kv_cache not in KV_CACHE_CHOICES:
@@ -114,7 +112,6 @@ class Engine:
         self.manifest = manifest
         self.sizes = manifest.sizes
 
-        self._kv_row = _kv_row(manifest)
         # The context the sessions can serve: TensorRT engines are built for shapes up to trt_max_tokens
         limit = self.sizes.max_positions
         self.context_limit = min(limit, cfg.trt_max_tokens) if cfg.uses_tensorrt else limit
@@ -122,6 +119,8 @@ class Engine:
         if problem:
             raise ArtifactError(f"cannot run this artifact: {problem}")
         blocks = sorted(manifest.graphs_of(m.ROLE_BLOCK), key=lambda e: e.first_layer)
+        # GroupQueryAttention blocks keep the cache in place (present_key out); standard-ops blocks return new rows
+        self.in_place = m.present_key(blocks[0].first_layer) in blocks[0].outputs
         vision = manifest.graphs_of(m.ROLE_VISION)[:1]
         embed = manifest.graphs_of(m.ROLE_EMBED)[:1]
         order = [*vision, *embed, *blocks]
@@ -143,7 +142,8 @@ class Engine:
         if cfg.uses_tensorrt:  # engine builds take minutes: say where we are
             log.info("TensorRT: engine for %s (graph %d of %d, %.0f s so far); a first build takes minutes, later "
                      "loads come from the engine cache", entry.file.path, i + 1, count, time.perf_counter() - started)
-            profiles = profile_options(list(entry.inputs), self.sizes.hidden_size, self._kv_row, self.context_limit,
+            kv_row = None if self.in_place else (self.sizes.num_kv_heads * self.sizes.head_dim,)
+            profiles = profile_options(list(entry.inputs), self.sizes.hidden_size, kv_row, self.context_limit,
                                        mrope=bool(self.sizes.mrope_sections))
         return open_session(root / entry.file.path, cfg, profiles)
 
@@ -154,9 +154,10 @@ class Engine:
         return {name: s.get_providers()[0] for name, s in sessions.items() if s is not None}
 
     def new_cache(self, capacity: int) -> KVCache | DeviceKVCache:
+        s = self.sizes
         if self.kv_device is None:
-            return KVCache(self.sizes.num_layers, capacity, self._kv_row)
-        return DeviceKVCache(self.sizes.num_layers, capacity, self._kv_row, self.kv_device)
+            return KVCache(s.num_layers, capacity, s.num_kv_heads, s.head_dim, self.in_place)
+        return DeviceKVCache(s.num_layers, capacity, s.num_kv_heads, s.head_dim, self.in_place, self.kv_device)
 
     def run_vision(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The vision graph's outputs by name: IMAGE_FEATURES [calls, tokens, hidden] (and IMAGE_NEWLINE);
@@ -195,6 +196,7 @@ class Engine:
             rope_positions = np.broadcast_to(positions, (3, *positions.shape))
         rope_positions = positions if rope_positions is None else np.ascontiguousarray(rope_positions, np.int64)
         top = np.array([top_k], np.int64)
+        cache.check_room(rows)
         out = StepOut(np.empty((1, len(head_rows), self.sizes.vocab_size), np.float32),
                       np.empty((1, len(head_rows), top_k), np.float32), np.empty((1, len(head_rows), top_k), np.int64))
         for block in self.blocks:
@@ -212,13 +214,22 @@ class Engine:
             if block.has_probe:
                 out.harm_logit = np.empty((1, rows), np.float32)
                 _bind_out(io, m.HARM_LOGIT, out.harm_logit)
-            for layer in block.layers:
-                past_k, past_v = cache.past(layer)
-                new_k, new_v = cache.slot(layer, rows)
-                _bind_in(io, m.past_key(layer), past_k)
-                _bind_in(io, m.past_value(layer), past_v)
-                _bind_out(io, m.new_key(layer), new_k)
-                _bind_out(io, m.new_value(layer), new_v)
+            if not self.in_place:
+                for layer in block.layers:
+                    past_k, past_v = cache.past(layer)
+                    new_k, new_v = cache.slot(layer, rows)
+                    _bind_in(io, m.past_key(layer), past_k)
+                    _bind_in(io, m.past_value(layer), past_v)
+                    _bind_out(io, m.new_key(layer), new_k)
+                    _bind_out(io, m.new_value(layer), new_v)
+            elif block.cache is not cache:
+                for layer in block.layers:
+                    keys, values = cache.buffers(layer)
+                    _bind_in(io, m.past_key(layer), keys)
+                    _bind_out(io, m.present_key(layer), keys)
+                    _bind_in(io, m.past_value(layer), values)
+                    _bind_out(io, m.present_value(layer), values)
+                block.cache = cache
             hidden = None
             if block is self.blocks[-1]:
                 _bind_in(io, m.HEAD_ROWS, head_rows)

@@ -66,7 +66,8 @@ VECTOR_NAMES = (PROBE_WEIGHT, PROBE_BIAS, SAFETY_DIRECTION, MSAV_VECTOR)  # arra
 
 
 def past_key(layer: int) -> str:
-    """Block input: cached keys of a layer, [batch, past_sequence_length, kv_heads, head_dim]."""
+    """Block input: a layer's cached keys. Blocks with an in-place cache (they output present_key): the whole buffer,
+    [batch, kv_heads, capacity, head_dim]; standard-ops blocks: the past positions, [batch, past, kv_heads * head_dim]."""
     return f"past_key.{layer}"
 
 
@@ -74,8 +75,19 @@ def past_value(layer: int) -> str:
     return f"past_value.{layer}"
 
 
+def present_key(layer: int) -> str:
+    """Block output of an in-place cache: the buffer bound to past_key, with this call's rows (RoPE applied) written at
+    positions [total - rows, total); the runtime binds input and output to the same memory."""
+    return f"present_key.{layer}"
+
+
+def present_value(layer: int) -> str:
+    return f"present_value.{layer}"
+
+
 def new_key(layer: int) -> str:
-    """Block output: the keys of this call's positions (RoPE applied), [batch, sequence_length, kv_heads, head_dim]."""
+    """Block output of standard-ops blocks: the keys of this call's positions (RoPE applied),
+    [batch, sequence_length, kv_heads * head_dim]; the runtime stores them."""
     return f"new_key.{layer}"
 
 

@@ -146,12 +146,13 @@ def safe_artifact(tiny, calibration_file, tmp_path_factory):
 
     made = {}
 
-    def build(arch, variant, block_size):
-        key = (arch, variant, block_size)
+    def build(arch, variant, block_size, standard_ops=False):
+        key = (arch, variant, block_size, standard_ops)
         if key not in made:
-            out = tmp_path_factory.mktemp("safe") / f"{variant}-b{block_size}"
+            out = tmp_path_factory.mktemp("safe") / f"{variant}-b{block_size}{'-std' if standard_ops else ''}"
             cal = CalibrationConfig(user_file=calibration_file, per_source=24, reply_positions=2, msav_pairs=8)
-            export_artifact(ExportConfig(tiny.checkpoint(arch, variant), out, block_size=block_size, calibration=cal))
+            export_artifact(ExportConfig(tiny.checkpoint(arch, variant), out, block_size=block_size, calibration=cal,
+                                         standard_ops=standard_ops))
             made[key] = out
         return made[key]
 

@@ -30,16 +30,22 @@ def test_device_cache_matches_torch_oracle_with_lookahead(tiny, safe_artifact, b
                                [t["score_chosen"] for t in want.trace], atol=1e-4)
 
 
-def test_device_cache_holds_what_the_host_cache_holds(safe_artifact):
-    art = safe_artifact(*LLAMA, 2)
+@pytest.mark.parametrize("standard_ops", [False, True], ids=["in-place", "standard-ops"])
+def test_device_cache_holds_what_the_host_cache_holds(safe_artifact, standard_ops):
+    """Both cache layouts: GroupQueryAttention's in-place buffers, and the standard-ops blocks' past + new rows (the
+    host cache moves a chosen lookahead row into place in either; the device cache feeds the token again)."""
+    art = safe_artifact(*LLAMA, 2, standard_ops)
     host, device = Generator(art, kv_cache="host"), Generator(art, kv_cache="device")
+    assert host.engine.in_place is not standard_ops
     cfg = strong(host, lookahead_steps=12)
     a = host.generate(BOMB, max_new_tokens=12, safety=cfg)
     b = device.generate(BOMB, max_new_tokens=12, safety=cfg)
     assert a.token_ids == b.token_ids and any(t["changed"] for t in a.safety_trace)
     assert host._cache.length == device._cache.length > len(a.prompt_ids)
-    for layer in range(host.manifest.sizes.num_layers):
-        np.testing.assert_allclose(device._cache.host_keys(layer), host._cache.host_keys(layer), atol=2e-5)
+    for got, want in zip(device._cache.stored(), host._cache.stored()):  # keys, values of every layer
+        np.testing.assert_allclose(got, want, atol=2e-5)
+    if standard_ops:  # the same decisions as the in-place export of the same checkpoint
+        assert a.token_ids == Generator(safe_artifact(*LLAMA, 2)).generate(BOMB, max_new_tokens=12, safety=cfg).token_ids
 
 
 def test_kv_cache_choice_is_checked(safe_artifact):

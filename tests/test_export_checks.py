@@ -125,15 +125,25 @@ def test_export_with_quantize_leaves_only_the_quantized_artifact(tiny, calibrati
 
 def test_decoder_layers_export_as_fused_ops(tiny):
     """Each decoder layer is a handful of fused nodes (every node costs dispatch time on every decode step):
-    RotaryEmbedding, the opset-23 Attention, and the residual adds folded into the next RMSNorm."""
+    RotaryEmbedding, GroupQueryAttention over the in-place cache (no Concat of the past), and the residual adds
+    folded into the next RMSNorm. The cache buffers are [batch, kv_heads, capacity, head_dim] in and out."""
     import collections
 
     import onnx
 
+    from safesteer_runtime import manifest as m
+
     art = tiny.artifact("Qwen2ForCausalLM", "gqa", block_size=2)
     model = onnx.load(str(art / "block_00.onnx"), load_external_data=False)
     ops = collections.Counter(n.op_type for n in model.graph.node)
-    assert ops["Attention"] == 2 and ops["RotaryEmbedding"] == 4
+    assert ops["GroupQueryAttention"] == 2 and ops["RotaryEmbedding"] == 4
+    assert ops["Concat"] == 0 and ops["Attention"] == 0
+    gqa = next(n for n in model.graph.node if n.op_type == "GroupQueryAttention")
+    assert {a.name: onnx.helper.get_attribute_value(a) for a in gqa.attribute}["causal"] == 1  # the fast kernel
+    shapes = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in [*model.graph.input, *model.graph.output]}
+    assert shapes[m.past_key(0)] == shapes[m.present_key(0)] == ["batch", 1, "capacity", 16]
+    assert m.new_key(0) not in shapes
     # input norm of layer 0 stays plain; the three later norms each absorb the residual add before them
     assert ops["SimplifiedLayerNormalization"] == 1 and ops["SkipSimplifiedLayerNormalization"] == 3
     assert {o.domain: o.version for o in model.opset_import}[""] == 23

@@ -110,7 +110,7 @@ def test_lookahead_commit_equals_recompute(safe_artifact):
     result = gen.generate(BOMB, max_new_tokens=12, safety=cfg)
     assert any(t["changed"] for t in result.safety_trace)
     n = len(result.prompt_ids) + len(result.token_ids) - 1  # the last token was chosen, not yet fed
-    keys, values = gen._cache.keys[:, :, :n].copy(), gen._cache.values[:, :, :n].copy()
+    keys, values = gen._cache.stored(0, n)
 
     from safesteer_runtime.safety import static_feeds
 
@@ -119,8 +119,9 @@ def test_lookahead_commit_equals_recompute(safe_artifact):
     ids = np.array([result.prompt_ids + result.token_ids[:-1]], np.int64)
     feeds = {**static_feeds(gen._vectors, cfg), m.MSAV_MASK: np.zeros((1, n), np.float32)}
     engine.step(cache, causal_mask(0, n), np.arange(n)[None], ids=ids, safety=feeds)
-    np.testing.assert_allclose(cache.keys[:, :, :n], keys, atol=2e-5)
-    np.testing.assert_allclose(cache.values[:, :, :n], values, atol=2e-5)
+    cache.advance(n)
+    np.testing.assert_allclose(cache.stored()[0], keys, atol=2e-5)
+    np.testing.assert_allclose(cache.stored()[1], values, atol=2e-5)
 
 
 @pytest.mark.parametrize("knobs,match", [

@@ -24,14 +24,14 @@ def test_tree_rows_equal_separate_steps(tiny, block_size):
     positions = np.full((1, k), t, dtype=np.int64)
     tree_logits = engine.step(cache, tree_mask(t, k), positions, ids=np.array([candidates]),
                               head_rows=np.arange(k)).logits[0]
-    tree_keys = cache.keys[:, :, t : t + k].copy()
-    tree_values = cache.values[:, :, t : t + k].copy()
+    tree_keys, tree_values = cache.stored(t, t + k)
 
     for row, token in enumerate(candidates):
         single = engine.step(cache, causal_mask(t, 1), np.array([[t]]), ids=np.array([[token]]))  # overwrites slot t
         np.testing.assert_allclose(tree_logits[row], single.logits[0, 0], atol=1e-5, rtol=1e-5)
-        np.testing.assert_allclose(tree_keys[:, :, row], cache.keys[:, :, t], atol=1e-5)
-        np.testing.assert_allclose(tree_values[:, :, row], cache.values[:, :, t], atol=1e-5)
+        keys, values = cache.stored(t, t + 1)
+        np.testing.assert_allclose(tree_keys[:, :, row], keys[:, :, 0], atol=1e-5)
+        np.testing.assert_allclose(tree_values[:, :, row], values[:, :, 0], atol=1e-5)
     # and the rows did differ, so the check above compared distinct computations
     assert np.max(np.abs(tree_logits[0] - tree_logits[1])) > 1e-3
 
