@@ -256,3 +256,53 @@ def test_quantized_vision_families_run_with_images(tiny, tmp_path, arch, variant
         assert len(got.token_ids) == 8
         if precision == "fp16":
             assert got.token_ids == want
+
+
+def test_matmuls_reading_one_activation_are_packed_exactly(tiny):
+    """Before quantization, q/k/v (with Qwen2's biases) and gate/up, which read the same activation, become one
+    MatMul (+ bias Add) and a Split each: per layer 7 MatMuls -> 4. On the float graph no output changes."""
+    import collections
+
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from safesteer_export.quantize import _pack_shared_matmuls
+    from safesteer_runtime import manifest as m
+
+    art = tiny.artifact("Qwen2ForCausalLM", "gqa", block_size=0)
+    plain = onnx.load(str(art / "block_00.onnx"))
+    packed = onnx.load(str(art / "block_00.onnx"))
+    _pack_shared_matmuls(packed.graph)
+    layers = m.load_manifest(art).sizes.num_layers
+
+    def count(model):
+        return collections.Counter(n.op_type for n in model.graph.node)
+
+    assert count(plain)["MatMul"] - count(packed)["MatMul"] == 3 * layers
+    assert count(packed)["Split"] == 2 * layers and count(packed)["Add"] == count(plain)["Add"] - 2 * layers
+
+    rng = np.random.default_rng(0)
+    sess = [ort.InferenceSession(x.SerializeToString(), providers=["CPUExecutionProvider"]) for x in (plain, packed)]
+    rows, feeds = 3, {}
+    for inp in sess[0].get_inputs():
+        shape = [d if isinstance(d, int) else 1 for d in inp.shape]
+        if inp.name.startswith("past_"):
+            shape[2] = rows + 1  # an in-place cache buffer
+        elif inp.name in (m.INPUT_IDS, m.POSITION_IDS, m.ATTENTION_MASK) or inp.name == m.MSAV_MASK:
+            shape[-1] = rows
+            if inp.name == m.ATTENTION_MASK:
+                shape[2] = rows
+        if inp.name == m.INPUT_IDS:
+            feeds[inp.name] = rng.integers(0, 50, shape)
+        elif inp.name == m.POSITION_IDS:
+            feeds[inp.name] = np.arange(rows)[None]
+        elif inp.name in (m.HEAD_ROWS, m.TOP_K):
+            feeds[inp.name] = np.arange(1 if inp.name == m.TOP_K else rows) + (inp.name == m.TOP_K)
+        elif inp.name == m.ATTENTION_MASK:
+            feeds[inp.name] = np.triu(np.full((rows, rows), -1e9, np.float32), 1)[None, None]
+        else:
+            feeds[inp.name] = rng.standard_normal(shape).astype(np.float32)
+    want, got = (s.run(None, feeds) for s in sess)
+    for name, a, b in zip([o.name for o in sess[0].get_outputs()], want, got):
+        np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-5, err_msg=name)
