@@ -3,6 +3,7 @@
 #   1. parity: CUDA and TensorRT against the CPU and the PyTorch SafeSteer oracle (tests/test_gpu.py, tiny models,
 #      every family with images too:
 #      device-resident KV cache, TensorRT decode/prefill profiles and engine cache, fp16 export);
+#   (GPU runs use --standard-ops artifacts: the default in-place GroupQueryAttention has no float32 CUDA kernel)
 #   2. speed: the Generator on CUDA at fp32 / fp16 / int4, safety off / probe / lookahead, on Qwen2.5-Coder-0.5B
 #      (or HF_DIR), 128 new tokens after 40- and 256-token prompts; the SafeSteer modes read against "off".
 # Needs onnxruntime-gpu *instead of* onnxruntime (the two together lose the CUDA provider):

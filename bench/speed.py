@@ -158,17 +158,19 @@ def prompt_ids(artifact: Path, sizes: list[int]) -> dict[str, list[int]]:
     return out
 
 
-def build(hf_dir: Path, work: Path, precision: str, blocks: list[int],
-          genai: bool) -> tuple[dict[int, Path], Optional[Path]]:
+def build(hf_dir: Path, work: Path, precision: str, blocks: list[int], genai: bool,
+          standard_ops: bool = False) -> tuple[dict[int, Path], Optional[Path]]:
     """The safesteer artifacts (float32 exported and calibrated once per block size; fp16/int8/int4 made
-    from those, with the exporter's accuracy check) and the onnxruntime-genai model; reused when present."""
+    from those, with the exporter's accuracy check) and the onnxruntime-genai model; reused when present.
+    ``standard_ops``: --standard-ops exports (what CUDA / TensorRT run)."""
     artifacts = {}
+    std = "-std" if standard_ops else ""
     for b in blocks:
-        fp32 = work / f"safesteer-fp32-b{b}"
+        fp32 = work / f"safesteer-fp32-b{b}{std}"
         if not (fp32 / "manifest.json").is_file():
             _sh([sys.executable, "-m", "safesteer_export.cli", str(hf_dir), "-o", str(fp32), "--overwrite",
-                 "--block-size", str(b)])
-        out = fp32 if precision == "fp32" else work / f"safesteer-{precision}-b{b}"
+                 "--block-size", str(b), *(["--standard-ops"] if standard_ops else [])])
+        out = fp32 if precision == "fp32" else work / f"safesteer-{precision}-b{b}{std}"
         if not (out / "manifest.json").is_file():
             _sh([sys.executable, "-c", "import sys; from pathlib import Path; "
                  "from safesteer_export.quantize import quantize_artifact; "
@@ -222,7 +224,8 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     if "fp16" in args.precisions and not args.skip_genai:
         p.error("onnxruntime-genai's CPU builds have no fp16: add --skip-genai (GPU runs)")
-    built = {prec: build(args.hf_dir.resolve(), args.work, prec, args.blocks, not args.skip_genai)
+    on_gpu = bool(set(args.providers) - {"CPUExecutionProvider"})  # GPU runs need --standard-ops artifacts
+    built = {prec: build(args.hf_dir.resolve(), args.work, prec, args.blocks, not args.skip_genai, on_gpu)
              for prec in args.precisions}
     first = next(iter(built.values()))[0]
     prompts = prompt_ids(next(iter(first.values())), args.prompt_tokens)

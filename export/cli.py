@@ -36,7 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "check against the float32 export is written to quantization.json")
     p.add_argument("--standard-ops", action="store_true",
                    help="decoder blocks in standard ONNX opset-23 ops only (RotaryEmbedding, RMSNormalization, "
-                        "Attention) instead of onnxruntime's fused contrib ops: for TensorRT and other runtimes")
+                        "Attention; the past K/V in, the new rows out) instead of onnxruntime's fused contrib ops and "
+                        "in-place cache: for CUDA / TensorRT and other runtimes")
     p.add_argument("--no-validate", action="store_true", help="skip the comparison of every graph with PyTorch")
     p.add_argument("--overwrite", action="store_true", help="replace an existing artifact directory")
     p.add_argument("--reuse", action="store_true", help="keep OUT as it is if it already holds a valid artifact")

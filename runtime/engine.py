@@ -119,8 +119,7 @@ class Engine:
         if problem:
             raise ArtifactError(f"cannot run this artifact: {problem}")
         blocks = sorted(manifest.graphs_of(m.ROLE_BLOCK), key=lambda e: e.first_layer)
-        # GroupQueryAttention blocks keep the cache in place (present_key out); standard-ops blocks return new rows
-        self.in_place = m.present_key(blocks[0].first_layer) in blocks[0].outputs
+        self.in_place = m.in_place_cache(manifest)
         vision = manifest.graphs_of(m.ROLE_VISION)[:1]
         embed = manifest.graphs_of(m.ROLE_EMBED)[:1]
         order = [*vision, *embed, *blocks]

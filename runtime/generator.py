@@ -21,7 +21,7 @@ from .images import ImageLike, PreparedImage, prepare
 from .kv_cache import DeviceKVCache, KVCache
 from .masks import both_ways, causal_mask, tree_mask
 from .qwen_vl import mrope_positions
-from .sampling import Sampler, SamplingConfig
+from .sampling import Sampler, SamplingConfig, ban
 from .safety import SafetyConfig, load_vectors, select, sigmoid, static_feeds
 from .safety import resolve as resolve_safety
 from .sessions import Providers, SessionConfig, resolve_providers
@@ -86,7 +86,7 @@ class Generator:
         self.root = Path(artifact_dir)
         self.manifest = m.load_manifest(self.root, verify_files=verify)
         cfg = SessionConfig(
-            providers=resolve_providers(providers), intra_op_threads=threads,
+            providers=resolve_providers(providers, m.in_place_cache(self.manifest)), intra_op_threads=threads,
             cache_dir=Path(engine_cache_dir) if engine_cache_dir else self.root / "trt_cache",
             trt_max_tokens=trt_max_tokens,
         )
@@ -269,7 +269,7 @@ class Generator:
                                                         top_lp[0, -1], top_ids[0, -1], banned)
                 trace.append({"step": step, **record})
             else:
-                token = sampler(_ban(logits[0, -1], banned))
+                token = sampler(logits[0, -1], banned)
             generated.append(token)
             if first_token_at is None:
                 first_token_at = time.perf_counter()
@@ -327,7 +327,7 @@ class Generator:
             keep = ~np.isin(top_ids, list(banned))
             if not keep.any():
                 raise ConfigError("min_new_tokens: every lookahead candidate is an end token; raise the safety knob k")
-            top_lp, top_ids, logits = top_lp[keep], top_ids[keep], _ban(logits, banned)
+            top_lp, top_ids, logits = top_lp[keep], top_ids[keep], ban(logits, banned)
         k = len(top_ids)
         t = cache.length
         rows = np.asarray(top_ids, np.int64)[None]
@@ -358,12 +358,3 @@ class Generator:
             "score_chosen": score_chosen, "changed": token != int(top_ids[0]), "gate": gate,
             "candidates": [int(i) for i in top_ids], "candidate_scores": [float(x) for x in scores],
         }
-
-
-def _ban(logits: np.ndarray, banned) -> np.ndarray:
-    """``logits`` with the ``banned`` ids made unchoosable (a copy; the input is left as it is)."""
-    if not banned:
-        return logits
-    out = logits.copy()
-    out[list(banned)] = -np.inf
-    return out

@@ -333,6 +333,14 @@ def _from_dict(cls: type, data: Any, where: str) -> Any:
     return cls(**kwargs)
 
 
+def in_place_cache(manifest: Manifest) -> bool:
+    """The blocks keep the KV cache in place (GroupQueryAttention: present_key outputs), or take the past and return
+    the new rows (--standard-ops exports, and 0.6 artifacts)."""
+    blocks = manifest.graphs_of(ROLE_BLOCK)
+    first = min(blocks, key=lambda g: g.first_layer) if blocks else None
+    return first is not None and present_key(first.first_layer) in first.outputs
+
+
 def layout_problem(manifest: Manifest) -> Optional[str]:
     """Why this runtime cannot run the artifact's graphs as laid out (an older exporter's layout), or None."""
     blocks = sorted(manifest.graphs_of(ROLE_BLOCK), key=lambda g: g.first_layer)

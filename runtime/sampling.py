@@ -36,11 +36,12 @@ class Sampler:
         self.cfg = cfg
         self.rng = np.random.default_rng(cfg.seed)
 
-    def __call__(self, logits: np.ndarray) -> int:
-        """``logits`` [vocab] -> token id."""
+    def __call__(self, logits: np.ndarray, banned=()) -> int:
+        """``logits`` [vocab] -> token id, never one of ``banned`` (min_new_tokens holds end tokens off)."""
         if not self.cfg.do_sample:
-            return int(np.argmax(logits))
-        z = logits.astype(np.float64) / self.cfg.temperature
+            token = int(np.argmax(logits))
+            return token if token not in banned else int(np.argmax(ban(logits, banned)))
+        z = ban(logits, banned).astype(np.float64) / self.cfg.temperature
         if self.cfg.top_k and self.cfg.top_k < z.size:
             kth = np.partition(z, -self.cfg.top_k)[-self.cfg.top_k]
             z = np.where(z < kth, -np.inf, z)
@@ -55,3 +56,12 @@ class Sampler:
             probs = np.where(mask, probs, 0.0)
             probs /= probs.sum()
         return int(self.rng.choice(probs.size, p=probs))
+
+
+def ban(logits: np.ndarray, banned) -> np.ndarray:
+    """``logits`` with the ``banned`` ids made unchoosable (a copy; the input is left as it is)."""
+    if not banned:
+        return logits
+    out = logits.copy()
+    out[list(banned)] = -np.inf
+    return out

@@ -39,11 +39,23 @@ class SessionConfig:
         return TENSORRT in self.providers
 
 
-def resolve_providers(providers: Providers = "auto") -> tuple[str, ...]:
-    """'auto' = TensorRT, then CUDA, then CPU, keeping those this onnxruntime build has."""
+IN_PLACE_ON_GPU = (
+    "this artifact keeps its KV cache in place through onnxruntime's GroupQueryAttention, which the CUDA provider "
+    "runs only in float16 / bfloat16 (its float32 graph would fall back to the CPU with the cache on the GPU); "
+    "re-export it with `safesteer-export --standard-ops` for CUDA / TensorRT")
+
+
+def resolve_providers(providers: Providers = "auto", in_place_cache: bool = False) -> tuple[str, ...]:
+    """'auto' = TensorRT, then CUDA, then CPU, keeping those this onnxruntime build has. ``in_place_cache``: the
+    artifact's blocks use GroupQueryAttention over float32 cache buffers, which only the CPU provider runs: 'auto'
+    then means the CPU (with a warning when a GPU provider was there) and naming a GPU provider is an error."""
     available = ort.get_available_providers()
     if providers == "auto":
-        return tuple(p for p in AUTO_ORDER if p in available)
+        names = tuple(p for p in AUTO_ORDER if p in available)
+        if in_place_cache and names != (CPU,):
+            log.warning("running on the CPU: %s", IN_PLACE_ON_GPU)
+            return (CPU,)
+        return names
     names = [providers] if isinstance(providers, str) else list(providers)
     if not names:
         raise ConfigError("providers must be 'auto' or a non-empty list of execution provider names")
@@ -53,6 +65,8 @@ def resolve_providers(providers: Providers = "auto") -> tuple[str, ...]:
             f"execution provider(s) {missing} are not available in this onnxruntime build (available: {available}). "
             "For CUDA/TensorRT install safesteer[gpu] (onnxruntime-gpu) *instead of* safesteer[cpu]."
         )
+    if in_place_cache and set(names) - {CPU}:
+        raise ConfigError(f"cannot run on {[p for p in names if p != CPU]}: {IN_PLACE_ON_GPU}")
     if CPU not in names:
         names.append(CPU)  # nodes a GPU provider cannot take fall back to the CPU
     return tuple(names)

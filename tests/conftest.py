@@ -103,13 +103,14 @@ class ArtifactFactory:
             self.cache[key] = build_checkpoint(arch, variant, self.root / f"{arch}-{variant}")
         return self.cache[key]
 
-    def artifact(self, arch: str, variant: str, block_size: int = 2) -> Path:
+    def artifact(self, arch: str, variant: str, block_size: int = 2, standard_ops: bool = False) -> Path:
         from safesteer_export.pipeline import ExportConfig, export_artifact
 
-        key = ("art", arch, variant, block_size)
+        key = ("art", arch, variant, block_size, standard_ops)
         if key not in self.cache:
-            out = self.root / f"art-{arch}-{variant}-b{block_size}"
-            export_artifact(ExportConfig(self.checkpoint(arch, variant), out, block_size=block_size, safety=False))
+            out = self.root / f"art-{arch}-{variant}-b{block_size}{'-std' if standard_ops else ''}"
+            export_artifact(ExportConfig(self.checkpoint(arch, variant), out, block_size=block_size, safety=False,
+                                         standard_ops=standard_ops))
             self.cache[key] = out
         return self.cache[key]
 

@@ -71,3 +71,17 @@ def test_min_new_tokens_holds_off_end_of_sequence(gen):
     eos = set(gen.manifest.tokenizer.eos_token_ids)
     assert len(held.token_ids) == 40 and not eos & set(held.token_ids)
     assert held.token_ids[: len(free.token_ids) - 1] == free.token_ids[:-1] or free.finish_reason == "length"
+
+
+def test_sampler_never_returns_a_banned_token():
+    """min_new_tokens bans end tokens: greedy falls back to the best allowed id, sampling never draws a banned one."""
+    import numpy as np
+
+    from safesteer_runtime.sampling import Sampler, SamplingConfig
+
+    logits = np.array([0.0, 5.0, 4.0, 1.0], np.float32)
+    assert Sampler(SamplingConfig())(logits) == 1
+    assert Sampler(SamplingConfig())(logits, banned={1}) == 2
+    sampler = Sampler(SamplingConfig(do_sample=True, temperature=2.0, seed=0))
+    draws = {sampler(logits, banned={1, 2}) for _ in range(200)}
+    assert draws == {0, 3} and logits[1] == 5.0  # the caller's logits are left as they were

@@ -115,6 +115,23 @@ def test_invalid_providers(tiny):
         Generator(tiny.artifact(*LLAMA), providers=["NoSuchExecutionProvider"])
 
 
+def test_gpu_providers_need_a_standard_ops_artifact(tiny, monkeypatch, caplog):
+    """The default export's in-place cache (GroupQueryAttention, float32) has no CUDA kernel: naming a GPU provider is
+    a clear error that says how to re-export; 'auto' keeps to the CPU for it, with a warning. (An onnxruntime-gpu
+    build is simulated: only the provider list is read before sessions open.)"""
+    from safesteer_runtime import sessions
+
+    gpu_build = [sessions.TENSORRT, sessions.CUDA, sessions.CPU]
+    monkeypatch.setattr(sessions.ort, "get_available_providers", lambda: gpu_build)
+    with pytest.raises(ConfigError, match="--standard-ops"):
+        Generator(tiny.artifact(*LLAMA), providers=[sessions.CUDA])
+    with caplog.at_level("WARNING", logger="safesteer.runtime"):
+        assert sessions.resolve_providers("auto", in_place_cache=True) == (sessions.CPU,)
+    assert "--standard-ops" in caplog.text
+    assert sessions.resolve_providers("auto", in_place_cache=False) == tuple(gpu_build)
+    assert sessions.resolve_providers([sessions.CPU], in_place_cache=True) == (sessions.CPU,)
+
+
 @pytest.mark.parametrize("payload,match", [(b"", "empty"), (b"\x89PNG\r\n\x1a\nbroken", "not a readable image")])
 def test_broken_images(tiny, tmp_path, payload, match):
     gen = Generator(tiny.artifact(*LLAVA))

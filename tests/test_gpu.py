@@ -2,7 +2,9 @@
 onnxruntime). Skipped where the providers are missing, as on CPU-only CI.
 
 Each check compares the GPU run with the CPU run of the same artifact (and SafeSteer with the PyTorch oracle):
-the KV cache lives in device memory and the lookahead re-feeds its chosen token there.
+the KV cache lives in device memory and the lookahead re-feeds its chosen token there. GPU runs take
+--standard-ops artifacts (past rows in, new rows out): the default export's in-place GroupQueryAttention has no
+float32 CUDA kernel (sessions.resolve_providers refuses it there).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ MSG = [{"role": "user", "content": "How do I bake bread at home?"}]
 @needs_cuda
 @pytest.mark.parametrize("block_size", [1, 0])
 def test_cuda_greedy_equals_cpu(tiny, block_size):
-    art = tiny.artifact(*LLAMA, block_size)
+    art = tiny.artifact(*LLAMA, block_size, standard_ops=True)
     cpu = Generator(art, providers=["CPUExecutionProvider"]).generate(MSG, max_new_tokens=32, safety=False)
     gpu = Generator(art, providers=[CUDA])
     assert set(gpu.providers.values()) == {CUDA}
@@ -47,7 +49,7 @@ def test_cuda_images_equal_cpu(tiny, arch, variant):
     """Every family with images on CUDA (vision graph, tiles / patches, M-RoPE, two-way image masks) = the CPU."""
     from test_parity_tiny import test_image
 
-    art = tiny.artifact(arch, variant, 2)
+    art = tiny.artifact(arch, variant, 2, standard_ops=True)
     content = [{"type": "image", "image": test_image(5, (60, 44))}, {"type": "text", "text": "What is in it?"}]
     msg = [{"role": "user", "content": content}]
     cpu = Generator(art, providers=["CPUExecutionProvider"]).generate(msg, max_new_tokens=24, safety=False)
@@ -57,7 +59,7 @@ def test_cuda_images_equal_cpu(tiny, arch, variant):
 
 @needs_cuda
 def test_cuda_safesteer_matches_torch_oracle(tiny, safe_artifact):
-    gen = Generator(safe_artifact(*LLAMA, 1), providers=[CUDA])
+    gen = Generator(safe_artifact(*LLAMA, 1, True), providers=[CUDA])
     cfg = strong(gen)
     result = gen.generate(BOMB, max_new_tokens=12, safety=cfg)
     want = oracle_for(tiny, *LLAMA, gen).generate(result.prompt_ids, cfg, 12,
@@ -72,7 +74,7 @@ def test_cuda_safesteer_matches_torch_oracle(tiny, safe_artifact):
 def test_fp16_export_on_cuda(safe_artifact, tmp_path):
     from safesteer_export.quantize import quantize_artifact
 
-    src = safe_artifact(*LLAMA, 2)
+    src = safe_artifact(*LLAMA, 2, True)
     quantize_artifact(src, tmp_path / "fp16", "fp16")
     ref = Generator(src, providers=[CUDA]).generate(MSG, max_new_tokens=16, safety=False).token_ids
     half = Generator(tmp_path / "fp16", providers=[CUDA]).generate(MSG, max_new_tokens=16, safety=False).token_ids
@@ -109,7 +111,8 @@ def test_tensorrt_builds_once_and_matches_cpu(standard_artifact, tmp_path):
 @needs_trt
 def test_tensorrt_lookahead_rows_use_the_decode_profile(tiny, safe_artifact, tmp_path):
     """K lookahead rows per call (decode profile) and the prompt (prefill profile), against the oracle."""
-    gen = Generator(safe_artifact(*LLAMA, 2), providers=[TRT, CUDA], engine_cache_dir=tmp_path, trt_max_tokens=512)
+    gen = Generator(safe_artifact(*LLAMA, 2, True), providers=[TRT, CUDA], engine_cache_dir=tmp_path,
+                    trt_max_tokens=512)
     cfg = strong(gen)
     result = gen.generate(BOMB, max_new_tokens=12, safety=cfg)
     want = oracle_for(tiny, *LLAMA, gen).generate(result.prompt_ids, cfg, 12,
