@@ -1,5 +1,9 @@
 """Graph files on disk: each graph's weights live in one NAME.onnx.data beside it, and the export's weight writer.
 
+A tensor one graph already wrote is not written again: a tied LM head in the last block reads the embedding table
+from the data file of the graph that embeds (the first block, or the embed graph), through a Transpose, so the
+table is on disk once whatever the block size. The export passes one ``Written`` record through its graphs.
+
 The export traces each graph without its weights (an exporter writing them would hold two or three copies: its
 parameter dict, the serialized protobuf, the bytes handed back to Python) and then writes the checkpoint's tensors
 itself, one at a time, straight from the torch module into the data file. So exporting a graph costs about one
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import onnx
@@ -29,9 +34,12 @@ def data_path(path: Path) -> Path:
 
 
 def data_refs(root: Path, path: Path) -> tuple[m.FileRef, ...]:
-    """The manifest's data_files for the graph at ``path``."""
-    data = data_path(path)
-    return (m.file_ref(root, data),) if data.exists() else ()
+    """The manifest's data_files for the graph at ``path``: every file its external tensors are in (its own
+    NAME.onnx.data, and another graph's where it shares a tensor)."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    files = sorted({e.value for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+                    for e in t.external_data if e.key == "location"})
+    return tuple(m.file_ref(root, path.parent / name) for name in files)
 
 
 def save_graph(model: onnx.ModelProto, path: Path) -> None:
@@ -47,12 +55,18 @@ def save_graph(model: onnx.ModelProto, path: Path) -> None:
 class _Weight:
     source: str  # the module's state_dict key
     transpose: bool  # a Linear weight, stored as the [in, out] matrix its MatMul reads
+    stored: Optional[tuple[str, int, int]] = None  # already in another graph's data file: (file, offset, length)
 
 
-def bind_weights(model: onnx.ModelProto, module: nn.Module) -> dict[str, _Weight]:
+Written = dict  # torch storage address -> (data file name, offset, length) of tensors written untransposed
+
+
+def bind_weights(model: onnx.ModelProto, module: nn.Module, written: Optional[Written] = None) -> dict[str, _Weight]:
     """Turn the graph inputs the exporter made for ``module``'s weights (``export_params=False``) into initializer
-    declarations (no data yet: write_graph fills them in), folding each Linear's ``Transpose`` into its weight, and
+    declarations (no data yet: write_graph fills them in), folding each Linear's ``Transpose`` into its weight
+    unless the tensor is in ``written`` already (a tied LM head: it keeps its Transpose and reads those bytes), and
     move large Constant nodes (traced buffers such as rotary tables) into initializers."""
+    written = {} if written is None else written
     graph = model.graph
     state = module.state_dict()
     consumers: dict[str, list[onnx.NodeProto]] = {}
@@ -63,7 +77,7 @@ def bind_weights(model: onnx.ModelProto, module: nn.Module) -> dict[str, _Weight
 
     def declare(name: str, source: str, transpose: bool) -> None:
         tensor = state[source]
-        plan[name] = _Weight(source, transpose)
+        plan[name] = _Weight(source, transpose, None if transpose else written.get(tensor.data_ptr()))
         graph.initializer.append(onnx.TensorProto(
             name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(tensor.numpy().dtype),
             dims=list(tensor.shape[::-1] if transpose else tensor.shape)))
@@ -73,13 +87,14 @@ def bind_weights(model: onnx.ModelProto, module: nn.Module) -> dict[str, _Weight
         users = consumers.get(inp.name, [])
         transposes = [u for u in users if u.op_type == "Transpose" and state[inp.name].dim() == 2
                       and list(onnx.helper.get_attribute_value(u.attribute[0])) == [1, 0]]
-        if transposes and len(transposes) == len(users):  # Linear weights: stored as the [in, out] matrix their
-            for t in transposes:  # MatMul reads, named NAME.T
+        shared = state[inp.name].data_ptr() in written
+        if transposes and len(transposes) == len(users) and not shared:  # Linear weights: stored as the [in, out]
+            for t in transposes:  # matrix their MatMul reads, named NAME.T
                 for node in consumers.get(t.output[0], []):
                     node.input[:] = [inp.name + ".T" if x == t.output[0] else x for x in node.input]
                 graph.node.remove(t)
             declare(inp.name + ".T", inp.name, True)
-        else:  # a tied embedding table (its Gather and the LM head's Transpose) is stored once
+        else:  # a tied embedding table (its Gather and the LM head's Transpose, or another graph's) is stored once
             declare(inp.name, inp.name, False)
     for node in [n for n in graph.node if n.op_type == "Constant" and n.attribute[0].name == "value"]:
         value = numpy_helper.to_array(node.attribute[0].t)
@@ -89,10 +104,19 @@ def bind_weights(model: onnx.ModelProto, module: nn.Module) -> dict[str, _Weight
     return plan
 
 
-def write_graph(model: onnx.ModelProto, module: nn.Module, plan: dict[str, _Weight], path: Path) -> None:
+def write_graph(model: onnx.ModelProto, module: nn.Module, plan: dict[str, _Weight], path: Path,
+                written: Optional[Written] = None) -> None:
     """Save ``model`` with its weights in ``path``.data: those bind_weights declared, read from ``module`` one tensor
-    at a time, and any other initializer over INLINE_BYTES (rotary tables, ...)."""
+    at a time (or pointed at another graph's file where it holds them), and any other initializer over INLINE_BYTES
+    (rotary tables, ...). Untransposed weights written here are recorded in ``written``."""
     state = module.state_dict()
+    written = {} if written is None else written
+
+    def point(t: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+        t.ClearField("raw_data")
+        t.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+            t.external_data.add(key=key, value=value)
 
     def pieces(t: onnx.TensorProto):
         """The tensor's bytes in order; a transposed weight in row bands, so no whole transposed copy is made."""
@@ -109,6 +133,9 @@ def write_graph(model: onnx.ModelProto, module: nn.Module, plan: dict[str, _Weig
             yield np.ascontiguousarray(weight[:, start:start + rows].T)
 
     external = [t for t in model.graph.initializer if t.name in plan or len(t.raw_data) > INLINE_BYTES]
+    for t in [t for t in external if t.name in plan and plan[t.name].stored]:
+        point(t, *plan[t.name].stored)
+        external.remove(t)
     data_path(path).unlink(missing_ok=True)
     if external:
         with open(data_path(path), "wb") as fh:
@@ -117,10 +144,8 @@ def write_graph(model: onnx.ModelProto, module: nn.Module, plan: dict[str, _Weig
                 offset = fh.tell()
                 for piece in pieces(t):
                     fh.write(memoryview(piece).cast("B"))
-                t.ClearField("raw_data")
-                t.data_location = onnx.TensorProto.EXTERNAL
-                for key, value in (("location", data_path(path).name), ("offset", str(offset)),
-                                   ("length", str(fh.tell() - offset))):
-                    t.external_data.add(key=key, value=value)
+                point(t, data_path(path).name, offset, fh.tell() - offset)
+                if t.name in plan and not plan[t.name].transpose:
+                    written[state[plan[t.name].source].data_ptr()] = (data_path(path).name, offset, fh.tell() - offset)
         data_path(path).chmod(0o644)
     onnx.save_model(model, str(path))

@@ -21,7 +21,7 @@ from torch import nn
 from safesteer_models.onnx_ops import OPSET23_DOMAIN, in_place_cache, rows_may_look_ahead
 from safesteer_runtime import manifest as m
 
-from .graph_files import bind_weights, write_graph
+from .graph_files import Written, bind_weights, write_graph
 
 OPSET = 17  # what the TorchScript exporter writes
 BLOCK_OPSET = 23  # decoder blocks, after finish_block: the standard Attention op
@@ -219,9 +219,10 @@ def _weights_hidden_from_shape_inference():
         torch._C._jit_pass_onnx_graph_shape_type_inference = infer
 
 
-def export_module(module: nn.Module, args: tuple, path: Path, inputs, outputs, axes, rewrite=None) -> None:
+def export_module(module: nn.Module, args: tuple, path: Path, inputs, outputs, axes, rewrite=None,
+                  written: Written | None = None) -> None:
     """Trace ``module`` without its weights, apply ``rewrite`` (a function of the ModelProto) and write it to
-    ``path`` with the weights."""
+    ``path`` with the weights (those in ``written`` by an earlier graph are referenced there, not written again)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings(), _weights_hidden_from_shape_inference():
@@ -231,10 +232,10 @@ def export_module(module: nn.Module, args: tuple, path: Path, inputs, outputs, a
             opset_version=OPSET, export_params=False, do_constant_folding=False, dynamo=False,
         )
     model = onnx.load_from_string(buf.getvalue())
-    plan = bind_weights(model, module)
+    plan = bind_weights(model, module, written)
     if rewrite is not None:
         rewrite(model)
-    write_graph(model, module, plan, path)
+    write_graph(model, module, plan, path, written)
 
 
 def rewire_topk(model: onnx.ModelProto) -> None:
@@ -328,17 +329,17 @@ def to_opset23(model: onnx.ModelProto) -> None:
     model.ir_version = max(model.ir_version, 10)
 
 
-def export_embed(family, path: Path) -> tuple[list[str], list[str]]:
+def export_embed(family, path: Path, written: Written | None = None) -> tuple[list[str], list[str]]:
     ids = torch.tensor([[1, 2, 3]], dtype=torch.long)
     io_names = ([m.INPUT_IDS], [m.INPUTS_EMBEDS])
     axes = {m.INPUT_IDS: {0: "batch", 1: "sequence_length"}, m.INPUTS_EMBEDS: {0: "batch", 1: "sequence_length"}}
-    export_module(EmbedGraph(family), (ids,), path, *io_names, axes)
+    export_module(EmbedGraph(family), (ids,), path, *io_names, axes, written=written)
     return io_names
 
 
 def export_block(family, first: int, count: int, path: Path, probe_layer: int | None = None,
-                 msav_layer: int | None = None, *, embeds: bool = False,
-                 head: bool = False) -> tuple[list[str], list[str]]:
+                 msav_layer: int | None = None, *, embeds: bool = False, head: bool = False,
+                 written: Written | None = None) -> tuple[list[str], list[str]]:
     sizes = family.sizes()
     block = BlockGraph(family, first, count, probe_layer, msav_layer, embeds=embeds, head=head)
     inputs, outputs = block.io_names()
@@ -350,7 +351,8 @@ def export_block(family, first: int, count: int, path: Path, probe_layer: int | 
         finish_block(model, dims)
 
     with rows_may_look_ahead(family.bidirectional_images):
-        export_module(block, block.sample_inputs(sizes), path, inputs, outputs, block.dynamic_axes(), rewrite)
+        export_module(block, block.sample_inputs(sizes), path, inputs, outputs, block.dynamic_axes(), rewrite,
+                      written)
     return inputs + ([m.TOP_K] if head else []), outputs
 
 

@@ -206,6 +206,7 @@ def _export_float32(cfg: ExportConfig, progress: Optional[Callable[[str], None]]
                                     outputs=tuple(io[1]), data_files=graph_files.data_refs(staging, path), **extra))
         checks.append(lambda report: check(report, path, ref))
 
+    written: graph_files.Written = {}  # tensors already in a data file (a tied table: the head reads it there)
     with torch.no_grad():
         if image_info is not None:
             t0 = time.perf_counter()
@@ -214,7 +215,8 @@ def _export_float32(cfg: ExportConfig, progress: Optional[Callable[[str], None]]
             step("vision graph", t0)
             # image features are merged into the embeddings between the embed graph and the first block
             t0 = time.perf_counter()
-            add(m.ROLE_EMBED, "embed.onnx", graphs.export_embed(family, staging / "embed.onnx"), validate_embed)
+            add(m.ROLE_EMBED, "embed.onnx", graphs.export_embed(family, staging / "embed.onnx", written),
+                validate_embed)
             step("embed graph", t0)
 
         ranges = block_ranges(sizes.num_layers, cfg.block_size)
@@ -223,7 +225,8 @@ def _export_float32(cfg: ExportConfig, progress: Optional[Callable[[str], None]]
             name = f"block_{first:02d}.onnx"
             with standard_ops(cfg.standard_ops):
                 io = graphs.export_block(family, first, count, staging / name, probe_layer, msav_layer,
-                                         embeds=first == 0 and image_info is None, head=first == ranges[-1][0])
+                                         embeds=first == 0 and image_info is None, head=first == ranges[-1][0],
+                                         written=written)
             add(m.ROLE_BLOCK, name, io, partial(validate_block, first=first, count=count, sizes=sizes,
                                                 vectors=vectors, probe_layer=probe_layer),
                 first_layer=first, num_layers=count)

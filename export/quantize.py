@@ -73,6 +73,7 @@ def _quantize_graph(path: Path, bits: int) -> None:
     if embedding:
         for name in tied:
             _share_tied_table(quantizer.model.model, name)
+    _drop_unused_initializers(quantizer.model.model.graph)  # e.g. a float32 table whose head is now 4-bit
     save_graph(quantizer.model.model, path)
     assert not embedding or any(n.op_type == "GatherBlockQuantized" for n in quantizer.model.model.graph.node)
 
@@ -149,7 +150,11 @@ def _pack_shared_matmuls(graph) -> None:
     used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
     for node in [n for n in graph.node if n.op_type == "Identity" and n.output[0] not in used]:
         graph.node.remove(node)
-    used = {name for node in graph.node for name in node.input}
+    _drop_unused_initializers(graph)
+
+
+def _drop_unused_initializers(graph) -> None:
+    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
     keep = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)
@@ -252,16 +257,18 @@ def quantize_artifact(fp32_dir: Path, out_dir: Path, precision: str,
     if staging.exists():
         shutil.rmtree(staging)
     shutil.copytree(fp32_dir, staging)
-    graphs = []
-    for entry in manifest.graphs:
+    # last graph first: a tied LM head reads the table from the embedding graph's data file, which must still hold
+    # the float32 bytes when the head's graph is loaded (each rewritten graph then holds all its own weights)
+    for entry in reversed(manifest.graphs):
         if precision == "fp16" and entry.role in (m.ROLE_EMBED, m.ROLE_BLOCK):
             _half_graph(staging / entry.file.path)
             say(f"converted {entry.file.path} to float16")
         elif precision in BITS and entry.role in (m.ROLE_EMBED, m.ROLE_BLOCK):
             _quantize_graph(staging / entry.file.path, BITS[precision])
             say(f"quantized {entry.file.path} to {precision}")
-        path = staging / entry.file.path
-        graphs.append(dataclasses.replace(entry, file=m.file_ref(staging, path), data_files=data_refs(staging, path)))
+    graphs = [dataclasses.replace(entry, file=m.file_ref(staging, staging / entry.file.path),
+                                  data_files=data_refs(staging, staging / entry.file.path))
+              for entry in manifest.graphs]
     report = check(fp32_dir, _with_manifest(staging, manifest, graphs, precision, extra=()))
     block = {"block_size": BLOCK} if precision in BITS else {}
     (staging / REPORT).write_text(json.dumps({"precision": precision, **block, **report}, indent=2))

@@ -108,7 +108,8 @@ class GraphEntry:
     file: FileRef
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
-    data_files: tuple[FileRef, ...] = ()  # ONNX external data, when a graph is over the protobuf limit
+    data_files: tuple[FileRef, ...] = ()  # ONNX external data files the graph's weights are in (its own, and
+    # another graph's where it shares a tensor: a tied LM head reads the embedding graph's table)
     first_layer: int = -1  # blocks: global index of the first decoder layer in the graph
     num_layers: int = 0  # blocks: how many decoder layers the graph holds
 
@@ -379,7 +380,7 @@ def load_manifest(artifact_dir: str | Path, *, verify_files: bool = True) -> Man
     manifest = parse_manifest(path.read_text(encoding="utf-8"))
     refs = [g.file for g in manifest.graphs] + [d for g in manifest.graphs for d in g.data_files]
     refs += list(manifest.extra_files)
-    for ref in refs:
+    for ref in dict.fromkeys(refs):  # once each: a data file two graphs share (a tied table) is listed twice
         check_file(root, ref, hash_it=verify_files)
     return manifest
 

@@ -171,7 +171,8 @@ def test_standard_ops_export_matches_the_fused_one(tiny, tmp_path):
 
 def test_graphs_keep_weights_in_one_external_file(tiny, tmp_path):
     """Every graph's weights go to NAME.onnx.data (page-aligned, written tensor by tensor), listed and hashed in the
-    manifest; the int4 copy keeps the layout; a missing data file is a clear error."""
+    manifest (the last block's tied head also lists the first block's file, where its table is); the int4 copy
+    keeps the layout; a missing data file is a clear error."""
     import onnx
 
     from safesteer_export.pipeline import ExportConfig, export_artifact
@@ -184,9 +185,10 @@ def test_graphs_keep_weights_in_one_external_file(tiny, tmp_path):
     export_artifact(ExportConfig(tiny.checkpoint(*arch), out, block_size=2, safety=False))
     manifest = m.load_manifest(out)
     for entry in manifest.graphs:
-        assert [d.path for d in entry.data_files] == [entry.file.path + ".data"], entry.file.path
+        shared = ["block_00.onnx.data"] if entry.first_layer == 2 else []  # tie_word_embeddings=True
+        assert [d.path for d in entry.data_files] == shared + [entry.file.path + ".data"], entry.file.path
     assert sorted(p.name for p in out.iterdir() if p.suffix == ".data") == sorted(
-        d.path for e in manifest.graphs for d in e.data_files)  # no per-tensor leftovers
+        {d.path for e in manifest.graphs for d in e.data_files})  # no per-tensor leftovers
     block = onnx.load(str(out / "block_00.onnx"), load_external_data=False)
     weights = [t for t in block.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     assert len(weights) >= 2 * 7  # 2 layers: 7 Linear weights each, at least
@@ -237,6 +239,36 @@ def test_tied_table_is_stored_once(tiny, tmp_path):
                                 providers=["CPUExecutionProvider"])
     rows, weights = sess.run(None, {"input_ids": np.arange(vocab, dtype=np.int64)[None]})
     np.testing.assert_allclose(rows[0], weights.T, atol=1e-6)
+
+
+def test_tied_table_is_stored_once_across_blocks(tiny, tmp_path):
+    """With several blocks the first embeds and the last holds the LM head: the head's table points into the first
+    block's data file (the manifest lists that file for both graphs) instead of a second copy, and decodes as the
+    one-block artifact does; the quantized copies (last graph rewritten first) run too."""
+    import onnx
+
+    from safesteer_export.quantize import quantize_artifact
+    from safesteer_runtime import manifest as m
+    from safesteer_rt import Generator
+
+    art = tiny.artifact("LlamaForCausalLM", "gqa", 2)  # tie_word_embeddings=True, 4 layers: two blocks
+    manifest = m.load_manifest(art)
+    first, last = sorted(manifest.graphs_of(m.ROLE_BLOCK), key=lambda g: g.first_layer)
+    graph = onnx.load(str(art / last.file.path), load_external_data=False).graph
+    table = next(t for t in graph.initializer if t.name == "lm_head.weight")
+    where = {e.key: e.value for e in table.external_data}
+    assert where["location"] == "block_00.onnx.data"
+    assert [f.path for f in last.data_files] == ["block_00.onnx.data", "block_02.onnx.data"]
+    assert not [t.name for t in graph.initializer if t.name.startswith(("lm_head", "embed_tokens")) and t is not table]
+    assert int(where["length"]) == 4 * manifest.sizes.vocab_size * manifest.sizes.hidden_size  # all of it, float32
+    msgs = [{"role": "user", "content": "How do I bake bread at home?"}]
+    want = Generator(tiny.artifact("LlamaForCausalLM", "gqa", 0)).generate(msgs, max_new_tokens=24, safety=False)
+    assert Generator(art).generate(msgs, max_new_tokens=24, safety=False).token_ids == want.token_ids
+    for precision in ("int4", "fp16"):
+        quantize_artifact(art, tmp_path / precision, precision)
+        assert all(f.path == g.file.path + ".data" for g in m.load_manifest(tmp_path / precision).graphs
+                   for f in g.data_files)
+        assert len(Generator(tmp_path / precision).generate(msgs, max_new_tokens=4, safety=False).token_ids) >= 1
 
 
 @pytest.mark.parametrize("arch,variant", vision_variants())
