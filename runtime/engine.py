@@ -141,7 +141,7 @@ class Engine:
         if cfg.uses_tensorrt:  # engine builds take minutes: say where we are
             log.info("TensorRT: engine for %s (graph %d of %d, %.0f s so far); a first build takes minutes, later "
                      "loads come from the engine cache", entry.file.path, i + 1, count, time.perf_counter() - started)
-            kv_row = None if self.in_place else (self.sizes.num_kv_heads * self.sizes.head_dim,)
+            kv_row = (self.sizes.num_kv_heads * self.sizes.head_dim,)  # standard-ops layout (resolve_providers)
             profiles = profile_options(list(entry.inputs), self.sizes.hidden_size, kv_row, self.context_limit,
                                        mrope=bool(self.sizes.mrope_sections))
         return open_session(root / entry.file.path, cfg, profiles)

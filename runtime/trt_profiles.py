@@ -10,8 +10,6 @@ input listed once per profile, ``name:1x1x896,name:1x512x896``.
 
 from __future__ import annotations
 
-from typing import Optional
-
 from . import manifest as m
 
 DECODE_MAX_ROWS = 256  # SafetyConfig.k's upper bound: the lookahead candidates are rows of one call
@@ -19,11 +17,9 @@ PREFILL_OPT_ROWS = 256
 DECODE_OPT_PAST = 512
 
 
-def _template(name: str, hidden: int, kv_row: Optional[tuple[int, ...]], mrope: bool):
+def _template(name: str, hidden: int, kv_row: tuple[int, ...], mrope: bool):
     """Input shape in symbols: S rows in this call, P past positions, T = P + S, R head rows (1 at min and opt,
-    up to S); None for static inputs. ``mrope``: position_ids have three rows (sizes.mrope_sections).
-    ``kv_row`` None: the blocks keep an in-place cache (GroupQueryAttention, which TensorRT does not run: its
-    buffers feed onnxruntime's own kernels, so they get no profile)."""
+    up to S); None for static inputs. ``mrope``: position_ids have three rows (sizes.mrope_sections)."""
     if name in (m.HIDDEN_IN,):
         return (1, "S", hidden)
     if name in (m.ATTENTION_MASK, m.SLIDING_MASK):
@@ -33,13 +29,13 @@ def _template(name: str, hidden: int, kv_row: Optional[tuple[int, ...]], mrope: 
     if name in (m.POSITION_IDS, m.MSAV_MASK, m.INPUT_IDS):
         return (1, "S")
     if name.startswith(("past_key", "past_value")):
-        return None if kv_row is None else (1, "P", *kv_row)
+        return (1, "P", *kv_row)
     if name == m.HEAD_ROWS:  # the LM head's rows: usually 1, the K candidates in a lookahead step
         return ("R",)
     return None  # top_k, SafeSteer vectors and knobs: fixed shapes; pixel_values: left to onnxruntime
 
 
-def profile_options(inputs: list[str], hidden: int, kv_row: Optional[tuple[int, ...]], max_tokens: int,
+def profile_options(inputs: list[str], hidden: int, kv_row: tuple[int, ...], max_tokens: int,
                     mrope: bool = False) -> dict[str, str]:
     """TensorRT provider options (trt_profile_min/opt/max_shapes) for a graph with these input names;
     {} when none of them is dynamic."""
