@@ -55,17 +55,18 @@ def binding(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> ort.IOB
     """Inputs bound once; an in-place cache's buffers also as their present_* outputs (as the runtime does), other
     outputs left to onnxruntime."""
     io = sess.io_binding()
+    outputs = {o.name for o in sess.get_outputs()}
     for name, value in feeds.items():
         present = name.replace("past_", "present_", 1)
-        if name.startswith("past_") and present in {o.name for o in sess.get_outputs()}:
+        if name.startswith("past_") and present in outputs:
             buffer = ort.OrtValue.ortvalue_from_numpy(value)
             io.bind_ortvalue_input(name, buffer)
             io.bind_ortvalue_output(present, buffer)
         else:
             io.bind_cpu_input(name, value)
-    for out in sess.get_outputs():
-        if not out.name.startswith("present_"):
-            io.bind_output(out.name)
+    for name in outputs:
+        if not name.startswith("present_"):
+            io.bind_output(name)
     return io
 
 
