@@ -17,7 +17,8 @@ token is excluded), time to first token (prefill + choosing the first token), pe
 speed ratio against onnxruntime-genai at the same precision from the same run. Generator modes:
 ``off`` (safety=False), ``probe`` (probe + in-graph correction every step, no lookahead) and
 ``lookahead`` (K=8 candidates for the first 16 steps, then probe + correction); the safety modes run at the
-last ``--blocks`` size (the whole model by default), the other sizes with safety off.
+last ``--blocks`` size (the whole model by default), the other sizes with safety off, on the CPU both with the
+default thread pool per graph and with ``thread_pool="shared"``.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def _peak_rss_mb() -> float:
 def _child_generator(job: dict) -> dict:
     from safesteer_rt import Generator, SafetyConfig
 
-    gen = Generator(job["path"], providers=job["providers"], threads=job["threads"])
+    gen = Generator(job["path"], providers=job["providers"], threads=job["threads"],
+                    thread_pool=job.get("thread_pool", "auto"))
     if job["mode"] == "off":
         safety = False
     else:
@@ -239,9 +241,12 @@ def main() -> None:
         if genai is not None:
             jobs.append((prec, "onnxruntime-genai", {**base, "engine": "genai", "path": str(genai)}))
         for b, art in artifacts.items():
+            name = f"Generator {'whole model' if b == 0 else f'{b}-layer blocks'}"
             for mode in args.modes if b == args.blocks[-1] else ["off"]:  # safety modes: last block size only
-                label = f"Generator {'whole model' if b == 0 else f'{b}-layer blocks'}, {mode}"
-                jobs.append((prec, label, {**base, "engine": "generator", "path": str(art), "mode": mode}))
+                jobs.append((prec, f"{name}, {mode}", {**base, "engine": "generator", "path": str(art), "mode": mode}))
+            if b != 0 and not on_gpu:  # several graphs per step: also on one shared thread pool (opt-in)
+                jobs.append((prec, f"{name}, off, shared pool", {**base, "engine": "generator", "path": str(art),
+                                                                 "mode": "off", "thread_pool": "shared"}))
     results = {(prec, label): [] for prec, label, _ in jobs}
     done = _load_done(args.work / "results.jsonl")  # a rerun with the same jobs resumes where one stopped
     for r in range(args.rounds):  # engines alternate, so a slow minute on a shared machine hits all of them

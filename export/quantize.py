@@ -45,15 +45,24 @@ CHECK_TEXT = (
 PROBE_PROMPTS_PER_CLASS = 24
 
 
-def _quantize_graph(path: Path, bits: int) -> None:
+# a tied table's place in the float32 artifact (data file, offset) -> its 4-bit LM head's weight and scales, as
+# TensorProtos that point into the head graph's data file (quantize_artifact rewrites the head's graph first)
+Heads = dict
+
+
+def _quantize_graph(path: Path, bits: int, heads: Heads) -> None:
     """MatMul -> MatMulNBits; at int4 also the embedding table's Gather (on input_ids) -> GatherBlockQuantized (the
-    quantizer has no int8 Gather; int4 tensors need opset 21, so the graph is raised first)."""
+    quantizer has no int8 Gather; int4 tensors need opset 21, so the graph is raised first). A tied table keeps one
+    4-bit copy: the LM head's, which the embedding reads too (in the same graph, or in ``heads`` from the last
+    block's graph when the artifact has several)."""
+    import onnx
     from onnxruntime.quantization import matmul_nbits_quantizer as mq
     from onnxruntime.quantization import quant_utils
 
     from .graph_files import save_graph
     from .graphs import to_opset23
 
+    places = {t.name: _place(t) for t in onnx.load(str(path), load_external_data=False).graph.initializer}
     model = quant_utils.load_model_with_shape_infer(path)
     tied = _transposed_weights(model)
     _pack_shared_matmuls(model.graph)
@@ -70,12 +79,32 @@ def _quantize_graph(path: Path, bits: int) -> None:
     quantizer = mq.MatMulNBitsQuantizer(model, algo_config=cfg,
                                         nodes_to_exclude=[n.name for n in gathers if n not in embedding])
     quantizer.process()
-    if embedding:
-        for name in tied:
-            _share_tied_table(quantizer.model.model, name)
-    _drop_unused_initializers(quantizer.model.model.graph)  # e.g. a float32 table whose head is now 4-bit
-    save_graph(quantizer.model.model, path)
-    assert not embedding or any(n.op_type == "GatherBlockQuantized" for n in quantizer.model.model.graph.node)
+    quantized = quantizer.model.model
+    for table in [n.input[0] for n in embedding]:
+        head = _head_of(quantized.graph, table + ".T") if table in tied else heads.get(places.get(table))
+        if head is not None:
+            _share_tied_table(quantized, table, *head)
+    _drop_unused_initializers(quantized.graph)  # e.g. a float32 table whose head is now 4-bit
+    save_graph(quantized, path)
+    assert not embedding or any(n.op_type == "GatherBlockQuantized" for n in quantized.graph.node)
+    if bits == 4 and tied and not embedding:  # the last block's LM head: the graph that embeds reads its table
+        saved = onnx.load(str(path), load_external_data=False).graph
+        heads.update({places[table]: _head_of(saved, table + ".T") for table in tied if places.get(table)})
+
+
+def _place(tensor) -> Optional[tuple[str, str]]:
+    """(data file, offset) of an external tensor, None for one stored inside the graph."""
+    where = {e.key: e.value for e in tensor.external_data}
+    return (where["location"], where.get("offset", "0")) if "location" in where else None
+
+
+def _head_of(graph, weight: str):
+    """The 4-bit weight and scales TensorProtos of the MatMulNBits that read ``weight`` (quantized), or None."""
+    node = next((n for n in graph.node if n.op_type == "MatMulNBits" and n.input[1] == weight + "_Q4"), None)
+    if node is None:
+        return None
+    inits = {t.name: t for t in graph.initializer}
+    return inits[node.input[1]], inits[node.input[2]]
 
 
 def _transposed_weights(model) -> list[str]:
@@ -166,31 +195,29 @@ def _bias_of(add, matmul_output: str, inits) -> Optional[str]:
     return other[0] if len(other) == 1 and other[0] in inits and len(inits[other[0]].dims) == 1 else None
 
 
-def _share_tied_table(model, name: str) -> None:
-    """Point the int4 embedding (GatherBlockQuantized over NAME) at the LM head's MatMulNBits weight of NAME.T: the
+def _share_tied_table(model, table: str, weight, scales) -> None:
+    """Point the int4 embedding (GatherBlockQuantized over TABLE) at the LM head's MatMulNBits ``weight`` and
+    ``scales`` (TensorProtos: this graph's, or another graph's whose bytes stay in that graph's data file): the
     same 4-bit blocks (rows of the table, blocks of 32 along hidden) in MatMulNBits' packed uint8 layout, zero
     point 8, reshaped; the embedding's own copy is dropped. Exact: both dequantize the same bytes."""
     from onnx import helper, numpy_helper
 
     graph = model.graph
-    gather = next((n for n in graph.node if n.op_type == "GatherBlockQuantized" and n.input[0] == name + "_Q4"), None)
-    head = next((n for n in graph.node if n.op_type == "MatMulNBits" and n.input[1] == name + ".T_Q4"), None)
-    if gather is None or head is None:
+    gather = next((n for n in graph.node if n.op_type == "GatherBlockQuantized" and n.input[0] == table + "_Q4"), None)
+    if gather is None:
         return
-    inits = {t.name: t for t in graph.initializer}
-    vocab, blocks, blob = inits[head.input[1]].dims
+    inits = {t.name for t in graph.initializer}
+    graph.initializer.extend(t for t in (weight, scales) if t.name not in inits)
+    vocab, blocks, blob = weight.dims
     zero = np.full((vocab, (blocks + 1) // 2), 0x88, np.uint8)  # two 4-bit zero points (8) per byte
     graph.initializer.extend([
-        numpy_helper.from_array(np.array([vocab, blocks * blob], np.int64), f"{name}/table_shape"),
-        numpy_helper.from_array(zero, f"{name}/zero_points")])
+        numpy_helper.from_array(np.array([vocab, blocks * blob], np.int64), f"{table}/table_shape"),
+        numpy_helper.from_array(zero, f"{table}/zero_points")])
     graph.node.insert(list(graph.node).index(gather), helper.make_node(
-        "Reshape", [head.input[1], f"{name}/table_shape"], [f"{name}/table"], name=f"{gather.name}/table"))
-    stale = {gather.input[0], gather.input[2]}
+        "Reshape", [weight.name, f"{table}/table_shape"], [f"{table}/table"], name=f"{gather.name}/table"))
     # MatMulNBits' scales are [vocab, blocks] (or flat: the same bytes), what GatherBlockQuantized reads
-    gather.input[:] = [f"{name}/table", gather.input[1], head.input[2], f"{name}/zero_points"]
-    keep = [t for t in graph.initializer if t.name not in stale]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+    gather.input[:] = [f"{table}/table", gather.input[1], scales.name, f"{table}/zero_points"]
+    _drop_unused_initializers(graph)
 
 
 def _half_graph(path: Path) -> None:
@@ -258,13 +285,14 @@ def quantize_artifact(fp32_dir: Path, out_dir: Path, precision: str,
         shutil.rmtree(staging)
     shutil.copytree(fp32_dir, staging)
     # last graph first: a tied LM head reads the table from the embedding graph's data file, which must still hold
-    # the float32 bytes when the head's graph is loaded (each rewritten graph then holds all its own weights)
+    # the float32 bytes when the head's graph is loaded; at int4 the embedding then reads the head's 4-bit table
+    heads: Heads = {}
     for entry in reversed(manifest.graphs):
         if precision == "fp16" and entry.role in (m.ROLE_EMBED, m.ROLE_BLOCK):
             _half_graph(staging / entry.file.path)
             say(f"converted {entry.file.path} to float16")
         elif precision in BITS and entry.role in (m.ROLE_EMBED, m.ROLE_BLOCK):
-            _quantize_graph(staging / entry.file.path, BITS[precision])
+            _quantize_graph(staging / entry.file.path, BITS[precision], heads)
             say(f"quantized {entry.file.path} to {precision}")
     graphs = [dataclasses.replace(entry, file=m.file_ref(staging, staging / entry.file.path),
                                   data_files=data_refs(staging, staging / entry.file.path))

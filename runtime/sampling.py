@@ -36,10 +36,12 @@ class Sampler:
         self.cfg = cfg
         self.rng = np.random.default_rng(cfg.seed)
 
-    def __call__(self, logits: np.ndarray, banned=()) -> int:
-        """``logits`` [vocab] -> token id, never one of ``banned`` (min_new_tokens holds end tokens off)."""
+    def __call__(self, logits: np.ndarray, banned=(), best: Optional[int] = None) -> int:
+        """``logits`` [vocab] -> token id, never one of ``banned`` (min_new_tokens holds end tokens off). ``best``: the
+        graph's top-1 id for these logits (its TopK breaks ties towards the lower id, as argmax does), which spares
+        greedy decoding a pass over the vocabulary."""
         if not self.cfg.do_sample:
-            token = int(np.argmax(logits))
+            token = int(np.argmax(logits)) if best is None else int(best)
             return token if token not in banned else int(np.argmax(ban(logits, banned)))
         z = ban(logits, banned).astype(np.float64) / self.cfg.temperature
         if self.cfg.top_k and self.cfg.top_k < z.size:

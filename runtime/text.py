@@ -10,6 +10,7 @@ from typing import Any, Optional
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
 
 from .errors import ArtifactError, InputError
 from .manifest import TokenizerInfo
@@ -34,22 +35,15 @@ class TextCodec:
 
 
 class IncrementalDecoder:
-    """Turns a growing id list into text pieces without splitting multi-byte characters."""
+    """Turns a growing id list into text pieces without splitting multi-byte characters (the tokenizers library's
+    DecodeStream: one call per token, in Rust)."""
 
     def __init__(self, codec: TextCodec):
-        self.codec = codec
-        self.ids: list[int] = []
-        self.prefix = 0  # ids before this are settled
-        self.read = 0  # text of ids[prefix:read] was already emitted
+        self.tokenizer = codec.tokenizer
+        self.stream = DecodeStream(skip_special_tokens=True)
 
     def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        before = self.codec.decode(self.ids[self.prefix : self.read])
-        after = self.codec.decode(self.ids[self.prefix :])
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            self.prefix, self.read = self.read, len(self.ids)
-            return after[len(before) :]
-        return ""
+        return self.stream.step(self.tokenizer, token_id) or ""
 
 
 def _tojson(value: Any, indent: Optional[int] = None, ensure_ascii: bool = False, sort_keys: bool = False) -> str:

@@ -82,6 +82,20 @@ def test_sampler_never_returns_a_banned_token():
     logits = np.array([0.0, 5.0, 4.0, 1.0], np.float32)
     assert Sampler(SamplingConfig())(logits) == 1
     assert Sampler(SamplingConfig())(logits, banned={1}) == 2
+    assert Sampler(SamplingConfig())(logits, banned={1}, best=1) == 2  # the graph's top-1 is banned: next best
     sampler = Sampler(SamplingConfig(do_sample=True, temperature=2.0, seed=0))
     draws = {sampler(logits, banned={1, 2}) for _ in range(200)}
     assert draws == {0, 3} and logits[1] == 5.0  # the caller's logits are left as they were
+
+
+def test_streamed_pieces_never_split_a_character(gen):
+    """Byte-level BPE splits these characters over several tokens: pieces are whole characters and join up to the
+    full decode."""
+    from safesteer_runtime.text import IncrementalDecoder
+
+    ids = gen.codec.encode("naïve café: 你好, 世界 🤖🧠 ok", add_bos=False)
+    decoder = IncrementalDecoder(gen.codec)
+    pieces = [decoder.push(i) for i in ids]
+    assert "".join(pieces) == gen.codec.decode(ids)
+    assert not any("\ufffd" in p for p in pieces)
+    assert pieces.count("") > 0  # some tokens ended mid-character and waited for the rest

@@ -244,7 +244,9 @@ def test_tied_table_is_stored_once(tiny, tmp_path):
 def test_tied_table_is_stored_once_across_blocks(tiny, tmp_path):
     """With several blocks the first embeds and the last holds the LM head: the head's table points into the first
     block's data file (the manifest lists that file for both graphs) instead of a second copy, and decodes as the
-    one-block artifact does; the quantized copies (last graph rewritten first) run too."""
+    one-block artifact does. Quantized (last graph rewritten first): at int4 the first block's embedding reads the
+    head's 4-bit table from the last block's data file and decodes as the one-block int4 artifact (which shares it
+    inside its one graph); fp16 keeps a copy per graph and runs."""
     import onnx
 
     from safesteer_export.quantize import quantize_artifact
@@ -264,11 +266,24 @@ def test_tied_table_is_stored_once_across_blocks(tiny, tmp_path):
     msgs = [{"role": "user", "content": "How do I bake bread at home?"}]
     want = Generator(tiny.artifact("LlamaForCausalLM", "gqa", 0)).generate(msgs, max_new_tokens=24, safety=False)
     assert Generator(art).generate(msgs, max_new_tokens=24, safety=False).token_ids == want.token_ids
-    for precision in ("int4", "fp16"):
-        quantize_artifact(art, tmp_path / precision, precision)
-        assert all(f.path == g.file.path + ".data" for g in m.load_manifest(tmp_path / precision).graphs
-                   for f in g.data_files)
-        assert len(Generator(tmp_path / precision).generate(msgs, max_new_tokens=4, safety=False).token_ids) >= 1
+    quantize_artifact(art, tmp_path / "int4", "int4")
+    quantize_artifact(tiny.artifact("LlamaForCausalLM", "gqa", 0), tmp_path / "int4-one", "int4")
+    first, last = sorted(m.load_manifest(tmp_path / "int4").graphs_of(m.ROLE_BLOCK), key=lambda g: g.first_layer)
+    assert [f.path for f in first.data_files] == ["block_00.onnx.data", "block_02.onnx.data"]
+    assert [f.path for f in last.data_files] == ["block_02.onnx.data"]
+    graph = onnx.load(str(tmp_path / "int4" / first.file.path), load_external_data=False).graph
+    gather = next(n for n in graph.node if n.op_type == "GatherBlockQuantized")
+    table = {t.name: t for t in graph.initializer}[next(n for n in graph.node if n.output[0] == gather.input[0]).input[0]]
+    assert {e.key: e.value for e in table.external_data}["location"] == "block_02.onnx.data"
+    per_token = [t for t in graph.initializer if t.dims and t.dims[0] == manifest.sizes.vocab_size
+                 and not t.name.endswith("/zero_points")]  # (a constant 8 per block, made in the graph)
+    assert len(per_token) == 2 and all({e.key: e.value for e in t.external_data}.get("location") == "block_02.onnx.data"
+                             for t in per_token)  # the table and its scales: the head's; no copy of its own
+    one = Generator(tmp_path / "int4-one").generate(msgs, max_new_tokens=24, safety=False).token_ids
+    assert Generator(tmp_path / "int4").generate(msgs, max_new_tokens=24, safety=False).token_ids == one
+    quantize_artifact(art, tmp_path / "fp16", "fp16")
+    assert all(f.path == g.file.path + ".data" for g in m.load_manifest(tmp_path / "fp16").graphs for f in g.data_files)
+    assert len(Generator(tmp_path / "fp16").generate(msgs, max_new_tokens=4, safety=False).token_ids) >= 1
 
 
 @pytest.mark.parametrize("arch,variant", vision_variants())
