@@ -5,7 +5,8 @@ one block is one graph call per step.
 Blocks are called through IOBinding over a preallocated cache (kv_cache.py). Default exports keep it in place: each
 layer's K and V buffers are bound once as both input and output, and GroupQueryAttention writes the new rows itself.
 Standard-ops exports get the past bound as views into the cache and their new K/V outputs bound straight into the
-slots after it. Either way a decode step allocates nothing but the small hidden-state and logits buffers. The cache
+slots after it. Decoding steps write their outputs (hidden states between blocks, logits, top-k, probe logit) into
+buffers the engine keeps per shape, bound once too, so such a step allocates and rebinds almost nothing. The cache
 lives in host memory for the CPU provider and in device memory for CUDA / TensorRT (kv_cache.DeviceKVCache), where the
 K/V never cross to the host.
 """
@@ -79,11 +80,12 @@ class Block:
     def bound(self) -> dict[str, np.ndarray]:
         return {}
 
-    def bind(self, name: str, x: np.ndarray) -> None:
-        """Bind input ``name`` to ``x``, skipping the call when ``x`` is what it holds (a request's SafeSteer inputs and
-        the head's knobs stay the same over its steps; a cold bind costs ~10 us)."""
+    def bind(self, name: str, x: np.ndarray, output: bool = False) -> None:
+        """Bind input (or ``output``) ``name`` to ``x``, skipping the call when ``x`` is what it holds (a request's
+        SafeSteer inputs, the head's knobs and an engine's scratch outputs stay the same over its steps; a cold bind
+        costs ~10 us)."""
         if self.bound.get(name) is not x:
-            _bind_in(self.io, name, x)
+            (_bind_out if output else _bind_in)(self.io, name, x)
             self.bound[name] = x
 
     @cached_property
@@ -142,6 +144,7 @@ class Engine:
         self.has_probe = any(b.has_probe for b in self.blocks)
         self.embeds_in_block = m.INPUT_IDS in blocks[0].inputs
         self._constants: dict[tuple[str, int], np.ndarray] = {}
+        self._scratch: dict[tuple, tuple[StepOut, list[np.ndarray]]] = {}  # step's scratch outputs, by shape
         on_gpu = self.blocks[0].session.get_providers()[0] != CPU
         # "device" on the CPU provider: onnxruntime-allocated buffers, the same code path as CUDA (tests use it)
         self.kv_device = {"auto": "cuda" if on_gpu else None, "host": None,
@@ -161,6 +164,21 @@ class Engine:
     def _constant(self, kind: str, value: int) -> np.ndarray:
         """One array per (kind, value), reused across calls so that the blocks need not bind it again."""
         return self._constants.setdefault((kind, value), np.array([value], np.int64))
+
+    def _outputs(self, rows: int, heads: int, top_k: int, scratch: bool) -> tuple[StepOut, list[np.ndarray]]:
+        """The call's StepOut and the hidden state each block but the last writes ([1, rows, H] each): new arrays,
+        or with ``scratch`` the engine's own for this shape, reused by every scratch call (still bound, and memory
+        that is already paged in: a fresh 600 KB logits array cost ~0.25 ms of page faults per step)."""
+        key = (rows, heads, top_k)
+        if scratch and key in self._scratch:
+            return self._scratch[key]
+        out = StepOut(np.empty((1, heads, self.sizes.vocab_size), np.float32), np.empty((1, heads, top_k), np.float32),
+                      np.empty((1, heads, top_k), np.int64),
+                      np.empty((1, rows), np.float32) if self.has_probe else None)
+        hidden = [np.empty((1, rows, self.sizes.hidden_size), np.float32) for _ in self.blocks[1:]]
+        if scratch:
+            self._scratch[key] = out, hidden
+        return out, hidden
 
     def providers(self) -> dict[str, str]:
         """Which execution provider each graph's session got (the first one it will use)."""
@@ -188,13 +206,16 @@ class Engine:
     def step(self, cache: KVCache | DeviceKVCache, mask: np.ndarray, positions: np.ndarray, *,
              ids: Optional[np.ndarray] = None, embeds: Optional[np.ndarray] = None,
              head_rows: Optional[np.ndarray] = None, top_k: int = 1,
-             safety: Optional[dict[str, np.ndarray]] = None, rope_positions: Optional[np.ndarray] = None) -> StepOut:
+             safety: Optional[dict[str, np.ndarray]] = None, rope_positions: Optional[np.ndarray] = None,
+             scratch: bool = False) -> StepOut:
         """Run the model over this call's rows: ``ids`` [1, rows] or, for artifacts with an embed graph, ``embeds``
         [1, rows, H] (image features merged in). New K/V land in the cache slots after ``cache.length``, which is
         not advanced: the caller commits the rows it keeps. The LM head runs on ``head_rows`` (default: the last
         row); ``safety``: the SafeSteer inputs (vectors, knobs, msav_mask) for the blocks that take them.
         ``positions`` [1, rows]: the rows' places in the sequence (sliding masks); ``rope_positions``: what the
-        blocks rotate by when it differs — multimodal RoPE's [3, 1, rows] (default: ``positions`` on every row)."""
+        blocks rotate by when it differs — multimodal RoPE's [3, 1, rows] (default: ``positions`` on every row).
+        ``scratch``: write into the engine's reused buffers for this shape, so the StepOut is overwritten by the next
+        scratch call (decoding: the caller is done with the previous step's by then)."""
         if embeds is None:
             ids = np.ascontiguousarray(ids, dtype=np.int64)
             first = ids if self.embeds_in_block else self.embed_ids(ids)
@@ -214,9 +235,8 @@ class Engine:
         rope_positions = positions if rope_positions is None else np.ascontiguousarray(rope_positions, np.int64)
         top = self._constant("top_k", top_k)
         cache.check_room(rows)
-        out = StepOut(np.empty((1, len(head_rows), self.sizes.vocab_size), np.float32),
-                      np.empty((1, len(head_rows), top_k), np.float32), np.empty((1, len(head_rows), top_k), np.int64))
-        for block in self.blocks:
+        out, hidden_out = self._outputs(rows, len(head_rows), top_k, scratch)
+        for i, block in enumerate(self.blocks):
             io = block.io
             block.bind(m.INPUT_IDS if first.dtype == np.int64 else m.HIDDEN_IN, first)
             if block.full:
@@ -229,8 +249,7 @@ class Engine:
                     raise ArtifactError(f"{block.entry.file.path} needs the SafeSteer input {name}")
                 block.bind(name, np.ascontiguousarray(safety[name]))
             if block.has_probe:
-                out.harm_logit = np.empty((1, rows), np.float32)
-                _bind_out(io, m.HARM_LOGIT, out.harm_logit)
+                block.bind(m.HARM_LOGIT, out.harm_logit, output=True)
             if not self.in_place:
                 for layer in block.layers:
                     past_k, past_v = cache.past(layer)
@@ -251,12 +270,12 @@ class Engine:
             if block is self.blocks[-1]:
                 block.bind(m.HEAD_ROWS, head_rows)
                 block.bind(m.TOP_K, top)
-                _bind_out(io, m.LOGITS, out.logits)
-                _bind_out(io, m.TOPK_LOGPROBS, out.top_logprobs)
-                _bind_out(io, m.TOPK_IDS, out.top_ids)
+                block.bind(m.LOGITS, out.logits, output=True)
+                block.bind(m.TOPK_LOGPROBS, out.top_logprobs, output=True)
+                block.bind(m.TOPK_IDS, out.top_ids, output=True)
             else:
-                hidden = np.empty((1, rows, self.sizes.hidden_size), np.float32)
-                _bind_out(io, m.HIDDEN_OUT, hidden)
+                hidden = hidden_out[i]
+                block.bind(m.HIDDEN_OUT, hidden, output=True)
             block.session.run_with_iobinding(io)
             first = hidden
         return out

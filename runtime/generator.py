@@ -192,13 +192,15 @@ class Generator:
 
     def _run_rows(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, cache: KVCache,
                   feeds: Optional[dict], msav_rows: np.ndarray, embeds: Optional[np.ndarray] = None,
-                  head_rows: Optional[np.ndarray] = None, rope_positions: Optional[np.ndarray] = None) -> StepOut:
+                  head_rows: Optional[np.ndarray] = None, rope_positions: Optional[np.ndarray] = None,
+                  scratch: bool = False) -> StepOut:
         if feeds is not None:
             feeds = {**feeds, m.MSAV_MASK: msav_rows}
         if rope_positions is None and self._rope_offset:
             rope_positions = np.broadcast_to(positions + self._rope_offset, (3, *positions.shape))
         return self.engine.step(cache, mask, positions, ids=None if embeds is not None else ids, embeds=embeds,
-                                head_rows=head_rows, top_k=self._top_k, safety=feeds, rope_positions=rope_positions)
+                                head_rows=head_rows, top_k=self._top_k, safety=feeds, rope_positions=rope_positions,
+                                scratch=scratch)
 
     def _prefill(self, req: _Request, cache: KVCache, feeds, msav_on: bool) -> tuple[StepOut, Optional[float]]:
         ids = np.asarray(req.ids, dtype=np.int64)[None]
@@ -307,17 +309,19 @@ class Generator:
             result.prompt_score = float(sigmoid(prompt_logit))
         return result
 
-    def _feed_one(self, token: int, cache: KVCache, feeds, msav_one: np.ndarray):
-        """Feed one token at the next position and commit it; -> (the model's output there, its harm_logit or None)."""
+    def _feed_one(self, token: int, cache: KVCache, feeds, msav_one: np.ndarray, scratch: bool = False):
+        """Feed one token at the next position and commit it; -> (the model's output there, its harm_logit or None).
+        ``scratch``: the output goes to the engine's reused buffers (Engine.step)."""
         t = cache.length
         out = self._run_rows(np.array([[token]], np.int64), causal_mask(t, 1), np.array([[t]], np.int64), cache,
-                             feeds, msav_one)
+                             feeds, msav_one, scratch=scratch)
         cache.advance(1)
         return out, (None if out.harm_logit is None else float(out.harm_logit[0, 0]))
 
     def _feed_chosen(self, token: int, cache: KVCache, feeds, msav_one, cfg: Optional[SafetyConfig]):
-        """Feed a chosen token (its K/V and the next step's logits; probe + correction in-graph)."""
-        out, harm = self._feed_one(token, cache, feeds, msav_one)
+        """Feed a chosen token (its K/V and the next step's logits; probe + correction in-graph). Its output is the
+        engine's scratch: the loop has finished with the previous step's (the only other scratch user) by now."""
+        out, harm = self._feed_one(token, cache, feeds, msav_one, scratch=True)
         if harm is None:
             return out, None
         record = {"token": token, "lookahead": False, "score_chosen": float(sigmoid(harm))}

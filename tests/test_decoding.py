@@ -99,3 +99,20 @@ def test_streamed_pieces_never_split_a_character(gen):
     assert "".join(pieces) == gen.codec.decode(ids)
     assert not any("\ufffd" in p for p in pieces)
     assert pieces.count("") > 0  # some tokens ended mid-character and waited for the rest
+
+
+def test_decoding_steps_write_into_reused_buffers(gen):
+    """Decoding steps (scratch) write into one set of output buffers, bound once; other calls get fresh arrays, with
+    the same values. Steps run outside a request leave the next request's tokens as they were."""
+    import numpy as np
+
+    from safesteer_runtime.masks import causal_mask
+
+    first = gen.generate(MSG, max_new_tokens=12, safety=False).token_ids
+    engine, cache = gen.engine, gen.engine.new_cache(16)
+    one = lambda t, scratch: engine.step(cache, causal_mask(t, 1), np.array([[t]], np.int64),  # noqa: E731
+                                         ids=np.array([[5]], np.int64), scratch=scratch)
+    a, b, c = one(0, True), one(0, True), one(0, False)
+    assert a.logits is b.logits and a.top_ids is b.top_ids and c.logits is not a.logits
+    np.testing.assert_array_equal(b.logits, c.logits)
+    assert gen.generate(MSG, max_new_tokens=12, safety=False).token_ids == first
