@@ -3,7 +3,8 @@
 int8 / int4: onnxruntime's own MatMulNBits quantizer rewrites every MatMul with a constant weight in the
 block graphs (block size 32, symmetric; the LM head is in the last block); at int4 the embedding table (in the
 embed graph, or a text-only model's first block) becomes GatherBlockQuantized (its int8 has no Gather form, so
-int8 keeps a float32 table); vision graphs stay float32.
+int8 keeps a float32 table); vision graphs stay float32. A tied embedding table stays on disk once at int4 and
+fp16 (the embedding reads the LM head's copy, in its graph or in the last block's data file).
 fp16 (for GPUs): onnxruntime's float16 converter turns the embed and block graphs to float16 inside,
 float32 at their inputs and outputs (so the runtime and the KV cache layout are unchanged); the head's
 LogSoftmax and TopK stay float32 so candidate log-probabilities keep their precision, and GroupQueryAttention
@@ -45,8 +46,9 @@ CHECK_TEXT = (
 PROBE_PROMPTS_PER_CLASS = 24
 
 
-# a tied table's place in the float32 artifact (data file, offset) -> its 4-bit LM head's weight and scales, as
-# TensorProtos that point into the head graph's data file (quantize_artifact rewrites the head's graph first)
+# a tied table's place in the float32 artifact (data file, offset) -> what its LM head's graph stored for it, as
+# TensorProtos that point into that graph's data file (quantize_artifact rewrites the head's graph first): the 4-bit
+# weight and scales at int4, the float16 table at fp16
 Heads = dict
 
 
@@ -220,15 +222,30 @@ def _share_tied_table(model, table: str, weight, scales) -> None:
     _drop_unused_initializers(graph)
 
 
-def _half_graph(path: Path) -> None:
+def _half_graph(path: Path, tables: Heads) -> None:
+    """float16 inside, float32 at the graph's inputs and outputs. A tied table stays on disk once: the LM head's graph
+    (rewritten first) keeps its float16 copy, recorded in ``tables`` by the float32 table's place, and the graph that
+    embeds points its table at those bytes."""
     import onnx
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
     from .graph_files import save_graph
 
+    places = {t.name: _place(t) for t in onnx.load(str(path), load_external_data=False).graph.initializer}
     model = convert_float_to_float16(onnx.load(str(path)), keep_io_types=True,
                                      op_block_list=[*DEFAULT_OP_BLOCK_LIST, "LogSoftmax", "TopK", "GroupQueryAttention"])
+    graph = model.graph
+    embedded = {n.input[0] for n in graph.node if n.op_type == "Gather" and n.input[1] == m.INPUT_IDS}
+    for t in graph.initializer:
+        shared = tables.get(places.get(t.name)) if t.name in embedded else None
+        if shared is not None and list(shared.dims) == list(t.dims) and shared.data_type == t.data_type:
+            name = t.name
+            t.CopyFrom(shared)  # dims, type and the pointer into the head graph's data file
+            t.name = name
     save_graph(model, path)
+    transposed = {n.input[0] for n in graph.node if n.op_type == "Transpose"} - embedded
+    saved = {t.name: t for t in onnx.load(str(path), load_external_data=False).graph.initializer}
+    tables.update({places[name]: saved[name] for name in transposed if places.get(name) and name in saved})
 
 
 def _probe_prompts(root: Path) -> tuple[list[str], list[int]]:
@@ -289,7 +306,7 @@ def quantize_artifact(fp32_dir: Path, out_dir: Path, precision: str,
     heads: Heads = {}
     for entry in reversed(manifest.graphs):
         if precision == "fp16" and entry.role in (m.ROLE_EMBED, m.ROLE_BLOCK):
-            _half_graph(staging / entry.file.path)
+            _half_graph(staging / entry.file.path, heads)
             say(f"converted {entry.file.path} to float16")
         elif precision in BITS and entry.role in (m.ROLE_EMBED, m.ROLE_BLOCK):
             _quantize_graph(staging / entry.file.path, BITS[precision], heads)

@@ -246,7 +246,7 @@ def test_tied_table_is_stored_once_across_blocks(tiny, tmp_path):
     block's data file (the manifest lists that file for both graphs) instead of a second copy, and decodes as the
     one-block artifact does. Quantized (last graph rewritten first): at int4 the first block's embedding reads the
     head's 4-bit table from the last block's data file and decodes as the one-block int4 artifact (which shares it
-    inside its one graph); fp16 keeps a copy per graph and runs."""
+    inside its one graph); at fp16 the first block's table points at the head's float16 table the same way."""
     import onnx
 
     from safesteer_export.quantize import quantize_artifact
@@ -282,8 +282,14 @@ def test_tied_table_is_stored_once_across_blocks(tiny, tmp_path):
     one = Generator(tmp_path / "int4-one").generate(msgs, max_new_tokens=24, safety=False).token_ids
     assert Generator(tmp_path / "int4").generate(msgs, max_new_tokens=24, safety=False).token_ids == one
     quantize_artifact(art, tmp_path / "fp16", "fp16")
-    assert all(f.path == g.file.path + ".data" for g in m.load_manifest(tmp_path / "fp16").graphs for f in g.data_files)
-    assert len(Generator(tmp_path / "fp16").generate(msgs, max_new_tokens=4, safety=False).token_ids) >= 1
+    first, last = sorted(m.load_manifest(tmp_path / "fp16").graphs_of(m.ROLE_BLOCK), key=lambda g: g.first_layer)
+    assert [f.path for f in first.data_files] == ["block_00.onnx.data", "block_02.onnx.data"]
+    graph = onnx.load(str(tmp_path / "fp16" / first.file.path), load_external_data=False).graph
+    table = next(t for t in graph.initializer if list(t.dims) == [manifest.sizes.vocab_size, manifest.sizes.hidden_size])
+    assert table.data_type == onnx.TensorProto.FLOAT16
+    assert {e.key: e.value for e in table.external_data}["location"] == "block_02.onnx.data"
+    half = Generator(tmp_path / "fp16").generate(msgs, max_new_tokens=8, safety=False).token_ids
+    assert half == want.token_ids[:8]  # float16 leaves the tiny model's greedy tokens as they were
 
 
 @pytest.mark.parametrize("arch,variant", vision_variants())
