@@ -75,7 +75,7 @@ class Generator:
 
     ``providers``: "auto" (TensorRT, CUDA, CPU: those this onnxruntime has) or a list of provider names.
     ``threads``: intra-op threads (0 = onnxruntime's default). ``thread_pool``: "per-graph" (each graph's session
-    its own pool), "shared" (onnxruntime's process-wide pool for all: ~4% faster with multi-block artifacts on the
+    its own pool), "shared" (onnxruntime's process-wide pool for all: 1-4% faster with multi-block artifacts on the
     CPU, but from then on every onnxruntime session in the process must use it) or "auto" (shared if this process
     has that pool, else per-graph); see sessions.use_shared_pool. ``engine_cache_dir``: TensorRT engine
     and timing caches (default: ``trt_cache`` in the artifact). ``kv_cache``: "auto" (device memory when the
