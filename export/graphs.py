@@ -179,8 +179,8 @@ class BlockGraph(nn.Module):
                   m.MSAV_VECTOR: torch.randn(hidden), m.MSAV_BETA: one, m.MSAV_MASK: torch.ones(1, rows),
                   m.PROBE_WEIGHT: torch.randn(hidden), m.PROBE_BIAS: torch.zeros(1),
                   m.SAFETY_DIRECTION: torch.randn(hidden), m.STEER_ALPHA: one, m.GATE_LOGIT: torch.zeros(1)}
-        kv = sizes.num_kv_heads, sizes.head_dim
-        past = (1, kv[0], past_len + rows + 1, kv[1]) if self.in_place else (1, past_len, kv[0] * kv[1])
+        named = {"batch": 1, "capacity": past_len + rows + 1, "past_sequence_length": past_len}
+        past = [named.get(d, d) for d in self.kv_shapes(sizes)[0]]
         values.update({name: torch.randn(*past) for name in self.past_names()})
         return tuple(values[name] for name in self.io_names()[0])
 

@@ -64,7 +64,7 @@ def _quantize_graph(path: Path, bits: int, heads: Heads) -> None:
     from .graph_files import save_graph
     from .graphs import to_opset23
 
-    places = {t.name: _place(t) for t in onnx.load(str(path), load_external_data=False).graph.initializer}
+    places = _places(path)
     model = quant_utils.load_model_with_shape_infer(path)
     tied = _transposed_weights(model)
     _pack_shared_matmuls(model.graph)
@@ -94,10 +94,16 @@ def _quantize_graph(path: Path, bits: int, heads: Heads) -> None:
         heads.update({places[table]: _head_of(saved, table + ".T") for table in tied if places.get(table)})
 
 
-def _place(tensor) -> Optional[tuple[str, str]]:
-    """(data file, offset) of an external tensor, None for one stored inside the graph."""
-    where = {e.key: e.value for e in tensor.external_data}
-    return (where["location"], where.get("offset", "0")) if "location" in where else None
+def _places(path: Path) -> dict[str, Optional[tuple[str, str]]]:
+    """Initializer name -> (data file, offset) of its bytes, None for one stored inside the graph: a tensor two
+    graphs share has the same place in both, whatever each names it."""
+    import onnx
+
+    places = {}
+    for tensor in onnx.load(str(path), load_external_data=False).graph.initializer:
+        where = {e.key: e.value for e in tensor.external_data}
+        places[tensor.name] = (where["location"], where.get("offset", "0")) if "location" in where else None
+    return places
 
 
 def _head_of(graph, weight: str):
@@ -201,7 +207,7 @@ def _share_tied_table(model, table: str, weight, scales) -> None:
     """Point the int4 embedding (GatherBlockQuantized over TABLE) at the LM head's MatMulNBits ``weight`` and
     ``scales`` (TensorProtos: this graph's, or another graph's whose bytes stay in that graph's data file): the
     same 4-bit blocks (rows of the table, blocks of 32 along hidden) in MatMulNBits' packed uint8 layout, zero
-    point 8, reshaped; the embedding's own copy is dropped. Exact: both dequantize the same bytes."""
+    point 8, reshaped; the caller drops the embedding's own copy. Exact: both dequantize the same bytes."""
     from onnx import helper, numpy_helper
 
     graph = model.graph
@@ -219,7 +225,6 @@ def _share_tied_table(model, table: str, weight, scales) -> None:
         "Reshape", [weight.name, f"{table}/table_shape"], [f"{table}/table"], name=f"{gather.name}/table"))
     # MatMulNBits' scales are [vocab, blocks] (or flat: the same bytes), what GatherBlockQuantized reads
     gather.input[:] = [f"{table}/table", gather.input[1], scales.name, f"{table}/zero_points"]
-    _drop_unused_initializers(graph)
 
 
 def _half_graph(path: Path, tables: Heads) -> None:
@@ -231,7 +236,7 @@ def _half_graph(path: Path, tables: Heads) -> None:
 
     from .graph_files import save_graph
 
-    places = {t.name: _place(t) for t in onnx.load(str(path), load_external_data=False).graph.initializer}
+    places = _places(path)
     model = convert_float_to_float16(onnx.load(str(path)), keep_io_types=True,
                                      op_block_list=[*DEFAULT_OP_BLOCK_LIST, "LogSoftmax", "TopK", "GroupQueryAttention"])
     graph = model.graph

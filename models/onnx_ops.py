@@ -16,7 +16,8 @@ import torch
 # False: onnxruntime's fused contrib ops (fastest on onnxruntime). True: standard ONNX opset-23 ops only
 # (RotaryEmbedding, RMSNormalization, Attention) for TensorRT and other runtimes without the contrib ops.
 _STANDARD_OPS = contextvars.ContextVar("safesteer_standard_ops", default=False)
-# True: attention may look ahead of the row where the mask allows it (GroupQueryAttention causal=0, a slower kernel)
+# True: attention may look ahead of the row where the mask allows it (GroupQueryAttention causal=0; see
+# rows_may_look_ahead)
 _LOOKS_AHEAD = contextvars.ContextVar("safesteer_looks_ahead", default=False)
 
 

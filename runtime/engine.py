@@ -72,8 +72,8 @@ class Block:
 
     @cached_property
     def io(self) -> ort.IOBinding:
-        """One binding per block. Every input is bound on each call unless the very same array is bound already (it
-        is held in ``bound``, so the memory stays valid); outputs are bound on every call."""
+        """One binding per block. A name is bound again only when its array changes (``bind``); an in-place cache's
+        buffers only when the cache does (``cache``)."""
         return self.session.io_binding()
 
     @cached_property
