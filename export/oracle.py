@@ -88,9 +88,10 @@ class TorchSafeSteer:
                                   "harm_logits": harm_rows.numpy().tolist()})
             else:
                 token = int(torch.argmax(z))
-                logits, harm = self.forward(ids + [token], images, cfg, msav_from)
-                z = logits[-1]
-                out.trace.append({"token": token, "score_chosen": float(torch.sigmoid(harm[-1]))})
+                if token not in eos_ids and step < max_new_tokens - 1:  # the last token is not fed (as in the Generator)
+                    logits, harm = self.forward(ids + [token], images, cfg, msav_from)
+                    z = logits[-1]
+                    out.trace.append({"token": token, "score_chosen": float(torch.sigmoid(harm[-1]))})
             ids.append(token)
             out.token_ids.append(token)
             if token in eos_ids:

@@ -247,7 +247,7 @@ class Engine:
             for name in block.extra_inputs:
                 if safety is None or name not in safety:
                     raise ArtifactError(f"{block.entry.file.path} needs the SafeSteer input {name}")
-                block.bind(name, np.ascontiguousarray(safety[name]))
+                block.bind(name, safety[name])  # safety.static_feeds and the callers' msav rows: contiguous arrays
             if block.has_probe:
                 block.bind(m.HARM_LOGIT, out.harm_logit, output=True)
             if not self.in_place:

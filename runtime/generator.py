@@ -22,7 +22,7 @@ from .kv_cache import DeviceKVCache, KVCache
 from .masks import both_ways, causal_mask, tree_mask
 from .qwen_vl import mrope_positions
 from .sampling import Sampler, SamplingConfig, ban
-from .safety import SafetyConfig, load_vectors, select, sigmoid, static_feeds
+from .safety import SafetyConfig, load_vectors, score, select, sigmoid, static_feeds
 from .safety import resolve as resolve_safety
 from .sessions import Providers, SessionConfig, resolve_providers, use_shared_pool
 from .text import ChatTemplate, IncrementalDecoder, TextCodec, load_chat_template, render_messages
@@ -101,6 +101,8 @@ class Generator:
         self.codec = TextCodec(self.root, self.manifest.tokenizer)
         self.chat: Optional[ChatTemplate] = load_chat_template(self.root, self.manifest.tokenizer)
         self._cache: Optional[KVCache | DeviceKVCache] = None
+        self._open_row = np.zeros((1, 1, 1, 0), np.float32)
+        self._one_id, self._one_position = np.zeros((1, 1), np.int64), np.zeros((1, 1), np.int64)
         self._top_k = 1  # TopK candidates per step: the request's SafeSteer k (1 with SafeSteer off)
         self._rope_offset = 0  # multimodal RoPE: what positions after the prompt add (the request's rope delta)
         info = self.manifest.safety
@@ -117,7 +119,7 @@ class Generator:
         ``min_new_tokens``: end-of-sequence tokens are not chosen before this many tokens (benchmarks)."""
         run = self._run(messages, prompt=prompt, prompt_ids=prompt_ids, images=images,
                         max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
-                        top_p=top_p, seed=seed, stop=stop, safety=safety, min_new_tokens=min_new_tokens)
+                        top_p=top_p, seed=seed, stop=stop, safety=safety, min_new_tokens=min_new_tokens, pieces=False)
         while True:
             try:
                 next(run)
@@ -126,7 +128,7 @@ class Generator:
 
     def stream(self, messages: Optional[Sequence[dict]] = None, **kwargs) -> Iterator[str]:
         """Like ``generate`` (same keyword arguments) but yields text pieces as they decode."""
-        yield from self._run(messages, **kwargs)
+        yield from self._run(messages, **kwargs, pieces=True)
 
     def token_logprobs(self, prompt_ids: Sequence[int]) -> np.ndarray:
         """Teacher-forced log-probability of each token after the first, in one pass (SafeSteer off):
@@ -183,6 +185,7 @@ class Generator:
     def _cache_for(self, capacity: int) -> KVCache | DeviceKVCache:
         if self._cache is None or self._cache.capacity < capacity:
             self._cache = self.engine.new_cache(capacity)
+            self._open_row = np.zeros((1, 1, 1, capacity), np.float32)  # one-row causal masks are views of it
         self._cache.reset()
         return self._cache
 
@@ -229,7 +232,9 @@ class Generator:
 
     def _run(self, messages, *, prompt=None, prompt_ids=None, images=None, max_new_tokens=128, do_sample=False,
              temperature=1.0, top_k=0, top_p=1.0, seed=None, stop=None, safety="auto",
-             min_new_tokens=0) -> Iterator[str]:
+             min_new_tokens=0, pieces=True) -> Iterator[str]:
+        """Yields text pieces as they decode (``pieces``; without, and without stop strings, the text is decoded
+        once at the end) and returns the GenerationResult."""
         start = time.perf_counter()
         cfg = resolve_safety(safety, self.manifest.safety)
         sampling = SamplingConfig(do_sample, temperature, top_k, top_p, seed)
@@ -260,11 +265,11 @@ class Generator:
         msav_one = np.full((1, 1), 1.0 if msav_on else 0.0, np.float32)
 
         out, prompt_logit = self._prefill(req, cache, feeds, msav_on)
-        monitor = self.engine.has_probe  # the chosen token's probe score is recorded even with SafeSteer off
         trace: list[dict[str, Any]] = []
         generated: list[int] = []
         text, emitted, finish = "", 0, "length"
         hold = max((len(s) for s in stops), default=1) - 1
+        incremental = pieces or bool(stops)
         first_token_at = None
         step = 0
         while True:
@@ -282,7 +287,7 @@ class Generator:
                 first_token_at = time.perf_counter()
             if token in eos:
                 finish = "eos"
-            else:
+            elif incremental:
                 text += decoder.push(token)
                 hit = min((i for i in (text.find(s, max(0, emitted - hold)) for s in stops) if i >= 0), default=-1)
                 if hit >= 0:
@@ -291,14 +296,16 @@ class Generator:
                     yield text[emitted : len(text) - hold]
                     emitted = len(text) - hold
             done = finish != "length" or len(generated) == max_new_tokens
-            if not lookahead and (monitor or not done):  # the last token is fed only for its probe score
+            if not lookahead and not done:  # the last token is not fed: that pass would only give its probe score
                 out, record = self._feed_chosen(token, cache, feeds, msav_one, cfg)
                 if record is not None:
                     trace.append({"step": step, **record})
             step += 1
             if done:
                 break
-        if len(text) > emitted:
+        if not incremental:
+            text = self.codec.decode(generated[:-1] if finish == "eos" else generated)
+        elif len(text) > emitted:
             yield text[emitted:]
         end = time.perf_counter()
         timings.new_tokens = len(generated)
@@ -306,15 +313,17 @@ class Generator:
         timings.decode_s = end - first_token_at
         result = GenerationResult(text, generated, finish, timings, prompt_ids=list(req.ids), safety_trace=trace)
         if prompt_logit is not None:
-            result.prompt_score = float(sigmoid(prompt_logit))
+            result.prompt_score = score(prompt_logit)
         return result
 
     def _feed_one(self, token: int, cache: KVCache, feeds, msav_one: np.ndarray, scratch: bool = False):
         """Feed one token at the next position and commit it; -> (the model's output there, its harm_logit or None).
         ``scratch``: the output goes to the engine's reused buffers (Engine.step)."""
         t = cache.length
-        out = self._run_rows(np.array([[token]], np.int64), causal_mask(t, 1), np.array([[t]], np.int64), cache,
-                             feeds, msav_one, scratch=scratch)
+        # the same id and position arrays every call, refilled: the blocks keep them bound
+        self._one_id[0, 0], self._one_position[0, 0] = token, t
+        out = self._run_rows(self._one_id, self._open_row[..., : t + 1], self._one_position, cache, feeds, msav_one,
+                             scratch=scratch)
         cache.advance(1)
         return out, (None if out.harm_logit is None else float(out.harm_logit[0, 0]))
 
@@ -324,7 +333,7 @@ class Generator:
         out, harm = self._feed_one(token, cache, feeds, msav_one, scratch=True)
         if harm is None:
             return out, None
-        record = {"token": token, "lookahead": False, "score_chosen": float(sigmoid(harm))}
+        record = {"token": token, "lookahead": False, "score_chosen": score(harm)}
         if cfg is not None:  # with SafeSteer off the probe still reads along (a monitor: the score only)
             record["gate"] = bool(harm >= feeds[m.GATE_LOGIT][0])
         return out, record
@@ -361,7 +370,7 @@ class Generator:
         else:
             cache.keep_row(choice)
             out, chosen_logit = out.row(choice), float(out.harm_logit[0, choice])
-        score_chosen, gate = float(sigmoid(chosen_logit)), bool(chosen_logit >= feeds[m.GATE_LOGIT][0])
+        score_chosen, gate = score(chosen_logit), bool(chosen_logit >= feeds[m.GATE_LOGIT][0])
         return token, out, {
             "token": token, "lookahead": True, "top1": int(top_ids[0]), "score_top1": float(scores[0]),
             "score_chosen": score_chosen, "changed": token != int(top_ids[0]), "gate": gate,

@@ -67,6 +67,15 @@ def sigmoid(x):
     return 1.0 / (1.0 + np.exp(-np.asarray(x, np.float64)))
 
 
+def score(logit: float) -> float:
+    """The probe score of one harm logit, in plain Python: a numpy call right after a graph call costs ~45 us (cold
+    caches), which is per decoding step."""
+    if logit >= 0:
+        return 1.0 / (1.0 + math.exp(-logit))
+    z = math.exp(logit)
+    return z / (1.0 + z)
+
+
 def resolve(safety: Any, info: Optional[m.SafetyInfo]) -> Optional[SafetyConfig]:
     """"auto" -> the artifact's defaults if it was calibrated, else off; False/None -> off;
     True -> the artifact's defaults; a SafetyConfig as given."""

@@ -87,8 +87,9 @@ def test_zero_knobs_give_exactly_the_undefended_model(safe_artifact, arch, varia
     assert gen.generate(BOMB, max_new_tokens=24, safety=zero).token_ids == off.token_ids
     disabled = SafetyConfig.from_manifest(gen.manifest.safety, enabled=False)
     assert gen.generate(BOMB, max_new_tokens=24, safety=disabled).token_ids == off.token_ids
-    # with SafeSteer off the probe still reports its score per step (a monitor), and steers nothing
-    assert len(off.safety_trace) == len(off.token_ids)
+    # with SafeSteer off the probe still reports each fed token's score (a monitor), and steers nothing; the last
+    # token is not fed (that pass would only score it)
+    assert [t["token"] for t in off.safety_trace] == off.token_ids[:-1]
     assert all(set(t) == {"step", "token", "lookahead", "score_chosen"} for t in off.safety_trace)
 
 
@@ -133,6 +134,14 @@ def test_invalid_safety_knobs(knobs, match):
         SafetyConfig(**knobs)
 
 
+def test_scalar_score_is_the_sigmoid():
+    from safesteer_runtime.safety import score, sigmoid
+
+    logits = [-700.0, -30.0, -2.5, 0.0, 1e-8, 3.0, 40.0, 700.0]
+    np.testing.assert_allclose([score(x) for x in logits], sigmoid(logits), rtol=1e-15, atol=0)
+    assert score(-1e4) == 0.0 and score(1e4) == 1.0  # no overflow where exp would have one
+
+
 def test_invalid_safety_argument(safe_artifact):
     gen = Generator(safe_artifact("LlamaForCausalLM", "gqa", 2))
     with pytest.raises(ConfigError, match="safety must be"):
@@ -146,7 +155,8 @@ def test_sampling_with_lookahead_is_seeded(safe_artifact):
     cfg = strong(gen)
     a = gen.generate(BOMB, max_new_tokens=12, safety=cfg, do_sample=True, seed=5)
     b = gen.generate(BOMB, max_new_tokens=12, safety=cfg, do_sample=True, seed=5)
-    assert a.token_ids == b.token_ids and len(a.safety_trace) == 12
+    assert a.token_ids == b.token_ids and len(a.safety_trace) == 11  # 6 lookahead steps, then 5 fed tokens' scores
+    assert [t["lookahead"] for t in a.safety_trace] == [True] * 6 + [False] * 5
 
 
 def test_calibration_report_and_manifest(safe_artifact):
@@ -175,4 +185,4 @@ def test_generate_cli_reports_safety_trace(safe_artifact, capsys):
     out = json.loads(capsys.readouterr().out)
     assert len(out["safety_trace"]) == 5 and out["prompt_score"] is not None
     assert main([str(art), "--prompt", "hi", "--max-new-tokens", "3", "--safety", "off", "--json"]) == 0
-    assert [set(t) for t in json.loads(capsys.readouterr().out)["safety_trace"]] == [{"step", "token", "lookahead", "score_chosen"}] * 3
+    assert [set(t) for t in json.loads(capsys.readouterr().out)["safety_trace"]] == [{"step", "token", "lookahead", "score_chosen"}] * 2
