@@ -18,7 +18,10 @@ speed ratio against onnxruntime-genai at the same precision from the same run. G
 ``off`` (safety=False), ``probe`` (probe + in-graph correction every step, no lookahead) and
 ``lookahead`` (K=8 candidates for the first 16 steps, then probe + correction); the safety modes run at the
 last ``--blocks`` size (the whole model by default), the other sizes with safety off, on the CPU both with the
-default thread pool per graph and with ``thread_pool="shared"``.
+default thread pool per graph and with ``thread_pool="shared"``. On the CPU two more rows show what huge pages do:
+the Generator with ``huge_pages=False`` (its default moves the weights onto 2 MB pages at load) and
+onnxruntime-genai started with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (ratios stay against plain genai, as
+built). Load time (constructing the Generator / og.Model) is reported too.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ FILLER = ("Some background on my garden: it is a raised bed of about ten square 
           "tomatoes, beans, courgettes, lettuce and herbs, clay soil improved with compost last spring, and a "
           "rain barrel that runs dry by July. ")
 PRECISIONS = ("fp32", "fp16", "int8", "int4")  # the same names in safesteer-export --quantize and the genai builder
+HUGE_MALLOC = "glibc.malloc.hugetlb=1"  # glibc's malloc asks for transparent huge pages (read at process start)
 
 
 # --- children: one engine each -------------------------------------------------------------------
@@ -50,8 +54,10 @@ def _peak_rss_mb() -> float:
 def _child_generator(job: dict) -> dict:
     from safesteer_rt import Generator, SafetyConfig
 
+    start = time.perf_counter()
     gen = Generator(job["path"], providers=job["providers"], threads=job["threads"],
-                    thread_pool=job.get("thread_pool", "auto"))
+                    thread_pool=job.get("thread_pool", "auto"), huge_pages=job.get("huge_pages", True))
+    load_s = time.perf_counter() - start
     if job["mode"] == "off":
         safety = False
     else:
@@ -65,7 +71,7 @@ def _child_generator(job: dict) -> dict:
         out[size] = {"ms_per_token": statistics.median(r.timings.ms_per_token for r in runs),
                      "ttft_s": statistics.median(r.timings.prefill_s for r in runs),
                      "new_tokens": len(runs[0].token_ids), "tokens": runs[0].token_ids[:32]}
-    return out
+    return out, load_s
 
 
 def _child_genai(job: dict) -> dict:
@@ -74,7 +80,9 @@ def _child_genai(job: dict) -> dict:
     config = og.Config(job["path"])
     config.overlay(json.dumps({"model": {"decoder": {"session_options": {
         "intra_op_num_threads": job["threads"], "inter_op_num_threads": 1}}}}))
+    start = time.perf_counter()
     model = og.Model(config)
+    load_s = time.perf_counter() - start
 
     def run(ids: list[int], new_tokens: int) -> tuple[float, float, list[int]]:
         params = og.GeneratorParams(model)
@@ -99,7 +107,7 @@ def _child_genai(job: dict) -> dict:
         out[size] = {"ms_per_token": statistics.median(r[1] for r in runs),
                      "ttft_s": statistics.median(r[0] for r in runs),
                      "new_tokens": len(runs[0][2]), "tokens": runs[0][2][:32]}
-    return out
+    return out, load_s
 
 
 def _child_transformers(job: dict) -> dict:
@@ -108,8 +116,10 @@ def _child_transformers(job: dict) -> dict:
 
     torch.set_num_threads(job["threads"])
     arch = json.loads((Path(job["path"]) / "config.json").read_text())["architectures"][0]
+    start = time.perf_counter()
     model = getattr(transformers, arch).from_pretrained(job["path"], dtype=torch.float32,
                                                         attn_implementation="eager").eval()
+    load_s = time.perf_counter() - start
 
     def timed(ids: torch.Tensor, n: int) -> tuple[float, list[int]]:
         start = time.perf_counter()
@@ -127,7 +137,7 @@ def _child_transformers(job: dict) -> dict:
             total = statistics.median(f[0] for f in fulls)
             out[size] = {"ms_per_token": 1000.0 * (total - ttft) / (job["new_tokens"] - 1), "ttft_s": ttft,
                          "new_tokens": len(fulls[0][1]), "tokens": fulls[0][1][:32]}
-    return out
+    return out, load_s
 
 
 CHILDREN = {"generator": _child_generator, "genai": _child_genai, "transformers": _child_transformers}
@@ -135,8 +145,8 @@ CHILDREN = {"generator": _child_generator, "genai": _child_genai, "transformers"
 
 def child_main(job_file: str) -> None:
     job = json.loads(Path(job_file).read_text())
-    result = CHILDREN[job["engine"]](job)
-    print("RESULT " + json.dumps({"sizes": result, "peak_rss_mb": _peak_rss_mb()}))
+    result, load_s = CHILDREN[job["engine"]](job)
+    print("RESULT " + json.dumps({"sizes": result, "load_s": load_s, "peak_rss_mb": _peak_rss_mb()}))
 
 
 # --- parent: build, run children, print ----------------------------------------------------------
@@ -196,7 +206,8 @@ def _sh(cmd: list[str], env=None) -> None:
 def run_child(job: dict, work: Path) -> dict:
     job_file = work / "job.json"
     job_file.write_text(json.dumps(job))
-    done = subprocess.run([sys.executable, __file__, "--child", str(job_file)], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, __file__, "--child", str(job_file)], capture_output=True, text=True,
+                          env={**os.environ, **job.get("env", {})})
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
     if done.returncode or not lines:
         raise RuntimeError(f"{job['engine']} {job['path']} failed:\n{done.stderr[-3000:]}")
@@ -240,10 +251,16 @@ def main() -> None:
     for prec, (artifacts, genai) in built.items():
         if genai is not None:
             jobs.append((prec, "onnxruntime-genai", {**base, "engine": "genai", "path": str(genai)}))
+            if not on_gpu:  # what it gets from huge pages when the process starts with glibc's tunable
+                jobs.append((prec, "onnxruntime-genai, GLIBC_TUNABLES huge pages", {
+                    **base, "engine": "genai", "path": str(genai), "env": {"GLIBC_TUNABLES": HUGE_MALLOC}}))
         for b, art in artifacts.items():
             name = f"Generator {'whole model' if b == 0 else f'{b}-layer blocks'}"
             for mode in args.modes if b == args.blocks[-1] else ["off"]:  # safety modes: last block size only
                 jobs.append((prec, f"{name}, {mode}", {**base, "engine": "generator", "path": str(art), "mode": mode}))
+            if b == args.blocks[-1] and not on_gpu:  # the default huge pages' share
+                jobs.append((prec, f"{name}, off, 4 KB pages", {**base, "engine": "generator", "path": str(art),
+                                                               "mode": "off", "huge_pages": False}))
             if b != 0 and not on_gpu:  # several graphs per step: also on one shared thread pool (opt-in)
                 jobs.append((prec, f"{name}, off, shared pool", {**base, "engine": "generator", "path": str(art),
                                                                  "mode": "off", "thread_pool": "shared"}))
@@ -278,17 +295,18 @@ def merge_rounds(rounds: list[dict]) -> dict:
         sizes[size] = {**first, "ms_per_token": statistics.median(x["ms_per_token"] for x in per),
                        "ttft_s": statistics.median(x["ttft_s"] for x in per),
                        "ms_per_token_rounds": [x["ms_per_token"] for x in per]}
-    return {"sizes": sizes, "peak_rss_mb": max(r["peak_rss_mb"] for r in rounds)}
+    return {"sizes": sizes, "peak_rss_mb": max(r["peak_rss_mb"] for r in rounds),
+            "load_s": statistics.median(r.get("load_s", float("nan")) for r in rounds)}
 
 
 def print_table(rows, args) -> None:
     genai = {prec: r for prec, e, r in rows if e == "onnxruntime-genai"}
     sizes = [str(s) for s in args.prompt_tokens]
     head = "| precision | engine | " + " | ".join(
-        f"{s}-tok prompt: tok/s | ms/token | TTFT s | vs genai" for s in sizes) + " | peak RSS MB |"
+        f"{s}-tok prompt: tok/s | ms/token | TTFT s | vs genai" for s in sizes) + " | peak RSS MB | load s |"
     print(f"\n{args.new_tokens} new tokens, greedy, batch 1, {args.threads} threads, median of {args.runs} runs x {args.rounds} rounds\n")
     print(head)
-    print("|" + "---|" * (3 + 4 * len(sizes)))
+    print("|" + "---|" * (4 + 4 * len(sizes)))
     for prec, engine, r in rows:
         cells = []
         for s in sizes:
@@ -297,7 +315,7 @@ def print_table(rows, args) -> None:
             ratio = f"{ref['ms_per_token'] / x['ms_per_token']:.2f}x" if ref else "-"
             short = "" if x["new_tokens"] == args.new_tokens else f" ({x['new_tokens']} tok)"
             cells += [f"{1000 / x['ms_per_token']:.1f}{short}", f"{x['ms_per_token']:.1f}", f"{x['ttft_s']:.2f}", ratio]
-        print(f"| {prec} | {engine} | " + " | ".join(cells) + f" | {r['peak_rss_mb']:.0f} |")
+        print(f"| {prec} | {engine} | " + " | ".join(cells) + f" | {r['peak_rss_mb']:.0f} | {r['load_s']:.1f} |")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from typing import Optional
 import numpy as np
 import onnxruntime as ort
 
+from . import huge_pages
 from . import manifest as m
 from .errors import ArtifactError, ConfigError
 from .kv_cache import HOST, DeviceKVCache, KVCache, Span
@@ -137,6 +138,7 @@ class Engine:
         embed = manifest.graphs_of(m.ROLE_EMBED)[:1]
         order = [*vision, *embed, *blocks]
         started = time.perf_counter()
+        memory_before = huge_pages.anonymous_ranges() if cfg.huge_pages and huge_pages.available() else None
         sessions = [self._open(root, cfg, entry, i, len(order), started) for i, entry in enumerate(order)]
         self.vision = sessions.pop(0) if vision else None
         self.embed = sessions.pop(0) if embed else None
@@ -146,6 +148,11 @@ class Engine:
         self._constants: dict[tuple[str, int], np.ndarray] = {}
         self._scratch: dict[tuple, tuple[StepOut, list[np.ndarray]]] = {}  # step's scratch outputs, by shape
         on_gpu = self.blocks[0].session.get_providers()[0] != CPU
+        self.huge_pages = huge_pages.Collapsed()  # what moved onto huge pages (the weights the CPU streams)
+        if memory_before is not None and not on_gpu:
+            self.huge_pages = huge_pages.collapse_new(memory_before)
+            log.info("huge pages: %.0f MB of weights moved in %.1f s", self.huge_pages.bytes / 2**20,
+                     self.huge_pages.seconds)
         # "device" on the CPU provider: onnxruntime-allocated buffers, the same code path as CUDA (tests use it)
         self.kv_device = {"auto": "cuda" if on_gpu else None, "host": None,
                           "device": "cuda" if on_gpu else "cpu"}[kv_cache]

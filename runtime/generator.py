@@ -81,22 +81,25 @@ class Generator:
     and timing caches (default: ``trt_cache`` in the artifact). ``kv_cache``: "auto" (device memory when the
     blocks run on CUDA / TensorRT, else host), "host" or "device". ``trt_max_tokens``: the context (prompt +
     new tokens) the TensorRT engines are built for; longer requests are refused (other providers: the model's).
+    ``huge_pages``: on the CPU, move the weights onnxruntime loaded onto 2 MB pages (Linux 6.1+, see
+    huge_pages.py): 5-12% faster decoding measured here, for a one-time copy at load (~1 s per 300 MB here).
     """
 
     def __init__(self, artifact_dir: str | Path, providers: Providers = "auto", *, threads: int = 0,
                  verify: bool = True, engine_cache_dir: Optional[str | Path] = None, kv_cache: str = "auto",
-                 trt_max_tokens: int = 4096, thread_pool: str = "auto"):
+                 trt_max_tokens: int = 4096, thread_pool: str = "auto", huge_pages: bool = True):
         self.root = Path(artifact_dir)
         self.manifest = m.load_manifest(self.root, verify_files=verify)
         cfg = SessionConfig(
             providers=resolve_providers(providers, m.in_place_cache(self.manifest)), intra_op_threads=threads,
             cache_dir=Path(engine_cache_dir) if engine_cache_dir else self.root / "trt_cache",
-            trt_max_tokens=trt_max_tokens,
+            trt_max_tokens=trt_max_tokens, huge_pages=huge_pages,
         )
         cfg = replace(cfg, shared_pool=use_shared_pool(thread_pool, cfg))
         self.engine = Engine(self.root, self.manifest, cfg, kv_cache)
         self.providers = self.engine.providers()
         self.thread_pool = "shared" if cfg.shared_pool else "per-graph"  # what thread_pool resolved to
+        self.huge_pages = self.engine.huge_pages  # bytes of weights moved onto huge pages, and the seconds it took
         log.info("execution providers per graph: %s; thread pool: %s", self.providers, self.thread_pool)
         self.codec = TextCodec(self.root, self.manifest.tokenizer)
         self.chat: Optional[ChatTemplate] = load_chat_template(self.root, self.manifest.tokenizer)

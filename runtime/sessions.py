@@ -31,12 +31,15 @@ class SessionConfig:
     cache_dir: Optional[Path] = None  # TensorRT engine + timing caches
     trt_max_tokens: int = 4096  # positions the TensorRT profiles cover (prompt + new tokens)
     shared_pool: bool = False  # the sessions run on onnxruntime's process-wide intra-op pool (use_shared_pool)
+    huge_pages: bool = True  # weights in host memory moved onto transparent huge pages after loading (huge_pages.py)
 
     def __post_init__(self):
         if self.intra_op_threads < 0:
             raise ConfigError(f"threads must be >= 0 (0 = onnxruntime default), got {self.intra_op_threads}")
         if not isinstance(self.trt_max_tokens, int) or self.trt_max_tokens < 2:
             raise ConfigError(f"trt_max_tokens must be an integer >= 2, got {self.trt_max_tokens!r}")
+        if not isinstance(self.huge_pages, bool):
+            raise ConfigError(f"huge_pages must be True or False, got {self.huge_pages!r}")
 
     @property
     def uses_tensorrt(self) -> bool:

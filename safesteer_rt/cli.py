@@ -28,6 +28,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--thread-pool", choices=("auto", "shared", "per-graph"), default="auto",
                    help="shared: all graphs on onnxruntime's process-wide pool (faster with multi-block artifacts "
                         "on the CPU); per-graph: a pool per graph; auto (default): per-graph")
+    p.add_argument("--no-huge-pages", dest="huge_pages", action="store_false",
+                   help="keep the weights on 4 KB pages (default: moved onto 2 MB pages after loading, CPU, Linux)")
     p.add_argument("--kv-cache", choices=("auto", "host", "device"), default="auto",
                    help="where the KV cache lives (auto: device memory on CUDA/TensorRT, host memory on CPU)")
     p.add_argument("--engine-cache-dir", default=None, help="TensorRT engine + timing caches (default ARTIFACT/trt_cache)")
@@ -63,7 +65,7 @@ def main(argv=None) -> int:
     try:
         providers = args.providers if args.providers == "auto" else args.providers.split(",")
         gen = Generator(args.artifact, providers=providers, threads=args.threads, thread_pool=args.thread_pool,
-                        kv_cache=args.kv_cache,
+                        kv_cache=args.kv_cache, huge_pages=args.huge_pages,
                         engine_cache_dir=args.engine_cache_dir, trt_max_tokens=args.trt_max_tokens)
         knobs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
                      top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop,
