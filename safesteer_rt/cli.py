@@ -83,6 +83,7 @@ def main(argv=None) -> int:
             print(json.dumps({
                 "text": result.text, "token_ids": result.token_ids, "finish_reason": result.finish_reason,
                 "timings": result.timings.as_dict(), "providers": gen.providers,
+                "huge_pages_mb": round(gen.huge_pages.bytes / 2**20),
                 "prompt_score": result.prompt_score, "safety_trace": result.safety_trace,
             }, indent=2))
         else:

@@ -73,6 +73,24 @@ def test_generate_cli_json(tiny, capsys):
     assert out["timings"]["new_tokens"] == 6
 
 
+def test_generate_cli_passes_huge_pages(tiny, capsys, monkeypatch):
+    import safesteer_rt
+    from safesteer_rt.cli import main
+
+    made, real = [], safesteer_rt.Generator
+
+    def spy(*args, **kwargs):
+        made.append(kwargs["huge_pages"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(safesteer_rt, "Generator", spy)
+    art = str(tiny.artifact("LlamaForCausalLM", "gqa"))
+    assert main([art, "--prompt", "hi", "--max-new-tokens", "2", "--json", "--no-huge-pages"]) == 0
+    assert json.loads(capsys.readouterr().out)["huge_pages_mb"] == 0
+    assert main([art, "--prompt", "hi", "--max-new-tokens", "2", "--json"]) == 0
+    assert made == [False, True]
+
+
 def test_generate_cli_streams_same_text_as_generate(tiny, capsys):
     from safesteer_rt import Generator
     from safesteer_rt.cli import main
