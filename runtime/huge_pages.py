@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 log = logging.getLogger("safesteer.runtime")
 
@@ -42,17 +43,21 @@ def available() -> bool:
     return "[never]" not in mode
 
 
+def _anonymous(header: str) -> Optional[tuple[int, int]]:
+    """[start, end) if a /proc/self/maps (or smaps header) line is a private anonymous read-write mapping (what malloc
+    hands out), else None."""
+    fields = header.split()
+    if (len(fields) == 5 or (len(fields) == 6 and fields[5] == "[heap]")) and fields[1][:2] == "rw" \
+            and fields[1][-1] == "p":
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        return start, end
+    return None
+
+
 def anonymous_ranges() -> list[tuple[int, int]]:
-    """[start, end) of this process's private anonymous read-write mappings (what malloc hands out)."""
-    ranges = []
+    """[start, end) of this process's private anonymous read-write mappings."""
     with open("/proc/self/maps") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) == 5 or (len(fields) == 6 and fields[5] == "[heap]"):
-                if fields[1].startswith("rw") and fields[1].endswith("p"):
-                    start, end = (int(x, 16) for x in fields[0].split("-"))
-                    ranges.append((start, end))
-    return ranges
+        return [r for r in map(_anonymous, f) if r is not None]
 
 
 def new_ranges(before: list[tuple[int, int]], after: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -66,30 +71,28 @@ def new_ranges(before: list[tuple[int, int]], after: list[tuple[int, int]]) -> l
     return out
 
 
-def _resident_fraction() -> dict[int, float]:
-    """Mapping start -> resident share, from /proc/self/smaps."""
-    share, start, size = {}, None, 0
+def _well_filled_anonymous_ranges() -> list[tuple[int, int]]:
+    """anonymous_ranges() that are at least _RESIDENT resident (from /proc/self/smaps, one pass)."""
+    out, mapping = [], None
     with open("/proc/self/smaps") as f:
         for line in f:
             head = line.split(maxsplit=1)[0]
-            if "-" in head and not head.endswith(":"):
-                lo, hi = (int(x, 16) for x in head.split("-"))
-                start, size = lo, hi - lo
-            elif head == "Rss:" and start is not None:
-                share[start] = int(line.split()[1]) * 1024 / size
-    return share
+            if "-" in head and not head.endswith(":"):  # a mapping's header line, as in /proc/self/maps
+                mapping = _anonymous(line)
+            elif head == "Rss:" and mapping is not None:
+                start, end = mapping
+                if int(line.split()[1]) * 1024 >= _RESIDENT * (end - start):
+                    out.append(mapping)
+    return out
 
 
 def collapse_new(before: list[tuple[int, int]]) -> Collapsed:
     """Rebuild the well-filled anonymous memory made since ``before`` (anonymous_ranges()) from huge pages."""
     started = time.perf_counter()
-    mappings = anonymous_ranges()
-    resident = _resident_fraction()
-    full = [(s, e) for s, e in mappings if resident.get(s, 0.0) >= _RESIDENT]
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     done, refused = 0, 0
-    for start, end in new_ranges(before, full):
+    for start, end in new_ranges(before, _well_filled_anonymous_ranges()):
         lo, hi = -(-start // HUGE) * HUGE, end // HUGE * HUGE  # whole huge pages inside the range
         if hi <= lo:
             continue
