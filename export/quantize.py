@@ -1,10 +1,10 @@
 """Lower-precision copies of an exported artifact: int8 / int4 weights, or float16, with an accuracy check.
 
 int8 / int4: onnxruntime's own MatMulNBits quantizer rewrites every MatMul with a constant weight in the
-block graphs (block size 32, symmetric; the LM head is in the last block); at int4 the embedding table (in the
-embed graph, or a text-only model's first block) becomes GatherBlockQuantized (its int8 has no Gather form, so
-int8 keeps a float32 table); vision graphs stay float32. A tied embedding table stays on disk once at int4 and
-fp16 (the embedding reads the LM head's copy, in its graph or in the last block's data file).
+block graphs (block size 32, symmetric; the LM head is in the last block); the embedding table (in the embed
+graph, or a text-only model's first block) becomes GatherBlockQuantized with the same blocks (the quantizer's own
+at int4; written here at int8, which it has no Gather form for); vision graphs stay float32. A tied embedding
+table stays on disk once (the embedding reads the LM head's copy, in its graph or in the last block's data file).
 fp16 (for GPUs): onnxruntime's float16 converter turns the embed and block graphs to float16 inside,
 float32 at their inputs and outputs (so the runtime and the KV cache layout are unchanged); the head's
 LogSoftmax and TopK stay float32 so candidate log-probabilities keep their precision, and GroupQueryAttention
@@ -47,16 +47,16 @@ PROBE_PROMPTS_PER_CLASS = 24
 
 
 # a tied table's place in the float32 artifact (data file, offset) -> what its LM head's graph stored for it, as
-# TensorProtos that point into that graph's data file (quantize_artifact rewrites the head's graph first): the 4-bit
-# weight and scales at int4, the float16 table at fp16
+# TensorProtos that point into that graph's data file (quantize_artifact rewrites the head's graph first): the 8- or
+# 4-bit weight and scales at int8 / int4, the float16 table at fp16
 Heads = dict
 
 
 def _quantize_graph(path: Path, bits: int, heads: Heads) -> None:
-    """MatMul -> MatMulNBits; at int4 also the embedding table's Gather (on input_ids) -> GatherBlockQuantized (the
-    quantizer has no int8 Gather; int4 tensors need opset 21, so the graph is raised first). A tied table keeps one
-    4-bit copy: the LM head's, which the embedding reads too (in the same graph, or in ``heads`` from the last
-    block's graph when the artifact has several)."""
+    """MatMul -> MatMulNBits, and the embedding table's Gather (on input_ids) -> GatherBlockQuantized: at int4 the
+    quantizer's (int4 tensors need opset 21, so the graph is raised first), at int8 ours (_blocks_8bit). A tied table
+    keeps one quantized copy: the LM head's, which the embedding reads too (in the same graph, or in ``heads`` from
+    the last block's graph when the artifact has several)."""
     import onnx
     from onnxruntime.quantization import matmul_nbits_quantizer as mq
     from onnxruntime.quantization import quant_utils
@@ -69,29 +69,31 @@ def _quantize_graph(path: Path, bits: int, heads: Heads) -> None:
     tied = _transposed_weights(model)
     _pack_shared_matmuls(model.graph)
     gathers = [n for n in model.graph.node if n.op_type == "Gather"]
-    embedding = [n for n in gathers if n.input[1] == m.INPUT_IDS] if bits == 4 else []
-    if embedding:
+    widths = {t.name: t.dims[-1] for t in model.graph.initializer}
+    tables = [n.input[0] for n in gathers if n.input[1] == m.INPUT_IDS and widths.get(n.input[0], 1) % BLOCK == 0]
+    by_quantizer = bits == 4 and bool(tables)
+    if by_quantizer:
         to_opset23(model)
-    ops = ("MatMul", "Gather") if embedding else ("MatMul",)
     # accuracy_level 4: activations are quantized to int8 per block inside the kernel (what onnxruntime-genai's
     # CPU builds use for int8 and int4); the accuracy check below measures what that costs
     cfg = mq.DefaultWeightOnlyQuantConfig(block_size=BLOCK, is_symmetric=True, accuracy_level=4,
-                                          quant_format=quant_utils.QuantFormat.QOperator, op_types_to_quantize=ops,
+                                          quant_format=quant_utils.QuantFormat.QOperator,
+                                          op_types_to_quantize=("MatMul", "Gather") if by_quantizer else ("MatMul",),
                                           quant_axes=(("MatMul", 0), ("Gather", 1)), bits=bits)
-    quantizer = mq.MatMulNBitsQuantizer(model, algo_config=cfg,
-                                        nodes_to_exclude=[n.name for n in gathers if n not in embedding])
+    others = [n.name for n in gathers if n.input[1] != m.INPUT_IDS or n.input[0] not in tables]
+    quantizer = mq.MatMulNBitsQuantizer(model, algo_config=cfg, nodes_to_exclude=others)
     quantizer.process()
     quantized = quantizer.model.model
-    for table in [n.input[0] for n in embedding]:
-        head = _head_of(quantized.graph, table + ".T") if table in tied else heads.get(places.get(table))
-        if head is not None:
-            _share_tied_table(quantized, table, *head)
-    _drop_unused_initializers(quantized.graph)  # e.g. a float32 table whose head is now 4-bit
+    for table in tables:
+        head = _head_of(quantized.graph, table + ".T", bits) if table in tied else heads.get(places.get(table))
+        if head is not None or bits == 8:
+            _embed_from_blocks(quantized.graph, table, bits, head)
+    _drop_unused_initializers(quantized.graph)  # e.g. a float32 table whose head is now 8- or 4-bit
     save_graph(quantized, path)
-    assert not embedding or any(n.op_type == "GatherBlockQuantized" for n in quantized.graph.node)
-    if bits == 4 and tied and not embedding:  # the last block's LM head: the graph that embeds reads its table
+    assert not tables or any(n.op_type == "GatherBlockQuantized" for n in quantized.graph.node)
+    if tied and not tables:  # the last block's LM head: the graph that embeds reads its table
         saved = onnx.load(str(path), load_external_data=False).graph
-        heads.update({places[table]: _head_of(saved, table + ".T") for table in tied if places.get(table)})
+        heads.update({places[table]: _head_of(saved, table + ".T", bits) for table in tied if places.get(table)})
 
 
 def _places(path: Path) -> dict[str, Optional[tuple[str, str]]]:
@@ -106,9 +108,9 @@ def _places(path: Path) -> dict[str, Optional[tuple[str, str]]]:
     return places
 
 
-def _head_of(graph, weight: str):
-    """The 4-bit weight and scales TensorProtos of the MatMulNBits that read ``weight`` (quantized), or None."""
-    node = next((n for n in graph.node if n.op_type == "MatMulNBits" and n.input[1] == weight + "_Q4"), None)
+def _head_of(graph, weight: str, bits: int):
+    """The quantized weight and scales TensorProtos of the MatMulNBits that read ``weight``, or None."""
+    node = next((n for n in graph.node if n.op_type == "MatMulNBits" and n.input[1] == f"{weight}_Q{bits}"), None)
     if node is None:
         return None
     inits = {t.name: t for t in graph.initializer}
@@ -118,7 +120,7 @@ def _head_of(graph, weight: str):
 def _transposed_weights(model) -> list[str]:
     """A tied table is stored once, [vocab, hidden], and the LM head reads it through a Transpose. The quantizer
     wants the MatMul weight as an initializer: add the transposed copy NAME.T (in memory) for it, and return the
-    tables so treated (after quantization _share_tied_table makes the embedding read the head's 4-bit copy)."""
+    tables so treated (after quantization _embed_from_blocks makes the embedding read the head's copy)."""
     from onnx import numpy_helper
 
     graph = model.graph
@@ -203,28 +205,55 @@ def _bias_of(add, matmul_output: str, inits) -> Optional[str]:
     return other[0] if len(other) == 1 and other[0] in inits and len(inits[other[0]].dims) == 1 else None
 
 
-def _share_tied_table(model, table: str, weight, scales) -> None:
-    """Point the int4 embedding (GatherBlockQuantized over TABLE) at the LM head's MatMulNBits ``weight`` and
-    ``scales`` (TensorProtos: this graph's, or another graph's whose bytes stay in that graph's data file): the
-    same 4-bit blocks (rows of the table, blocks of 32 along hidden) in MatMulNBits' packed uint8 layout, zero
-    point 8, reshaped; the caller drops the embedding's own copy. Exact: both dequantize the same bytes."""
+def _embed_from_blocks(graph, table: str, bits: int, head) -> None:
+    """The embedding over TABLE becomes a GatherBlockQuantized over ``head`` = the LM head's MatMulNBits weight and
+    scales (TensorProtos: this graph's, or another graph's whose bytes stay in that graph's data file), or at int8
+    without one over TABLE quantized here the same way (_blocks_8bit). MatMulNBits stores rows of the table in
+    blocks of 32 along hidden, [vocab, blocks, bytes per block], with one scale per block and the default zero point
+    (2^(bits-1)); reshaped to [vocab, bytes per row] that is GatherBlockQuantized's layout (bits < 8: two values per
+    byte, low first), whose default zero point is the same. Exact: both dequantize the same bytes. A table of its
+    own is stored in that shape already: a Reshape in the graph would be folded into a copy held in memory, where
+    an initializer stays in the mapped data file and only the rows read become resident."""
     from onnx import helper, numpy_helper
 
-    graph = model.graph
-    gather = next((n for n in graph.node if n.op_type == "GatherBlockQuantized" and n.input[0] == table + "_Q4"), None)
-    if gather is None:
-        return
-    inits = {t.name for t in graph.initializer}
-    graph.initializer.extend(t for t in (weight, scales) if t.name not in inits)
-    vocab, blocks, blob = weight.dims
-    zero = np.full((vocab, (blocks + 1) // 2), 0x88, np.uint8)  # two 4-bit zero points (8) per byte
-    graph.initializer.extend([
-        numpy_helper.from_array(np.array([vocab, blocks * blob], np.int64), f"{table}/table_shape"),
-        numpy_helper.from_array(zero, f"{table}/zero_points")])
-    graph.node.insert(list(graph.node).index(gather), helper.make_node(
-        "Reshape", [weight.name, f"{table}/table_shape"], [f"{table}/table"], name=f"{gather.name}/table"))
-    # MatMulNBits' scales are [vocab, blocks] (or flat: the same bytes), what GatherBlockQuantized reads
-    gather.input[:] = [f"{table}/table", gather.input[1], scales.name, f"{table}/zero_points"]
+    node = next(n for n in graph.node if n.input[1:2] == [m.INPUT_IDS]
+                and n.input[0] in (table, f"{table}_Q{bits}"))  # the float32 Gather, or the quantizer's
+    at = list(graph.node).index(node)
+    graph.node.remove(node)
+    if head is None:
+        inits = {t.name: t for t in graph.initializer}
+        data, scales = _blocks_8bit(numpy_helper.to_array(inits[table]))
+        graph.initializer.extend([numpy_helper.from_array(data.reshape(len(data), -1), f"{table}/table"),
+                                  numpy_helper.from_array(scales, f"{table}_scales")])
+        scales_name = f"{table}_scales"
+    else:
+        weight, scales = head
+        names = {t.name for t in graph.initializer}
+        graph.initializer.extend(t for t in head if t.name not in names)
+        graph.initializer.append(numpy_helper.from_array(np.array([weight.dims[0], -1], np.int64),
+                                                         f"{table}/table_shape"))
+        graph.node.insert(at, helper.make_node(
+            "Reshape", [weight.name, f"{table}/table_shape"], [f"{table}/table"], name=f"{node.name}/table"))
+        at, scales_name = at + 1, scales.name
+    graph.node.insert(at, helper.make_node(
+        "GatherBlockQuantized", [f"{table}/table", m.INPUT_IDS, scales_name], list(node.output), name=node.name,
+        domain="com.microsoft", gather_axis=0, quantize_axis=1, block_size=BLOCK, bits=bits))
+
+
+def _blocks_8bit(table: np.ndarray, rows_at_once: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric 8-bit blocks of BLOCK along the rows (as MatMulNBits stores its weight's columns; the row length a
+    multiple of BLOCK): uint8 value + 128, one float32 scale per block (its largest magnitude / 127); [rows, blocks,
+    BLOCK] and [rows, blocks]. In slices of rows, so a large table needs little more memory than its 8-bit copy."""
+    rows, cols = table.shape
+    data = np.empty((rows, cols // BLOCK, BLOCK), np.uint8)
+    scales = np.empty((rows, cols // BLOCK), np.float32)
+    for start in range(0, rows, rows_at_once):
+        part = table[start:start + rows_at_once].reshape(-1, cols // BLOCK, BLOCK)
+        scale = np.abs(part).max(axis=2) / np.float32(127.0)
+        q = np.rint(part / np.where(scale == 0, np.float32(1.0), scale)[..., None])
+        data[start:start + len(part)] = (np.clip(q, -127, 127) + 128).astype(np.uint8)
+        scales[start:start + len(part)] = scale
+    return data, scales
 
 
 def _half_graph(path: Path, tables: Heads) -> None:

@@ -138,7 +138,7 @@ class Engine:
         embed = manifest.graphs_of(m.ROLE_EMBED)[:1]
         order = [*vision, *embed, *blocks]
         started = time.perf_counter()
-        memory_before = huge_pages.anonymous_ranges() if cfg.huge_pages and huge_pages.available() else None
+        memory_before = huge_pages.resident() if cfg.huge_pages and huge_pages.available() else None
         sessions = [self._open(root, cfg, entry, i, len(order), started) for i, entry in enumerate(order)]
         self.vision = sessions.pop(0) if vision else None
         self.embed = sessions.pop(0) if embed else None
@@ -150,7 +150,7 @@ class Engine:
         on_gpu = self.blocks[0].session.get_providers()[0] != CPU
         self.huge_pages = huge_pages.Collapsed()  # what moved onto huge pages (the weights the CPU streams)
         if memory_before is not None and not on_gpu:
-            self.huge_pages = huge_pages.collapse_new(memory_before)
+            self.huge_pages = huge_pages.collapse_filled(memory_before)
             log.info("huge pages: %.0f MB of weights moved in %.1f s", self.huge_pages.bytes / 2**20,
                      self.huge_pages.seconds)
         # "device" on the CPU provider: onnxruntime-allocated buffers, the same code path as CUDA (tests use it)

@@ -4,9 +4,11 @@ A decoding step on the CPU streams every weight once. On 4 KB pages that stream 
 where the hardware prefetchers stop and the TLB misses; on 2 MB pages it does not. onnxruntime allocates its
 (prepacked) weights with malloc, which gives huge pages only when the system's THP mode is "always" or the process
 started with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 — neither is the usual default ("madvise"). So the runtime notes
-the process's anonymous memory before it opens the sessions and afterwards asks the kernel to rebuild what appeared
-meanwhile from huge pages (madvise MADV_HUGEPAGE + MADV_COLLAPSE). That copies the memory once, at load time; the
-contents do not change. Anywhere this is unavailable (other systems, older kernels, THP off) it does nothing.
+how much of each anonymous mapping of the process is resident before it opens the sessions, and afterwards asks the
+kernel to rebuild what filled up meanwhile from huge pages (madvise MADV_HUGEPAGE + MADV_COLLAPSE): new mappings,
+the new parts of grown ones, and mappings an earlier owner freed that the loading filled again. Memory that was
+resident before is left alone. That copies the memory once, at load time; the contents do not change. Anywhere this is unavailable (other systems, older kernels, THP off) it does
+nothing.
 """
 
 from __future__ import annotations
@@ -54,16 +56,36 @@ def _anonymous(header: str) -> Optional[tuple[int, int]]:
     return None
 
 
-def anonymous_ranges() -> list[tuple[int, int]]:
-    """[start, end) of this process's private anonymous read-write mappings."""
-    with open("/proc/self/maps") as f:
-        return [r for r in map(_anonymous, f) if r is not None]
+Ranges = dict  # [start, end) of a private anonymous read-write mapping -> its resident bytes
 
 
-def new_ranges(before: list[tuple[int, int]], after: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """The parts of ``after`` that no range in ``before`` covers (mappings made, or grown, in between)."""
+def resident() -> Ranges:
+    """This process's private anonymous read-write mappings and how much of each is resident (one /proc/self/smaps
+    pass)."""
+    out, mapping = {}, None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(maxsplit=1)[0]
+            if "-" in head and not head.endswith(":"):  # a mapping's header line, as in /proc/self/maps
+                mapping = _anonymous(line)
+            elif head == "Rss:" and mapping is not None:
+                out[mapping] = int(line.split()[1]) * 1024
+    return out
+
+
+def filled(before: Ranges, after: Ranges) -> list[tuple[int, int]]:
+    """What of ``after`` to collapse: only its mappings that are at least _RESIDENT resident; of those, a mapping that
+    was there before with the same bounds as a whole if it holds at least a huge page more than then (memory freed
+    by an earlier owner and filled again), and any other one the parts that no mapping of ``before`` covered (new
+    mappings, and what grew onto or merged with old ones; the old parts are left alone)."""
     out = []
-    for start, end in after:
+    for (start, end), rss in after.items():
+        if rss < _RESIDENT * (end - start):
+            continue
+        if (start, end) in before:
+            if rss - before[start, end] >= HUGE:
+                out.append((start, end))
+            continue
         pieces = [(start, end)]
         for b0, b1 in before:
             pieces = [p for a0, a1 in pieces for p in ((a0, min(a1, b0)), (max(a0, b1), a1)) if p[0] < p[1]]
@@ -71,28 +93,13 @@ def new_ranges(before: list[tuple[int, int]], after: list[tuple[int, int]]) -> l
     return out
 
 
-def _well_filled_anonymous_ranges() -> list[tuple[int, int]]:
-    """anonymous_ranges() that are at least _RESIDENT resident (from /proc/self/smaps, one pass)."""
-    out, mapping = [], None
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head = line.split(maxsplit=1)[0]
-            if "-" in head and not head.endswith(":"):  # a mapping's header line, as in /proc/self/maps
-                mapping = _anonymous(line)
-            elif head == "Rss:" and mapping is not None:
-                start, end = mapping
-                if int(line.split()[1]) * 1024 >= _RESIDENT * (end - start):
-                    out.append(mapping)
-    return out
-
-
-def collapse_new(before: list[tuple[int, int]]) -> Collapsed:
-    """Rebuild the well-filled anonymous memory made since ``before`` (anonymous_ranges()) from huge pages."""
+def collapse_filled(before: Ranges) -> Collapsed:
+    """Rebuild from huge pages the anonymous memory that filled up since ``before`` (resident())."""
     started = time.perf_counter()
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     done, refused = 0, 0
-    for start, end in new_ranges(before, _well_filled_anonymous_ranges()):
+    for start, end in filled(before, resident()):
         lo, hi = -(-start // HUGE) * HUGE, end // HUGE * HUGE  # whole huge pages inside the range
         if hi <= lo:
             continue

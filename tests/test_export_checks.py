@@ -94,7 +94,7 @@ def test_quantized_export_runs_and_reports_its_accuracy(safe_artifact, tmp_path,
             ops = {n.op_type for n in graph.node}
             assert ("MatMulNBits" in ops) == (entry.role == m.ROLE_BLOCK), entry.file.path
             embeds = m.INPUT_IDS in entry.inputs  # the embed graph, or a text-only model's first block
-            assert ("GatherBlockQuantized" in ops) == (precision == "int4" and embeds), entry.file.path
+            assert ("GatherBlockQuantized" in ops) == embeds, entry.file.path
     saved = json.loads((out / "quantization.json").read_text())
     assert saved["precision"] == precision and saved["perplexity_quantized"] > 1.0
     assert 0.5 <= report["probe_auroc_quantized"] <= 1.0 and len(report["greedy_tokens_before_first_divergence"]) == 3
@@ -202,9 +202,32 @@ def test_graphs_keep_weights_in_one_external_file(tiny, tmp_path):
         Generator(out)
 
 
-def test_tied_table_is_stored_once(tiny, tmp_path):
+def _embedding_rows(graph_file, vocab: int):
+    """Every row the quantized embedding (GatherBlockQuantized over the stored blocks, through a Reshape when they
+    are the LM head's) returns, run on its own, and the nodes that made them (the Reshape or None)."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper
+
+    model = onnx.load(str(graph_file))
+    gather = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
+    reshape = next((n for n in model.graph.node if gather.input[0] in n.output), None)
+    nodes = [gather] if reshape is None else [reshape, gather]
+    inits = {t.name: t for t in model.graph.initializer}
+    probe = helper.make_graph(
+        nodes, "probe", [helper.make_tensor_value_info("input_ids", onnx.TensorProto.INT64, [1, vocab])],
+        [helper.make_tensor_value_info(gather.output[0], onnx.TensorProto.FLOAT, None)],
+        [inits[name] for name in {x for n in nodes for x in n.input} if name in inits])
+    sess = ort.InferenceSession(helper.make_model(probe, opset_imports=model.opset_import).SerializeToString(),
+                                providers=["CPUExecutionProvider"])
+    return sess.run(None, {"input_ids": np.arange(vocab, dtype=np.int64)[None]})[0][0], model, gather, reshape
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_tied_table_is_stored_once(tiny, tmp_path, precision):
     """A tied embedding in a one-block graph: one [vocab, hidden] table at fp32 (the LM head reads it through a
-    Transpose); at int4 the embedding's GatherBlockQuantized reads the head's MatMulNBits bytes, and the rows it
+    Transpose); quantized, the embedding's GatherBlockQuantized reads the head's MatMulNBits bytes, and the rows it
     returns equal the head's dequantized weights exactly."""
     import numpy as np
     import onnx
@@ -212,41 +235,64 @@ def test_tied_table_is_stored_once(tiny, tmp_path):
     from onnx import helper, numpy_helper
 
     from safesteer_export.quantize import quantize_artifact
+    from safesteer_runtime import manifest as m
 
     art = tiny.artifact("LlamaForCausalLM", "gqa", 0)  # tie_word_embeddings=True
     graph = onnx.load(str(art / "block_00.onnx"), load_external_data=False).graph
     tables = [t.name for t in graph.initializer if "embed_tokens" in t.name or "lm_head" in t.name]
     assert tables == ["embed_tokens.weight"]
-    quantize_artifact(art, tmp_path / "int4", "int4")
-    model = onnx.load(str(tmp_path / "int4" / "block_00.onnx"))
-    nodes = {n.op_type: n for n in model.graph.node if n.op_type in ("GatherBlockQuantized", "MatMulNBits")
-             and ("embed" in n.name or "lm_head" in n.name)}
-    gather, head = nodes["GatherBlockQuantized"], nodes["MatMulNBits"]
-    reshape = next(n for n in model.graph.node if gather.input[0] in n.output)
-    assert reshape.op_type == "Reshape" and reshape.input[0] == head.input[1]
+    quantize_artifact(art, tmp_path / precision, precision)
+    vocab = m.load_manifest(art).sizes.vocab_size
+    rows, model, gather, reshape = _embedding_rows(tmp_path / precision / "block_00.onnx", vocab)
+    head = next(n for n in model.graph.node if n.op_type == "MatMulNBits" and "lm_head" in n.name)
+    assert reshape.input[0] == head.input[1]
     inits = {t.name: t for t in model.graph.initializer}
-    vocab = inits[head.input[1]].dims[0]
+    per_token = {t.name for t in model.graph.initializer if list(t.dims[:1]) == [vocab]}
+    assert per_token <= set(head.input[1:3])  # the head's blocks (and scales); no copy of its own
     hidden = next(a.i for a in head.attribute if a.name == "K")
-    probe = helper.make_graph(
-        [reshape, gather, helper.make_node("MatMulNBits", ["eye", *head.input[1:]], ["w"], domain="com.microsoft",
-                                           **{a.name: helper.get_attribute_value(a) for a in head.attribute})],
-        "probe", [helper.make_tensor_value_info("input_ids", onnx.TensorProto.INT64, [1, vocab])],
-        [helper.make_tensor_value_info(gather.output[0], onnx.TensorProto.FLOAT, None),
-         helper.make_tensor_value_info("w", onnx.TensorProto.FLOAT, None)],
-        [inits[n] for n in {*reshape.input, *gather.input, *head.input} if n in inits]
-        + [numpy_helper.from_array(np.eye(hidden, dtype=np.float32), "eye")])
-    sess = ort.InferenceSession(helper.make_model(probe, opset_imports=model.opset_import).SerializeToString(),
+    dense = helper.make_graph(
+        [helper.make_node("MatMulNBits", ["eye", *head.input[1:]], ["w"], domain="com.microsoft",
+                          **{a.name: helper.get_attribute_value(a) for a in head.attribute})],
+        "dense", [], [helper.make_tensor_value_info("w", onnx.TensorProto.FLOAT, None)],
+        [inits[n] for n in head.input[1:] if n in inits] + [numpy_helper.from_array(np.eye(hidden, dtype=np.float32), "eye")])
+    sess = ort.InferenceSession(helper.make_model(dense, opset_imports=model.opset_import).SerializeToString(),
                                 providers=["CPUExecutionProvider"])
-    rows, weights = sess.run(None, {"input_ids": np.arange(vocab, dtype=np.int64)[None]})
-    np.testing.assert_allclose(rows[0], weights.T, atol=1e-6)
+    np.testing.assert_allclose(rows, sess.run(None, {})[0].T, atol=1e-6)
+
+
+def test_untied_int8_embedding_is_8bit_blocks(tiny, tmp_path):
+    """An untied table at int8 becomes 8-bit blocks of 32 (a quarter of its float32 bytes), stored [vocab, hidden] and
+    read by GatherBlockQuantized directly: every row within half a block's step of the float32 table, and on average
+    much closer."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from safesteer_export.quantize import BLOCK, quantize_artifact
+
+    art = tiny.artifact("Qwen2ForCausalLM", "gqa", 0)  # untied LM head
+    table = next(numpy_helper.to_array(t) for t in onnx.load(str(art / "block_00.onnx")).graph.initializer
+                 if t.name == "embed_tokens.weight")
+    quantize_artifact(art, tmp_path / "int8", "int8")
+    rows, model, gather, reshape = _embedding_rows(tmp_path / "int8" / "block_00.onnx", table.shape[0])
+    assert {a.name: a.i for a in gather.attribute}["bits"] == 8
+    stored = {t.name: t for t in model.graph.initializer}[gather.input[0]]  # read in place, no Reshape (a copy)
+    assert reshape is None and list(stored.dims) == list(table.shape) and stored.data_type == onnx.TensorProto.UINT8
+    floats = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT]
+    assert not [t for t in floats if list(t.dims) == list(table.shape)]  # no float32 copy left
+    step = np.abs(table).reshape(len(table), -1, BLOCK).max(axis=2) / 127
+    error = np.abs(rows - table).reshape(len(table), -1, BLOCK)
+    assert (error <= step[..., None] / 2 + 1e-7).all()
+    assert error.mean() < step.mean() / 3
 
 
 def test_tied_table_is_stored_once_across_blocks(tiny, tmp_path):
     """With several blocks the first embeds and the last holds the LM head: the head's table points into the first
     block's data file (the manifest lists that file for both graphs) instead of a second copy, and decodes as the
-    one-block artifact does. Quantized (last graph rewritten first): at int4 the first block's embedding reads the
-    head's 4-bit table from the last block's data file and decodes as the one-block int4 artifact (which shares it
-    inside its one graph); at fp16 the first block's table points at the head's float16 table the same way."""
+    one-block artifact does. Quantized (last graph rewritten first): at int8 and int4 the first block's embedding reads
+    the head's 8- or 4-bit table from the last block's data file and decodes as the one-block artifact of the same
+    precision (which shares it inside its one graph); at fp16 the first block's table points at the head's float16
+    table the same way."""
     import onnx
 
     from safesteer_export.quantize import quantize_artifact
@@ -266,21 +312,22 @@ def test_tied_table_is_stored_once_across_blocks(tiny, tmp_path):
     msgs = [{"role": "user", "content": "How do I bake bread at home?"}]
     want = Generator(tiny.artifact("LlamaForCausalLM", "gqa", 0)).generate(msgs, max_new_tokens=24, safety=False)
     assert Generator(art).generate(msgs, max_new_tokens=24, safety=False).token_ids == want.token_ids
-    quantize_artifact(art, tmp_path / "int4", "int4")
-    quantize_artifact(tiny.artifact("LlamaForCausalLM", "gqa", 0), tmp_path / "int4-one", "int4")
-    first, last = sorted(m.load_manifest(tmp_path / "int4").graphs_of(m.ROLE_BLOCK), key=lambda g: g.first_layer)
-    assert [f.path for f in first.data_files] == ["block_00.onnx.data", "block_02.onnx.data"]
-    assert [f.path for f in last.data_files] == ["block_02.onnx.data"]
-    graph = onnx.load(str(tmp_path / "int4" / first.file.path), load_external_data=False).graph
-    gather = next(n for n in graph.node if n.op_type == "GatherBlockQuantized")
-    table = {t.name: t for t in graph.initializer}[next(n for n in graph.node if n.output[0] == gather.input[0]).input[0]]
-    assert {e.key: e.value for e in table.external_data}["location"] == "block_02.onnx.data"
-    per_token = [t for t in graph.initializer if t.dims and t.dims[0] == manifest.sizes.vocab_size
-                 and not t.name.endswith("/zero_points")]  # (a constant 8 per block, made in the graph)
-    assert len(per_token) == 2 and all({e.key: e.value for e in t.external_data}.get("location") == "block_02.onnx.data"
-                             for t in per_token)  # the table and its scales: the head's; no copy of its own
-    one = Generator(tmp_path / "int4-one").generate(msgs, max_new_tokens=24, safety=False).token_ids
-    assert Generator(tmp_path / "int4").generate(msgs, max_new_tokens=24, safety=False).token_ids == one
+    for precision in ("int8", "int4"):
+        quantize_artifact(art, tmp_path / precision, precision)
+        quantize_artifact(tiny.artifact("LlamaForCausalLM", "gqa", 0), tmp_path / f"{precision}-one", precision)
+        first, last = sorted(m.load_manifest(tmp_path / precision).graphs_of(m.ROLE_BLOCK), key=lambda g: g.first_layer)
+        assert [f.path for f in first.data_files] == ["block_00.onnx.data", "block_02.onnx.data"]
+        assert [f.path for f in last.data_files] == ["block_02.onnx.data"]
+        graph = onnx.load(str(tmp_path / precision / first.file.path), load_external_data=False).graph
+        gather = next(n for n in graph.node if n.op_type == "GatherBlockQuantized")
+        reshape = next(n for n in graph.node if n.output[0] == gather.input[0])
+        table = {t.name: t for t in graph.initializer}[reshape.input[0]]
+        assert {e.key: e.value for e in table.external_data}["location"] == "block_02.onnx.data"
+        per_token = [t for t in graph.initializer if t.dims and t.dims[0] == manifest.sizes.vocab_size]
+        assert len(per_token) == 2 and all({e.key: e.value for e in t.external_data}.get("location") == "block_02.onnx.data"
+                                 for t in per_token)  # the table and its scales: the head's; no copy of its own
+        one = Generator(tmp_path / f"{precision}-one").generate(msgs, max_new_tokens=24, safety=False).token_ids
+        assert Generator(tmp_path / precision).generate(msgs, max_new_tokens=24, safety=False).token_ids == one
     quantize_artifact(art, tmp_path / "fp16", "fp16")
     first, last = sorted(m.load_manifest(tmp_path / "fp16").graphs_of(m.ROLE_BLOCK), key=lambda g: g.first_layer)
     assert [f.path for f in first.data_files] == ["block_00.onnx.data", "block_02.onnx.data"]
@@ -294,8 +341,8 @@ def test_tied_table_is_stored_once_across_blocks(tiny, tmp_path):
 
 @pytest.mark.parametrize("arch,variant", vision_variants())
 def test_quantized_vision_families_run_with_images(tiny, tmp_path, arch, variant):
-    """int4 blocks next to a float32 vision graph, for every family with images: the artifact loads, passes its
-    hashes and answers a request with an image; fp16 leaves greedy tokens of the tiny model unchanged."""
+    """int8 and int4 blocks next to a float32 vision graph, for every family with images: the artifact loads, passes
+    its hashes and answers a request with an image; fp16 leaves greedy tokens of the tiny model unchanged."""
     from safesteer_export.quantize import quantize_artifact
     from safesteer_rt import Generator
     from test_parity_tiny import test_image
@@ -303,7 +350,7 @@ def test_quantized_vision_families_run_with_images(tiny, tmp_path, arch, variant
     src = tiny.artifact(arch, variant, 2)
     content = [{"type": "image", "image": test_image()}, {"type": "text", "text": "What is in the picture?"}]
     want = Generator(src).generate([{"role": "user", "content": content}], max_new_tokens=8).token_ids
-    for precision in ("int4", "fp16"):
+    for precision in ("int8", "int4", "fp16"):
         quantize_artifact(src, tmp_path / precision, precision)
         got = Generator(tmp_path / precision).generate([{"role": "user", "content": content}], max_new_tokens=8)
         assert len(got.token_ids) == 8
