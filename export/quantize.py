@@ -209,35 +209,42 @@ def _embed_from_blocks(graph, table: str, bits: int, head) -> None:
     """The embedding over TABLE becomes a GatherBlockQuantized over ``head`` = the LM head's MatMulNBits weight and
     scales (TensorProtos: this graph's, or another graph's whose bytes stay in that graph's data file), or at int8
     without one over TABLE quantized here the same way (_blocks_8bit). MatMulNBits stores rows of the table in
-    blocks of 32 along hidden, [vocab, blocks, bytes per block], with one scale per block and the default zero point
-    (2^(bits-1)); reshaped to [vocab, bytes per row] that is GatherBlockQuantized's layout (bits < 8: two values per
-    byte, low first), whose default zero point is the same. Exact: both dequantize the same bytes. A table of its
-    own is stored in that shape already: a Reshape in the graph would be folded into a copy held in memory, where
-    an initializer stays in the mapped data file and only the rows read become resident."""
+    blocks of 32 along hidden, [vocab, blocks, bytes per block] (bits < 8: two values per byte, low first), with
+    one scale per block and the default zero point (2^(bits-1)), GatherBlockQuantized's default too. Exact: both
+    dequantize the same bytes. The stored bytes are read in place (the rows read become resident, the rest stays
+    in the mapped data file): a table of our own is stored [vocab, hidden]; the head's is gathered in its own
+    [vocab, blocks, bytes] shape, quantized along its last axis, and the gathered rows reshaped to hidden after
+    (a Reshape of the table itself would be folded into a copy held in memory)."""
     from onnx import helper, numpy_helper
 
     node = next(n for n in graph.node if n.input[1:2] == [m.INPUT_IDS]
                 and n.input[0] in (table, f"{table}_Q{bits}"))  # the float32 Gather, or the quantizer's
     at = list(graph.node).index(node)
     graph.node.remove(node)
+    attrs = dict(domain="com.microsoft", gather_axis=0, block_size=BLOCK, bits=bits)
     if head is None:
         inits = {t.name: t for t in graph.initializer}
         data, scales = _blocks_8bit(numpy_helper.to_array(inits[table]))
         graph.initializer.extend([numpy_helper.from_array(data.reshape(len(data), -1), f"{table}/table"),
                                   numpy_helper.from_array(scales, f"{table}_scales")])
-        scales_name = f"{table}_scales"
-    else:
-        weight, scales = head
-        names = {t.name for t in graph.initializer}
-        graph.initializer.extend(t for t in head if t.name not in names)
-        graph.initializer.append(numpy_helper.from_array(np.array([weight.dims[0], -1], np.int64),
-                                                         f"{table}/table_shape"))
         graph.node.insert(at, helper.make_node(
-            "Reshape", [weight.name, f"{table}/table_shape"], [f"{table}/table"], name=f"{node.name}/table"))
-        at, scales_name = at + 1, scales.name
+            "GatherBlockQuantized", [f"{table}/table", m.INPUT_IDS, f"{table}_scales"], list(node.output),
+            name=node.name, quantize_axis=1, **attrs))
+        return
+    weight, scales = head
+    names = {t.name for t in graph.initializer}
+    graph.initializer.extend(t for t in head if t.name not in names)
+    vocab, blocks, _ = weight.dims
+    graph.initializer.extend([  # scales as [vocab, blocks, 1]: one per block along the last axis
+        numpy_helper.from_array(np.array([vocab, blocks, 1], np.int64), f"{table}/scales_shape"),
+        numpy_helper.from_array(np.array([0, 0, -1], np.int64), f"{table}/rows_shape")])
     graph.node.insert(at, helper.make_node(
-        "GatherBlockQuantized", [f"{table}/table", m.INPUT_IDS, scales_name], list(node.output), name=node.name,
-        domain="com.microsoft", gather_axis=0, quantize_axis=1, block_size=BLOCK, bits=bits))
+        "Reshape", [scales.name, f"{table}/scales_shape"], [f"{table}/scales"], name=f"{node.name}/scales"))
+    graph.node.insert(at + 1, helper.make_node(
+        "GatherBlockQuantized", [weight.name, m.INPUT_IDS, f"{table}/scales"], [f"{table}/blocks"],
+        name=node.name, quantize_axis=2, **attrs))
+    graph.node.insert(at + 2, helper.make_node(
+        "Reshape", [f"{table}/blocks", f"{table}/rows_shape"], list(node.output), name=f"{node.name}/rows"))
 
 
 def _blocks_8bit(table: np.ndarray, rows_at_once: int = 8192) -> tuple[np.ndarray, np.ndarray]:

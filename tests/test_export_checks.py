@@ -203,8 +203,8 @@ def test_graphs_keep_weights_in_one_external_file(tiny, tmp_path):
 
 
 def _embedding_rows(graph_file, vocab: int):
-    """Every row the quantized embedding (GatherBlockQuantized over the stored blocks, through a Reshape when they
-    are the LM head's) returns, run on its own, and the nodes that made them (the Reshape or None)."""
+    """Every row the quantized embedding (GatherBlockQuantized, with the Reshapes around it when it reads the LM
+    head's blocks) returns, run on its own; the graph and the GatherBlockQuantized node."""
     import numpy as np
     import onnx
     import onnxruntime as ort
@@ -212,16 +212,17 @@ def _embedding_rows(graph_file, vocab: int):
 
     model = onnx.load(str(graph_file))
     gather = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
-    reshape = next((n for n in model.graph.node if gather.input[0] in n.output), None)
-    nodes = [gather] if reshape is None else [reshape, gather]
+    before = [n for n in model.graph.node if n.op_type == "Reshape" and n.output[0] in gather.input]
+    after = [n for n in model.graph.node if n.op_type == "Reshape" and gather.output[0] in n.input]
+    nodes = [*before, gather, *after]
     inits = {t.name: t for t in model.graph.initializer}
     probe = helper.make_graph(
         nodes, "probe", [helper.make_tensor_value_info("input_ids", onnx.TensorProto.INT64, [1, vocab])],
-        [helper.make_tensor_value_info(gather.output[0], onnx.TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info(nodes[-1].output[0], onnx.TensorProto.FLOAT, None)],
         [inits[name] for name in {x for n in nodes for x in n.input} if name in inits])
     sess = ort.InferenceSession(helper.make_model(probe, opset_imports=model.opset_import).SerializeToString(),
                                 providers=["CPUExecutionProvider"])
-    return sess.run(None, {"input_ids": np.arange(vocab, dtype=np.int64)[None]})[0][0], model, gather, reshape
+    return sess.run(None, {"input_ids": np.arange(vocab, dtype=np.int64)[None]})[0][0], model, gather
 
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])
@@ -243,9 +244,9 @@ def test_tied_table_is_stored_once(tiny, tmp_path, precision):
     assert tables == ["embed_tokens.weight"]
     quantize_artifact(art, tmp_path / precision, precision)
     vocab = m.load_manifest(art).sizes.vocab_size
-    rows, model, gather, reshape = _embedding_rows(tmp_path / precision / "block_00.onnx", vocab)
+    rows, model, gather = _embedding_rows(tmp_path / precision / "block_00.onnx", vocab)
     head = next(n for n in model.graph.node if n.op_type == "MatMulNBits" and "lm_head" in n.name)
-    assert reshape.input[0] == head.input[1]
+    assert gather.input[0] == head.input[1]  # the head's bytes, read in place (a Reshape would copy them)
     inits = {t.name: t for t in model.graph.initializer}
     per_token = {t.name for t in model.graph.initializer if list(t.dims[:1]) == [vocab]}
     assert per_token <= set(head.input[1:3])  # the head's blocks (and scales); no copy of its own
@@ -274,10 +275,10 @@ def test_untied_int8_embedding_is_8bit_blocks(tiny, tmp_path):
     table = next(numpy_helper.to_array(t) for t in onnx.load(str(art / "block_00.onnx")).graph.initializer
                  if t.name == "embed_tokens.weight")
     quantize_artifact(art, tmp_path / "int8", "int8")
-    rows, model, gather, reshape = _embedding_rows(tmp_path / "int8" / "block_00.onnx", table.shape[0])
+    rows, model, gather = _embedding_rows(tmp_path / "int8" / "block_00.onnx", table.shape[0])
     assert {a.name: a.i for a in gather.attribute}["bits"] == 8
-    stored = {t.name: t for t in model.graph.initializer}[gather.input[0]]  # read in place, no Reshape (a copy)
-    assert reshape is None and list(stored.dims) == list(table.shape) and stored.data_type == onnx.TensorProto.UINT8
+    stored = {t.name: t for t in model.graph.initializer}[gather.input[0]]  # read in place (a Reshape would copy it)
+    assert list(stored.dims) == list(table.shape) and stored.data_type == onnx.TensorProto.UINT8
     floats = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT]
     assert not [t for t in floats if list(t.dims) == list(table.shape)]  # no float32 copy left
     step = np.abs(table).reshape(len(table), -1, BLOCK).max(axis=2) / 127
@@ -320,8 +321,7 @@ def test_tied_table_is_stored_once_across_blocks(tiny, tmp_path):
         assert [f.path for f in last.data_files] == ["block_02.onnx.data"]
         graph = onnx.load(str(tmp_path / precision / first.file.path), load_external_data=False).graph
         gather = next(n for n in graph.node if n.op_type == "GatherBlockQuantized")
-        reshape = next(n for n in graph.node if n.output[0] == gather.input[0])
-        table = {t.name: t for t in graph.initializer}[reshape.input[0]]
+        table = {t.name: t for t in graph.initializer}[gather.input[0]]
         assert {e.key: e.value for e in table.external_data}["location"] == "block_02.onnx.data"
         per_token = [t for t in graph.initializer if t.dims and t.dims[0] == manifest.sizes.vocab_size]
         assert len(per_token) == 2 and all({e.key: e.value for e in t.external_data}.get("location") == "block_02.onnx.data"
