@@ -25,34 +25,18 @@ import argparse
 import json
 import multiprocessing
 import statistics
-import time
 from pathlib import Path
 
-from speed import PRECISIONS, build, prompt_ids
+from speed import PRECISIONS, build, genai_generate, genai_model, prompt_ids
 
 
 class _Genai:
     def __init__(self, path: Path, threads: int):
-        import onnxruntime_genai as og
-
-        self.og = og
-        config = og.Config(str(path))
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": {
-            "intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
-        self.model = og.Model(config)
+        self.model = genai_model(path, threads)
 
     def run(self, ids: list[int], new_tokens: int) -> tuple[float, float]:
-        params = self.og.GeneratorParams(self.model)
-        params.set_search_options(do_sample=False, max_length=len(ids) + new_tokens, min_length=len(ids) + new_tokens)
-        start = time.perf_counter()
-        gen = self.og.Generator(self.model, params)
-        gen.append_tokens(ids)
-        gen.generate_next_token()
-        first, steps = time.perf_counter(), 0
-        while not gen.is_done():
-            gen.generate_next_token()
-            steps += 1
-        return 1000.0 * (time.perf_counter() - first) / max(steps, 1), first - start
+        ttft, ms, _ = genai_generate(self.model, ids, new_tokens)
+        return ms, ttft
 
 
 class _Ours:
@@ -67,10 +51,10 @@ class _Ours:
 
 def one_process(args: argparse.Namespace, prec: str) -> dict:
     """Load the engines and run the rounds: {"engine|size": [[ms/token, TTFT s], ...]}, "huge_pages_mb"."""
-    artifacts, genai = build(args.hf_dir.resolve(), args.work, prec, [0], True)
-    prompts = prompt_ids(artifacts[0], args.prompt_tokens)
     from safesteer_rt import Generator, SafetyConfig
 
+    artifacts, genai = build(args.hf_dir.resolve(), args.work, prec, [0], True)
+    prompts = prompt_ids(artifacts[0], args.prompt_tokens)
     engines = {"onnxruntime-genai": _Genai(genai, args.threads)}
     gen = Generator(artifacts[0], threads=args.threads)
     engines["Generator"] = _Ours(gen, False)

@@ -74,36 +74,43 @@ def _child_generator(job: dict) -> dict:
     return out, load_s
 
 
-def _child_genai(job: dict) -> dict:
+def genai_model(path, threads: int):
+    """onnxruntime-genai's model from its folder, with ``threads`` intra-op threads (its config overlay)."""
     import onnxruntime_genai as og
 
-    config = og.Config(job["path"])
+    config = og.Config(str(path))
     config.overlay(json.dumps({"model": {"decoder": {"session_options": {
-        "intra_op_num_threads": job["threads"], "inter_op_num_threads": 1}}}}))
+        "intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
+    return og.Model(config)
+
+
+def genai_generate(model, ids: list[int], new_tokens: int) -> tuple[float, float, list[int]]:
+    """Greedy, exactly ``new_tokens`` tokens: time to first token (s), decode ms/token after it, the tokens."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=len(ids) + new_tokens, min_length=len(ids) + new_tokens)
     start = time.perf_counter()
-    model = og.Model(config)
-    load_s = time.perf_counter() - start
-
-    def run(ids: list[int], new_tokens: int) -> tuple[float, float, list[int]]:
-        params = og.GeneratorParams(model)
-        params.set_search_options(do_sample=False, max_length=len(ids) + new_tokens,
-                                  min_length=len(ids) + new_tokens)
-        start = time.perf_counter()
-        gen = og.Generator(model, params)
-        gen.append_tokens(ids)
+    gen = og.Generator(model, params)
+    gen.append_tokens(ids)
+    gen.generate_next_token()
+    first = time.perf_counter()
+    tokens = [int(gen.get_next_tokens()[0])]
+    while not gen.is_done():
         gen.generate_next_token()
-        first = time.perf_counter()
-        tokens = [int(gen.get_next_tokens()[0])]
-        while not gen.is_done():
-            gen.generate_next_token()
-            tokens.append(int(gen.get_next_tokens()[0]))
-        end = time.perf_counter()
-        return first - start, 1000.0 * (end - first) / max(len(tokens) - 1, 1), tokens
+        tokens.append(int(gen.get_next_tokens()[0]))
+    end = time.perf_counter()
+    return first - start, 1000.0 * (end - first) / max(len(tokens) - 1, 1), tokens
 
+
+def _child_genai(job: dict) -> dict:
+    start = time.perf_counter()
+    model = genai_model(job["path"], job["threads"])
+    load_s = time.perf_counter() - start
     out = {}
     for size, ids in job["prompts"].items():
-        run(ids, 4)
-        runs = [run(ids, job["new_tokens"]) for _ in range(job["runs"])]
+        genai_generate(model, ids, 4)
+        runs = [genai_generate(model, ids, job["new_tokens"]) for _ in range(job["runs"])]
         out[size] = {"ms_per_token": statistics.median(r[1] for r in runs),
                      "ttft_s": statistics.median(r[0] for r in runs),
                      "new_tokens": len(runs[0][2]), "tokens": runs[0][2][:32]}

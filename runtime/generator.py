@@ -82,7 +82,8 @@ class Generator:
     blocks run on CUDA / TensorRT, else host), "host" or "device". ``trt_max_tokens``: the context (prompt +
     new tokens) the TensorRT engines are built for; longer requests are refused (other providers: the model's).
     ``huge_pages``: on the CPU, move the weights onnxruntime loaded onto 2 MB pages (Linux 6.1+, see
-    huge_pages.py): 8-19% more tokens/s at int4 on this loaded VM (int8: -3% to +8%), for a one-time copy at load.
+    huge_pages.py): in paired runs on this VM 5% (fp32), 13% (int8), 11-21% (int4) more tokens/s, for a one-time
+    copy at load.
     """
 
     def __init__(self, artifact_dir: str | Path, providers: Providers = "auto", *, threads: int = 0,

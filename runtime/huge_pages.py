@@ -7,8 +7,8 @@ started with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 — neither is the usual defa
 how much of each anonymous mapping of the process is resident before it opens the sessions, and afterwards asks the
 kernel to rebuild what filled up meanwhile from huge pages (madvise MADV_HUGEPAGE + MADV_COLLAPSE): new mappings,
 the new parts of grown ones, and mappings an earlier owner freed that the loading filled again. Memory that was
-resident before is left alone. That copies the memory once, at load time; the contents do not change. Anywhere this is unavailable (other systems, older kernels, THP off) it does
-nothing.
+resident before is left alone. That copies the memory once, at load time; the contents do not change. Anywhere
+this is unavailable (other systems, older kernels, THP off) it does nothing.
 """
 
 from __future__ import annotations
