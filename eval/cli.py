@@ -6,6 +6,7 @@ Re-running the same command resumes: finished generations are read back from DIR
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import sys
 from dataclasses import asdict
@@ -35,8 +36,14 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="case sampling seed")
     p.add_argument("--knob", nargs="+", default=[], metavar="NAME=VALUE",
                    help="SafeSteer knobs for the safesteer mode instead of the artifact's defaults, e.g. lam=2 k=4")
+    p.add_argument("--sweep", nargs="+", default=[], metavar="NAME=V1,V2",
+                   help="extra safesteer modes, one per value (e.g. tau=0.3,0.5,0.7): the trade-off curve's points")
+    p.add_argument("--split", choices=st.EVAL_SPLITS, default="test",
+                   help="test (default) or validation: choose knobs on validation, report on test")
     p.add_argument("--judges", nargs="+", default=["keyword", "embed"], choices=["keyword", "embed"])
     p.add_argument("--restart", action="store_true", help="discard a previous run in --out")
+    p.add_argument("--report-only", action="store_true",
+                   help="generate nothing: write the report from what --out holds (an interrupted run's cases so far)")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no tables on stdout")
     return p.parse_args(argv)
@@ -53,7 +60,19 @@ def _judges(names: Sequence[str], exclude: set[str]) -> list:
         else:
             from .embed_judge import load_judge
 
-            judge = load_judge(exclude)
+            from tqdm import tqdm
+
+            bars = []  # a bar only while fitting: a cached judge loads at once
+
+            def tick(done: int, total: int) -> None:
+                if not bars:
+                    bars.append(tqdm(total=total, unit="reply", file=sys.stderr,
+                                     desc="fitting the embedding judge (once, then cached)"))
+                bars[0].update(done - bars[0].n)
+
+            judge = load_judge(exclude, progress=tick)
+            for bar in bars:
+                bar.close()
             out.append((judge, judge.accuracy))
     return out
 
@@ -65,24 +84,24 @@ def excluded_prompts() -> set[str]:
     return {p.text for name in SOURCES for p in load_source(name)}
 
 
-def knobs(gen, pairs: Sequence[str]):
-    """--knob NAME=VALUE ... -> a SafetyConfig over the artifact's defaults (True: the defaults as they are)."""
-    if not pairs:
-        return True
-    if gen.manifest.safety is None:
-        raise ConfigError("--knob needs a SafeSteer-calibrated artifact")
+def knobs(gen, pairs: Sequence[str], sweep: Sequence[str] = ()) -> dict:
+    """--knob NAME=VALUE ... and --sweep -> {safesteer mode: its ``safety=``} (True: the artifact's defaults)."""
+    modes = md.sweep_modes(list(sweep))
+    if (pairs or modes) and gen.manifest.safety is None:
+        raise ConfigError("--knob and --sweep need a SafeSteer-calibrated artifact")
     from safesteer_rt import SafetyConfig
 
-    values = {}
     for pair in pairs:
-        name, sep, raw = pair.partition("=")
-        try:
-            values[name] = int(raw) if name in ("k", "lookahead_steps") else float(raw)
-        except ValueError:
-            sep = ""
-        if not sep:
+        if "=" not in pair:
             raise ConfigError(f"--knob takes NAME=NUMBER (e.g. lam=2), got {pair!r}")
-    return SafetyConfig.from_manifest(gen.manifest.safety, **values)
+    try:
+        base = md.parse("safesteer@" + ",".join(pairs))[1]
+    except ConfigError:
+        raise ConfigError(f"--knob takes NAME=NUMBER (e.g. lam=2), got {' '.join(pairs)!r}") from None
+    steer = {"safesteer": SafetyConfig.from_manifest(gen.manifest.safety, **base) if base else True}
+    for mode in modes:
+        steer[mode] = SafetyConfig.from_manifest(gen.manifest.safety, **{**base, **md.parse(mode)[1]})
+    return steer
 
 
 def evaluate(args: argparse.Namespace) -> dict:
@@ -104,34 +123,40 @@ def evaluate(args: argparse.Namespace) -> dict:
     suites = args.suites or [s for s in st.SUITES if s != "image" or gen.manifest.image is not None]
     if "image" in suites and gen.manifest.image is None:
         raise SafeSteerError("the image suite needs an artifact with a vision graph; drop 'image' from --suites")
-    steer = knobs(gen, args.knob)
+    steer = knobs(gen, args.knob, args.sweep)
+    modes += [m for m in steer if m not in modes and "safesteer" in modes]
     cal = st.Calibration.of_artifact(args.artifact)
-    cases = [c for s in suites for c in st.build(s, n, cal, seed=args.seed)]
-    out = args.out or args.artifact.parent / f"eval-{args.suite}"
+    per_suite = [st.build(s, n, cal, seed=args.seed, split=args.split) for s in suites]
+    # suites interleaved, so an interrupted run (--report-only) holds the first cases of every suite
+    cases = [c for group in itertools.zip_longest(*per_suite) for c in group if c is not None]
+    out = args.out or args.artifact.parent / (f"eval-{args.suite}" + ("" if args.split == "test" else f"-{args.split}"))
     judges = _judges(args.judges, excluded_prompts() if "embed" in args.judges else set())
-    settings = {"artifact": str(args.artifact.resolve()), "artifact_sha256": artifact_hash(args.artifact),
+    settings = {"artifact": args.artifact.name, "artifact_sha256": artifact_hash(args.artifact), "split": args.split,
                 "suite": args.suite, "n_per_suite": n, "new_tokens": new_tokens, "seed": args.seed,
                 "split_seed": cal.seed, "suites": suites, "judges": [j.version for j, _ in judges],
-                "mode_texts": md.fingerprint(), "knobs": asdict(steer) if steer is not True else "artifact defaults",
+                "mode_texts": md.fingerprint(),
+                "knobs": asdict(steer["safesteer"]) if steer["safesteer"] is not True else "artifact defaults",
                 "modes": modes}
     store = Store(out, settings, restart=args.restart)
-    todo = pending(cases, modes, store)
+    todo = 0 if args.report_only else pending(cases, modes, store)
     bar = None
     if todo and not args.quiet:
         from tqdm import tqdm
 
         bar = tqdm(total=todo, unit="gen", desc="safesteer-eval", file=sys.stderr)
     try:
-        run(gen, cases, modes, store, [j for j, _ in judges], new_tokens,
-            progress=(lambda k, what: (bar.update(k), bar.set_postfix_str(what))) if bar else None, steer=steer)
+        if not args.report_only:
+            run(gen, cases, modes, store, [j for j, _ in judges], new_tokens,
+                progress=(lambda k, what: (bar.update(k), bar.set_postfix_str(what))) if bar else None, steer=steer)
     finally:
         if bar:
             bar.close()
-    wanted = {(c.suite, m, c.id) for c in cases for m in modes}
+    wanted = {(c.suite, m, c.id) for c in cases for m in modes if c.image_text is None or m in md.MODES}
     records = [r for r in store if (r["suite"], r["mode"], r["id"]) in wanted]
     provenance = {**settings, "cases": {s: [c.id for c in cases if c.suite == s] for s in suites},
                   "calibration_ids_excluded": len(cal.used_ids), "decoding": "greedy",
-                  "out": str(out)}
+                  "out": str(out), "case_kinds": {c.id: c.kind for c in cases if c.kind},
+                  "generations": {"done": len(records), "planned": len(wanted)}}
     return rp.write(records, [acc for _, acc in judges], provenance, out)
 
 

@@ -23,7 +23,7 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -144,8 +144,10 @@ def _choose(x: np.ndarray, y: np.ndarray, folds: int = 5, seed: int = 0) -> tupl
     return best, best_acc
 
 
-def load_judge(exclude_prompts: set[str], cache: Optional[Path] = None) -> EmbedJudge:
-    """Fit (once, then cached) and return the judge, with its accuracy on refusal.csv."""
+def load_judge(exclude_prompts: set[str], cache: Optional[Path] = None,
+               progress: Optional[Callable[[int, int], None]] = None) -> EmbedJudge:
+    """Fit (once, then cached) and return the judge, with its accuracy on refusal.csv. ``progress(done, total)``
+    is called per embedded training reply while fitting."""
     cache = cache or cache_root()
     embedder = Embedder(cache)
     file = cache / "judges" / f"{VERSION}.npz"
@@ -156,8 +158,13 @@ def load_judge(exclude_prompts: set[str], cache: Optional[Path] = None) -> Embed
                 return EmbedJudge(embedder, int(d["layer"]), d["mean"], d["weight"], float(d["bias"]),
                                   json.loads(str(d["accuracy"])))
     rows = training_rows(exclude_prompts, cache)
-    log.info("fitting the embedding judge on %d labelled replies (once, ~1 minute)", len(rows))
-    x = np.stack([embedder(q, a) for q, a, _ in rows])
+    log.info("fitting the embedding judge on %d labelled replies (once, a few minutes)", len(rows))
+    feats = []
+    for q, a, _ in rows:
+        feats.append(embedder(q, a))
+        if progress:
+            progress(len(feats), len(rows))
+    x = np.stack(feats)
     y = np.array([label for _, _, label in rows])
     (layer, k, l2), cv_accuracy = _choose(x, y)
     mean, weight, bias = _fit(x[:, layer], y, k, l2)

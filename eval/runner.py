@@ -26,7 +26,7 @@ class Preset:
     new_tokens: int
 
 
-PRESETS = {"quick": Preset(n=6, new_tokens=24), "full": Preset(n=24, new_tokens=32)}
+PRESETS = {"quick": Preset(n=6, new_tokens=24), "full": Preset(n=100, new_tokens=32)}
 
 
 def artifact_hash(root: Path) -> str:
@@ -39,15 +39,15 @@ def _number(x: float) -> Optional[float]:
 
 
 RESULT_FIELDS = ("text", "finish_reason", "new_tokens", "prompt_tokens", "ms_per_token", "time_to_first_token_s",
-                 "prompt_score", "safety_trace", "filtered", "error")
+                 "prompt_score", "safety_trace", "filtered", "error", "derived")
 
 
 def generate(gen: Generator, case: Case, mode: str, new_tokens: int, steer: Any = True) -> dict:
-    """One generation; ``steer`` is the ``safety=`` of the safesteer mode (True: the artifact's defaults)."""
+    """One generation; ``steer`` is the ``safety=`` of a safesteer mode (True: the artifact's defaults)."""
     image = render_request(case.image_text) if case.image_text is not None else None
     try:
         out = gen.generate(md.messages(mode, case.prompt, image), max_new_tokens=new_tokens,
-                           safety=steer if mode == "safesteer" else False)
+                           safety=steer if md.parse(mode)[0] == "safesteer" else False)
     except InputError as exc:  # e.g. a jailbreak prompt longer than a small model's context: skipped, said why
         log.warning("%s/%s/%s skipped: %s", case.suite, mode, case.id, exc)
         return {"text": "", "error": str(exc), "finish_reason": "error", "new_tokens": 0, "prompt_tokens": None,
@@ -67,29 +67,60 @@ def filtered(undefended: dict, tau: float) -> dict:
             "ms_per_token": None, "safety_trace": [], "filtered": True}
 
 
+def gate_fires(undefended: dict, cfg) -> bool:
+    """Whether SafeSteer with ``cfg`` would act on this case, read off the undefended generation's probe trace.
+
+    The gate fires at step t when the row that produced step t's logits scores >= tau: the prompt's last row for
+    t = 0, else the token fed at step t - 1. The undefended run feeds the same tokens up to the first firing and
+    records each fed token's score, and with alpha = 0 and no image the graphs compute exactly what they compute
+    undefended. So where this is False, SafeSteer's reply IS the undefended reply (tested against real runs)."""
+    if undefended.get("error") or undefended.get("prompt_score") is None or undefended.get("image_text"):
+        return True
+    if cfg.alpha != 0:  # the in-graph correction may act at any row
+        return True
+    if cfg.lookahead_steps <= 0:
+        return False
+    if undefended["prompt_score"] >= cfg.tau:
+        return True
+    return any(t["score_chosen"] >= cfg.tau for t in undefended["safety_trace"] if t["step"] <= cfg.lookahead_steps - 2)
+
+
+def make_record(case: Case, mode: str, result: dict, judges: Sequence) -> dict:
+    record = {**{k: v for k, v in result.items() if k in RESULT_FIELDS},
+              "suite": case.suite, "mode": mode, "id": case.id, "request": case.request,
+              "prompt": md.messages(mode, case.prompt), "template": case.template, "kind": case.kind,
+              "image_text": case.image_text}
+    record["verdicts"] = {j.name: bool(j.is_refusal(record["text"], case.request)) for j in judges}
+    return record
+
+
 def run(gen: Generator, cases: Sequence[Case], modes: Sequence[str], store: Store, judges: Sequence,
-        new_tokens: int, progress: Optional[Callable[[int, str], None]] = None, steer: Any = True) -> int:
-    """Generate what is missing; returns how many records were added."""
-    tau = getattr(steer, "tau", None) or (gen.manifest.safety.defaults.tau if gen.manifest.safety else None)
+        new_tokens: int, progress: Optional[Callable[[int, str], None]] = None,
+        steer: Optional[dict[str, Any]] = None) -> int:
+    """Generate what is missing; returns how many records were added. ``steer``: each safesteer mode's ``safety=``
+    (absent: the artifact's defaults). Swept ``safesteer@...`` modes copy the undefended reply where the gate
+    provably does not fire (``gate_fires``; such records say ``derived``) and skip image cases; the ``safesteer``
+    mode always runs."""
+    steer = steer or {}
+    defaults = steer.get("safesteer", True)
+    tau = getattr(defaults, "tau", None) or (gen.manifest.safety.defaults.tau if gen.manifest.safety else None)
     added = 0
     for case in cases:
         spare: dict[str, dict] = {}  # an undefended generation made only for the input filter
         for mode in modes:
             k = (case.suite, mode, case.id)
-            if k in store:
-                continue
+            if k in store or (case.image_text is not None and mode not in md.MODES):
+                continue  # swept modes trace the text trade-off curve: they skip the image suite
+            undefended = store.get((case.suite, "undefended", case.id)) or spare.get("undefended")
+            cfg = steer.get(mode)
             if mode == "input-filter":
-                base = store.get((case.suite, "undefended", case.id)) or spare.get("undefended")
-                result = filtered(base or generate(gen, case, "undefended", new_tokens), tau)
+                result = filtered(undefended or generate(gen, case, "undefended", new_tokens), tau)
+            elif mode != "safesteer" and cfg is not None and undefended and not gate_fires(undefended, cfg):
+                result = {**undefended, "derived": True}
             else:
-                result = generate(gen, case, mode, new_tokens, steer)
+                result = generate(gen, case, mode, new_tokens, cfg if cfg is not None else True)
                 spare[mode] = result
-            record = {**{k2: v for k2, v in result.items() if k2 in RESULT_FIELDS},
-                      "suite": case.suite, "mode": mode, "id": case.id, "request": case.request,
-                      "prompt": md.messages(mode, case.prompt), "template": case.template,
-                      "image_text": case.image_text}
-            record["verdicts"] = {j.name: bool(j.is_refusal(record["text"], case.request)) for j in judges}
-            store.add(record)
+            store.add(make_record(case, mode, result, judges))
             added += 1
             if progress:
                 progress(1, f"{case.suite}/{mode}")
@@ -97,4 +128,5 @@ def run(gen: Generator, cases: Sequence[Case], modes: Sequence[str], store: Stor
 
 
 def pending(cases: Sequence[Case], modes: Sequence[str], store: Store) -> int:
-    return sum((c.suite, m, c.id) not in store for c in cases for m in modes)
+    return sum((c.suite, m, c.id) not in store for c in cases for m in modes
+               if c.image_text is None or m in md.MODES)

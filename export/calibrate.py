@@ -1,4 +1,4 @@
-"""SafeSteer calibration on the PyTorch checkpoint (method.md, 'Calibration').
+"""SafeSteer calibration on the PyTorch checkpoint (docs/method.md, section 1).
 
 Hidden states of every decoder layer are read with forward hooks at the last prompt position and at
 the first m positions of the model's own greedy reply. Per layer a probe is fitted on the calibration
@@ -57,6 +57,7 @@ class Calibration:
     sets: PromptSets
     scores: dict = field(default_factory=dict)  # validation scores by step and label (plots)
     refused_harmful: tuple[int, int] = (0, 0)  # calibration harmful prompts the model itself refused / all
+    refusal_ids: tuple[int, ...] = ()  # first tokens of the model's own refusals (lookahead always offers them)
 
 
 class FeatureReader:
@@ -149,7 +150,7 @@ def output_labels(prompts: list[Prompt], replies: list[str], steps: int) -> np.n
 
 def calibrate(family, tokenizer, chat: Optional[ChatTemplate], image_info, cfg: CalibrationConfig,
               progress: Optional[Callable[[int, int], None]] = None) -> Calibration:
-    prompts = load_user_file(cfg.user_file) if cfg.user_file else packaged_prompts()
+    prompts = load_user_file(cfg.user_file) if cfg.user_file else packaged_prompts(seed=cfg.seed)
     sets = build_sets(prompts, seed=cfg.seed, per_source=cfg.per_source)
     reader = FeatureReader(family, tokenizer, chat, image_info)
     steps = cfg.reply_positions + 1
@@ -203,14 +204,15 @@ def calibrate(family, tokenizer, chat: Optional[ChatTemplate], image_info, cfg: 
                  "mean_score_harmful": float(val_scores[~harmless_val, s].mean()),
                  "mean_score_harmless": float(val_scores[harmless_val, s].mean())} for s in range(steps)]
     judge = KeywordJudge()
-    refused = sum(judge.is_refusal(r) for r, p in zip(cal_replies, sets.calibration) if p.label == HARMFUL)
+    refusals = [r for r, p in zip(cal_replies, sets.calibration) if p.label == HARMFUL and judge.is_refusal(r)]
 
     msav, image_form = None, None
     if image_info is not None:
-        pairs = sets.calibration[: cfg.msav_pairs]
+        plain = [p for p in sets.calibration if not p.source.startswith("wrapped_")]  # short requests only
+        pairs = plain[: cfg.msav_pairs]
         if len({p.label for p in pairs}) < 2:  # keep both labels in the paired set
-            pairs = sorted(sets.calibration, key=lambda p: p.label)[: cfg.msav_pairs // 2]
-            pairs += sorted(sets.calibration, key=lambda p: -p.label)[: cfg.msav_pairs - len(pairs)]
+            pairs = sorted(plain, key=lambda p: p.label)[: cfg.msav_pairs // 2]
+            pairs += sorted(plain, key=lambda p: -p.label)[: cfg.msav_pairs - len(pairs)]
         index = {p.id: i for i, p in enumerate(sets.calibration)}
         text_form = np.stack([cal[best, index[p.id], 0] for p in pairs])
         image_feats = reader.image_form_features(pairs, best, tick)
@@ -229,5 +231,18 @@ def calibrate(family, tokenizer, chat: Optional[ChatTemplate], image_info, cfg: 
         class_gap=float(gap_vec @ direction), msav_layer=best if msav is not None else None, msav=msav,
         sweep=sweep, per_step=per_step, image_form=image_form, sets=sets,
         scores={"validation": val_scores.tolist(), "validation_labels": y_val.tolist()},
-        refused_harmful=(refused, int((y_cal == HARMFUL).sum())),
+        refused_harmful=(len(refusals), int((y_cal == HARMFUL).sum())),
+        refusal_ids=refusal_openers(tokenizer, refusals),
     )
+
+
+def refusal_openers(tokenizer, refusals: list[str], share: float = 0.25) -> tuple[int, ...]:
+    """The first token ids of the model's own refusals: the most common one, and any other that opens at least
+    ``share`` of them. Lookahead always offers these candidates, so a refusal is within reach at every fired step."""
+    counts: dict[int, int] = {}
+    for reply in refusals:
+        ids = tokenizer(reply.strip(), add_special_tokens=False)["input_ids"]
+        if ids:
+            counts[ids[0]] = counts.get(ids[0], 0) + 1
+    ranked = sorted(counts, key=lambda i: (-counts[i], i))
+    return tuple(i for n, i in enumerate(ranked) if n == 0 or counts[i] >= share * len(refusals))

@@ -6,6 +6,7 @@ With no MODEL_DIR it builds the embedded default model from real weights shipped
 from __future__ import annotations
 
 import argparse
+from importlib.metadata import version
 import logging
 import sys
 from pathlib import Path
@@ -38,6 +39,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="decoder blocks in standard ONNX opset-23 ops only (RotaryEmbedding, RMSNormalization, "
                         "Attention; the past K/V in, the new rows out) instead of onnxruntime's fused contrib ops and "
                         "in-place cache: for CUDA / TensorRT and other runtimes")
+    p.add_argument("--no-tune", action="store_true",
+                   help="keep the calibration's knobs instead of choosing tau and the lookahead on the validation split "
+                        "(safesteer-tune; a few minutes for a 0.5B model on 2 cores)")
+    p.add_argument("--tune-n", type=int, default=24, help="validation cases per suite for the tuning step")
     p.add_argument("--no-validate", action="store_true", help="skip the comparison of every graph with PyTorch")
     p.add_argument("--overwrite", action="store_true", help="replace an existing artifact directory")
     p.add_argument("--reuse", action="store_true", help="keep OUT as it is if it already holds a valid artifact")
@@ -81,7 +86,8 @@ def reusable(out: Path, model_dir: Path) -> bool:
         manifest = load_manifest(out)
     except SafeSteerError:
         return False
-    return manifest.export.source == Path(model_dir).name and layout_problem(manifest) is None
+    return (manifest.export.source == Path(model_dir).name and layout_problem(manifest) is None
+            and manifest.export.tool_version == version("safesteer"))
 
 
 def outdated(out: Path, model_dir: Path) -> bool:
@@ -92,7 +98,31 @@ def outdated(out: Path, model_dir: Path) -> bool:
         manifest = load_manifest(out, verify_files=False)
     except SafeSteerError:
         return False
-    return manifest.export.source == Path(model_dir).name and layout_problem(manifest) is not None
+    return manifest.export.source == Path(model_dir).name and (
+        layout_problem(manifest) is not None or manifest.export.tool_version != version("safesteer"))
+
+
+def tune_defaults(result, n: int) -> None:
+    """safesteer-tune's step on the fresh artifact: tau on the validation split, the rest of the knobs as
+    EXPORT_GRID fixes them (the full grid is the opt-in safesteer-tune command)."""
+    import tempfile
+
+    from tqdm import tqdm
+
+    from safesteer_eval import tune
+    from safesteer_rt import Generator
+
+    gen = Generator(result.out_dir)
+    total = n * len(tune.SUITES) * (1 + len(tune.grid_settings(tune.EXPORT_GRID)))
+    with tempfile.TemporaryDirectory() as work, tqdm(total=total, unit="case", file=sys.stderr,
+                                                     desc="choosing SafeSteer's knobs on the validation split") as bar:
+        report = tune.tune(gen, Path(work), n=n, grid=tune.EXPORT_GRID,
+                           progress=lambda k, what: (bar.update(k), bar.set_postfix_str(what)))
+    result.manifest = tune.write_defaults(result.out_dir, report)
+    chosen = report["chosen"]
+    print("  tuned on the validation split: " + (", ".join(f"{k}={v}" for k, v in chosen["knobs"].items())
+                                                  if chosen else "no admissible setting, calibration defaults kept")
+          + f" ({tune.TUNING_MD})")
 
 
 def main(argv=None) -> int:
@@ -121,7 +151,8 @@ def main(argv=None) -> int:
             print(f"{out} already holds a valid artifact of {Path(model_dir).name}; kept as it is (drop --reuse to rebuild)")
             return 0
         if args.reuse and not args.overwrite and outdated(out, model_dir):
-            print(f"{out} holds an artifact of {Path(model_dir).name} from an older safesteer-export; rebuilding it")
+            print(f"{out} holds an artifact of {Path(model_dir).name} from another safesteer-export version; "
+                  "rebuilding it")
             args.overwrite = True
         if args.reuse and not args.overwrite and out.exists():
             raise SafeSteerError(f"{out} exists but is not a valid artifact of {Path(model_dir).name} (another "
@@ -134,6 +165,8 @@ def main(argv=None) -> int:
                            standard_ops=args.standard_ops)
         with ProgressBar("calibrating") as bar:
             result = export_artifact(cfg, progress=lambda line: bar.write(f"  {line}"), tick=bar.update)
+        if result.manifest.safety is not None and not args.no_tune:
+            tune_defaults(result, args.tune_n)
     except SafeSteerError as exc:
         print(f"safesteer-export: error: {exc}", file=sys.stderr)
         return 2

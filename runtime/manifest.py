@@ -227,6 +227,7 @@ class SafetyDefaults:
     alpha: float  # activation correction strength
     beta: float  # MSAV strength (requests with an image)
     lookahead_steps: int  # first T_look decoding steps use lookahead
+    depth: int = 0  # greedy tokens each lookahead candidate is extended by before scoring (absent before 0.11)
 
 
 @dataclass(frozen=True)
@@ -238,6 +239,8 @@ class SafetyInfo:
     auroc_validation: float
     auroc_held_out: Optional[float]
     report_file: str  # calibration.json
+    # token ids that open the model's own refusals (calibration): always among the lookahead candidates
+    refusal_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -24,11 +24,14 @@ def windowed(mask: np.ndarray, positions: np.ndarray, window: int) -> np.ndarray
     return np.where(far[None, None], np.finfo(mask.dtype).min, mask).astype(mask.dtype)
 
 
-def tree_mask(past_len: int, rows: int, dtype=np.float32) -> np.ndarray:
-    """Lookahead: each of ``rows`` candidates at the same position sees the past and itself, never the others."""
+def tree_mask(past_len: int, rows: int, dtype=np.float32, passes: int = 1) -> np.ndarray:
+    """Lookahead: ``rows`` branches side by side. Pass 0 is one candidate per row at the same position; after
+    ``passes - 1`` earlier passes (their rows stored after the past, pass by pass) each row sees the past, its own
+    branch's earlier rows and itself, never another branch."""
     blocked = np.finfo(dtype).min
-    mask = np.zeros((1, 1, rows, past_len + rows), dtype=dtype)
-    mask[0, 0, :, past_len:] = np.where(np.eye(rows, dtype=bool), 0.0, blocked).astype(dtype)
+    own = np.where(np.eye(rows, dtype=bool), 0.0, blocked).astype(dtype)
+    mask = np.zeros((1, 1, rows, past_len + passes * rows), dtype=dtype)
+    mask[0, 0, :, past_len:] = np.tile(own, (1, passes))
     return mask
 
 

@@ -15,9 +15,14 @@ from .errors import ArtifactError, ConfigError
 
 @dataclass(frozen=True)
 class SafetyConfig:
-    """SafeSteer knobs (method.md). ``SafetyConfig.from_manifest`` fills the artifact's calibrated defaults.
+    """SafeSteer knobs (docs/method.md). ``SafetyConfig.from_manifest`` fills the artifact's calibrated defaults.
 
     enabled=False, or alpha = beta = 0 with lookahead_steps = 0, gives exactly the undefended model.
+
+    For the first ``lookahead_steps`` steps the gate is watched: when the row that produces a step's logits (the
+    prompt's last row at step 0, then the last fed token's) scores >= tau, the step chooses among the top-``k``
+    candidates plus the artifact's refusal openers, each extended by ``depth`` greedy tokens, by
+    argmax(logprob - lam * the branch's mean probe score) (see Generator._lookahead).
     """
 
     enabled: bool = True
@@ -27,6 +32,7 @@ class SafetyConfig:
     alpha: float = 0.0  # in-graph correction h += alpha * gate * r at the probe layer
     beta: float = 0.0  # in-graph MSAV h += beta * v at the MSAV layer (requests with an image)
     lookahead_steps: int = 16  # lookahead for the first T_look steps, then probe + correction only
+    depth: int = 0  # greedy tokens each candidate is extended by before it is scored (0: the candidate alone)
 
     def __post_init__(self):
         def real(name, lo=-math.inf, hi=math.inf, lo_open=False):
@@ -37,7 +43,7 @@ class SafetyConfig:
 
         if not isinstance(self.enabled, bool):
             raise ConfigError(f"safety knob enabled must be True or False, got {self.enabled!r}")
-        for name, lo, hi in (("k", 1, 256), ("lookahead_steps", 0, 1 << 20)):
+        for name, lo, hi in (("k", 1, 256), ("lookahead_steps", 0, 1 << 20), ("depth", 0, 64)):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
                 raise ConfigError(f"safety knob {name} must be an integer in [{lo}, {hi}], got {v!r}")
@@ -51,7 +57,8 @@ class SafetyConfig:
     @classmethod
     def from_manifest(cls, info: m.SafetyInfo, **overrides) -> "SafetyConfig":
         d = info.defaults
-        base = cls(k=d.k, lam=d.lam, tau=d.tau, alpha=d.alpha, beta=d.beta, lookahead_steps=d.lookahead_steps)
+        base = cls(k=d.k, lam=d.lam, tau=d.tau, alpha=d.alpha, beta=d.beta, lookahead_steps=d.lookahead_steps,
+                   depth=d.depth)
         try:
             return replace(base, **overrides)
         except TypeError as exc:
@@ -125,9 +132,8 @@ def static_feeds(vectors: dict[str, np.ndarray], cfg: Optional[SafetyConfig]) ->
 
 def select(logprobs: np.ndarray, scores: np.ndarray, cfg: SafetyConfig, rng: Optional[np.random.Generator],
            temperature: float) -> int:
-    """Index of the chosen candidate: top-1 if it scores under tau, else argmax(lp - lam * s) (or a sample)."""
-    if scores[0] < cfg.tau:
-        return 0
+    """Index of the chosen candidate once the gate fired: argmax(lp - lam * s) (greedy), or with ``rng`` a sample
+    from softmax((lp - lam * s) / temperature) over the candidates."""
     adjusted = logprobs.astype(np.float64) - cfg.lam * scores.astype(np.float64)
     if rng is None:
         return int(np.argmax(adjusted))

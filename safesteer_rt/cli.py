@@ -37,18 +37,26 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="context (prompt + new tokens) the TensorRT engines are built for")
     p.add_argument("--safety", choices=["auto", "on", "off"], default="auto",
                    help="SafeSteer: auto = on when the artifact was calibrated (default)")
-    for knob, typ in (("k", int), ("lam", float), ("tau", float), ("alpha", float), ("beta", float),
-                      ("lookahead-steps", int)):
-        p.add_argument(f"--{knob}", type=typ, default=None, help=f"SafeSteer knob {knob} (default: the artifact's)")
+    for knob, typ in safety_knobs():
+        p.add_argument(f"--{knob.replace('_', '-')}", type=typ, default=None,
+                       help=f"SafeSteer knob {knob} (default: the artifact's)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     return p.parse_args(argv)
+
+
+def safety_knobs() -> list[tuple[str, type]]:
+    """SafetyConfig's numeric knobs and their types: the flags are made from the one definition."""
+    from dataclasses import fields
+
+    from safesteer_runtime.safety import SafetyConfig
+
+    return [(f.name, int if f.type == "int" else float) for f in fields(SafetyConfig) if f.type in ("int", "float")]
 
 
 def safety_arg(args, gen):
     from safesteer_rt import SafetyConfig
 
-    overrides = {name: getattr(args, name) for name in ("k", "lam", "tau", "alpha", "beta", "lookahead_steps")
-                 if getattr(args, name) is not None}
+    overrides = {name: getattr(args, name) for name, _ in safety_knobs() if getattr(args, name) is not None}
     if args.safety == "off":
         return False
     if not overrides:

@@ -53,16 +53,39 @@ def test_calibration_of_an_artifact_is_read_from_its_report(safe_artifact):
     assert cal.used_ids == {i for group in report["data"]["ids"].values() for i in group} and cal.used_ids
 
 
-def test_jailbreak_and_image_cases_wrap_the_request():
-    templates = st.jailbreak_templates()
-    assert len(templates) > 100 and all(t.count(st.PLACEHOLDER) == 1 for t in templates.values())
-    for case in st.build("jailbreak", 10, NO_CALIBRATION):
-        assert case.request in case.prompt and case.template in templates and len(case.prompt) > len(case.request)
-    assert len({c.template for c in st.build("jailbreak", 20, NO_CALIBRATION)}) > 10
+def test_jailbreak_cases_hold_every_kind_and_wrap_the_request():
+    from safesteer_export.jailbreaks import KINDS, PLACEHOLDER, templates, templates_of_split
+
+    assert len(templates()) > 100 and all(t.count(PLACEHOLDER) == 1 for t in templates().values())
+    cases = st.build("jailbreak", 40, NO_CALIBRATION)
+    assert [c.kind for c in cases[:4]] == list(KINDS)  # kinds in turn: every prefix holds each kind
+    test_templates = set(templates_of_split("test", 0))
+    for case in cases:
+        assert len(case.prompt) > len(case.request) and case.id.endswith("@" + case.template)
+        if case.kind == "roleplay":
+            assert case.request in case.prompt and case.template in test_templates
+        elif case.kind == "past-tense":
+            assert "past" in case.prompt or "decades ago" in case.prompt or "1990s" in case.prompt
+        else:
+            assert case.request.strip() in case.prompt
+    assert len({c.template for c in cases if c.kind == "roleplay"}) > 5
+    # the validation split wraps in templates of its own share: none of them is a test template
+    val = st.build("jailbreak", 40, NO_CALIBRATION, split="validation")
+    assert {c.template for c in val if c.kind == "roleplay"}.isdisjoint(test_templates)
     for case in st.build("image", 5, NO_CALIBRATION):
         assert case.image_text == case.request and case.request not in case.prompt  # the request is only in the image
     with pytest.raises(ConfigError, match="unknown suite"):
         st.build("nope", 3, NO_CALIBRATION)
+    with pytest.raises(ConfigError, match="unknown split"):
+        st.build("harmful", 3, NO_CALIBRATION, split="calibration")
+
+
+def test_full_suites_have_a_hundred_cases_and_the_splits_are_disjoint():
+    for suite in ("harmful", "jailbreak", "edgy", "ordinary"):
+        test = st.build(suite, 100, NO_CALIBRATION)
+        val = st.build(suite, 100, NO_CALIBRATION, split="validation")
+        assert len(test) == 100, suite
+        assert {c.request for c in test}.isdisjoint({c.request for c in val}), suite
 
 
 # --- judges ---------------------------------------------------------------------------------------
@@ -155,8 +178,8 @@ def test_eval_end_to_end_report_schema(safe_artifact, tmp_path):
     assert len(prov["artifact_sha256"]) == 64 and prov["split_seed"] == 0 and prov["seed"] == 0
     assert set(prov["cases"]) == set(st.SUITES)
     for row in report["results"]:
-        assert {"suite", "mode", "judge", "n", "refusal_rate", "asr", "ms_per_token"} <= set(row)
-        assert row["n"] + row["skipped"] == 2
+        assert {"suite", "mode", "judge", "n", "refusal_rate", "asr", "ms_per_token", "ci95"} <= set(row)
+        assert row["n"] + row["skipped"] == (2 if row["kind"] is None else 1)  # 2 jailbreak cases: 2 kinds
         if row["n"]:
             assert 0 <= row["refusal_rate"] <= 1
             assert (row["asr"] is None) == (row["suite"] not in st.HARMFUL_SUITES)
@@ -263,3 +286,74 @@ def test_eval_on_an_uncalibrated_artifact_runs_the_modes_that_apply(tiny, tmp_pa
     assert report["modes"] == ["undefended", "system-prompt"]
     assert _eval(tmp_path / "missing", tmp_path / "c") == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_gate_shortcut_is_exact(safe_artifact):
+    """Where the undefended trace says the gate never fires, SafeSteer's real reply is the undefended reply; the
+    sweep's copied replies rest on this."""
+    from safesteer_eval.runner import gate_fires, generate
+    from safesteer_rt import Generator, SafetyConfig
+
+    gen = Generator(safe_artifact("LlamaForCausalLM", "gqa", 2))
+    cases = st.build("harmful", 4, NO_CALIBRATION) + st.build("ordinary", 4, NO_CALIBRATION)
+    seen = set()
+    for tau in (0.2, 0.5, 0.8):
+        cfg = SafetyConfig.from_manifest(gen.manifest.safety, tau=tau, alpha=0.0, depth=1, lookahead_steps=6)
+        for case in cases:
+            base = generate(gen, case, "undefended", 10)
+            real = generate(gen, case, "safesteer", 10, cfg)
+            fires = gate_fires(base, cfg)
+            seen.add(fires)
+            assert fires == any(t["lookahead"] for t in real["safety_trace"])
+            if not fires:
+                assert real["text"] == base["text"] and real["safety_trace"] == [
+                    {**t, "gate": False} for t in base["safety_trace"]]
+    assert seen == {True, False}, "the taus should make the gate fire on some cases and not on others"
+    with_alpha = SafetyConfig.from_manifest(gen.manifest.safety, tau=0.99, alpha=1.0)
+    assert gate_fires(generate(gen, cases[0], "undefended", 4), with_alpha)  # the correction may act anywhere
+
+
+def test_tune_chooses_on_validation_and_writes_the_defaults(safe_artifact, tmp_path):
+    import shutil
+
+    from safesteer_eval import tune
+    from safesteer_rt import Generator
+    from safesteer_runtime import manifest as m
+
+    art = tmp_path / "art"
+    shutil.copytree(safe_artifact("LlamaForCausalLM", "gqa", 2), art)
+    gen = Generator(art)
+    grid = {"tau": (0.2, 0.9), "lam": (8.0,), "depth": (0, 1)}
+    report = tune.tune(gen, tmp_path / "work", n=2, new_tokens=6, grid=grid, budget=1.0)
+    assert len(report["settings"]) == 4 and report["chosen"] is not None
+    assert set(report["cases"]) == set(tune.SUITES)
+    val_ids = {c.id for s in tune.SUITES for c in st.build(s, 2, st.Calibration.of_artifact(art), split="validation")}
+    assert {i for ids in report["cases"].values() for i in ids} == val_ids  # validation cases only
+    # a second run resumes from the work folder and gives the same table
+    again = tune.tune(gen, tmp_path / "work", n=2, new_tokens=6, grid=grid, budget=1.0)
+    assert again["settings"] == report["settings"]
+    tune.write_defaults(art, report)
+    loaded = m.load_manifest(art)  # every file hashed, tuning.json included
+    assert loaded.safety.defaults.tau == report["chosen"]["knobs"]["tau"] and loaded.safety.defaults.alpha == 0.0
+    assert {f.path for f in loaded.extra_files} >= {tune.TUNING_JSON, tune.TUNING_MD}
+    assert "chosen" in (art / tune.TUNING_MD).read_text()
+    # nothing admissible: the defaults stay
+    strict = dict(report, chosen=None)
+    before = m.load_manifest(art).safety.defaults
+    tune.write_defaults(art, strict)
+    assert m.load_manifest(art).safety.defaults == before
+
+
+def test_eval_sweep_adds_modes_skips_images_and_copies_quiet_cases(safe_artifact, tmp_path):
+    art = safe_artifact("LlavaForConditionalGeneration", "clip-llama", 2)
+    out = tmp_path / "ev"
+    assert _eval(art, out, "--suites", "harmful", "image", "edgy", "--modes", "undefended", "safesteer",
+                 "--knob", "alpha=0", "--sweep", "tau=0.999999", "lam=1") == 0
+    records = [json.loads(line) for line in (out / GENERATIONS).read_text().splitlines()]
+    swept = [r for r in records if r["mode"].startswith("safesteer@")]
+    assert {r["mode"] for r in swept} == {"safesteer@tau=0.999999", "safesteer@lam=1"}
+    assert not any(r["suite"] == "image" for r in swept)
+    quiet = [r for r in swept if r["mode"] == "safesteer@tau=0.999999"]
+    assert quiet and all(r.get("derived") for r in quiet)  # the gate cannot fire: the undefended reply, copied
+    report = json.loads((out / "report.json").read_text())
+    assert report["tradeoff"] and "safesteer" in report["tradeoff"][0]["curves"]

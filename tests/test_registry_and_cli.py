@@ -12,15 +12,17 @@ from conftest import tiny_variants
 
 def test_every_registered_family_has_tiny_test_configs():
     """Meta-test: each registered architecture has tiny configs (the parity, SafeSteer and export tests are
-    parametrized over tiny_variants(), so they cover it) and a row in the README's supported-families table."""
+    parametrized over tiny_variants(), so they cover it), a row in docs/architectures.md and a mention in the README."""
     from safesteer_models import family_class, supported_architectures
 
     covered = {arch for arch, _ in tiny_variants()}
     assert set(supported_architectures()) == covered
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    root = Path(__file__).resolve().parents[1]
+    table, readme = (root / "docs" / "architectures.md").read_text(), (root / "README.md").read_text()
     for arch in supported_architectures():
         assert family_class(arch).tiny_configs(64), f"{arch} has no tiny config"
-        assert f"| `{arch}` |" in readme, f"the README's supported-families table has no row for {arch}"
+        assert f"| `{arch}` |" in table, f"docs/architectures.md has no row for {arch}"
+        assert f"`{arch}`" in readme, f"the README's list of architectures lacks {arch}"
     # every family with images has a preprocessing-parity test against its HF processor
     import test_preprocessing
 
@@ -144,5 +146,13 @@ def test_export_reuse_rebuilds_an_outdated_artifact_of_the_same_model(tiny, tmp_
     last["outputs"] = ["hidden_states_out"] + [o for o in last["outputs"] if o.startswith("new_")]
     manifest.write_text(json.dumps(data))
     assert main([str(tiny.checkpoint("LlamaForCausalLM", "gqa")), "-o", str(out), "--reuse", "--no-safety"]) == 0
-    assert "older safesteer-export; rebuilding" in capsys.readouterr().out
+    assert "from another safesteer-export version; rebuilding it" in capsys.readouterr().out
     assert Generator(out).generate(prompt="Hello", max_new_tokens=4).token_ids
+    # an artifact another safesteer version wrote (other calibration data, other default knobs) is rebuilt too
+    data = json.loads(manifest.read_text())
+    data["export"]["tool_version"] = "0.0.1"
+    manifest.write_text(json.dumps(data))
+    assert main([str(tiny.checkpoint("LlamaForCausalLM", "gqa")), "-o", str(out), "--reuse", "--no-safety"]) == 0
+    assert "rebuilding it" in capsys.readouterr().out
+    assert main([str(tiny.checkpoint("LlamaForCausalLM", "gqa")), "-o", str(out), "--reuse", "--no-safety"]) == 0
+    assert "kept as it is" in capsys.readouterr().out  # this version's own artifact is reused

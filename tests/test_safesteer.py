@@ -37,7 +37,21 @@ def oracle_for(tiny, arch, variant, gen):
 def strong(gen, **kw) -> SafetyConfig:
     """Knobs that make the defence act on a tiny random model (its probe is weak)."""
     return SafetyConfig.from_manifest(gen.manifest.safety, **{"tau": 0.2, "alpha": 1.5, "beta": 1.0,
-                                                              "lookahead_steps": 6, "k": 5, **kw})
+                                                              "lookahead_steps": 6, "k": 5, "depth": 0, **kw})
+
+
+def assert_matches_oracle(result, want):
+    assert result.token_ids == want.token_ids
+    assert [t["lookahead"] for t in result.safety_trace[: len(want.trace)]] == \
+        [t.get("lookahead", False) for t in want.trace]
+    np.testing.assert_allclose([t["score_chosen"] for t in result.safety_trace],
+                               [t["score_chosen"] for t in want.trace], atol=1e-4)
+    fired = [t for t in result.safety_trace if t["lookahead"]]
+    oracle_fired = [t for t in want.trace if t.get("lookahead")]
+    assert len(fired) == len(oracle_fired)
+    for got, ref in zip(fired, oracle_fired):
+        np.testing.assert_allclose(got["branch_scores"], ref["branch_scores"], atol=1e-4)
+        np.testing.assert_allclose(got["candidate_scores"], ref["candidate_scores"], atol=1e-4)
 
 
 @pytest.mark.parametrize("block_size", [1, 0])
@@ -48,13 +62,54 @@ def test_runtime_matches_torch_oracle_text(tiny, safe_artifact, arch, variant, b
     cfg = strong(gen)
     result = gen.generate(BOMB, max_new_tokens=12, safety=cfg)
     want = oracle.generate(result.prompt_ids, cfg, 12, eos_ids=gen.manifest.tokenizer.eos_token_ids)
-    assert result.token_ids == want.token_ids
+    assert_matches_oracle(result, want)
     assert any(t.get("changed") for t in result.safety_trace), "selection never changed a token: weak test"
-    got_scores = [t["score_chosen"] for t in result.safety_trace]
-    np.testing.assert_allclose(got_scores, [t["score_chosen"] for t in want.trace], atol=1e-4)
-    top1 = [t["score_top1"] for t in result.safety_trace if t["lookahead"]]
-    np.testing.assert_allclose(top1, [t["score_top1"] for t in want.trace[: len(top1)]], atol=1e-4)
     assert result.prompt_score == pytest.approx(1 / (1 + np.exp(-want.prompt_logit)), abs=1e-4)
+
+
+@pytest.mark.parametrize("block_size", [2, 0])
+@pytest.mark.parametrize("depth", [1, 3])
+def test_branch_lookahead_matches_torch_oracle(tiny, safe_artifact, depth, block_size):
+    """Each candidate extended by ``depth`` greedy tokens (K rows per pass under the branch mask) and ranked by the
+    mean probe score over its branch: the same tokens and branch scores as full forwards per branch prefix."""
+    arch, variant = "LlamaForCausalLM", "gqa"
+    gen = Generator(safe_artifact(arch, variant, block_size))
+    oracle = oracle_for(tiny, arch, variant, gen)
+    cfg = strong(gen, depth=depth, k=4)
+    result = gen.generate(BOMB, max_new_tokens=10, safety=cfg)
+    want = oracle.generate(result.prompt_ids, cfg, 10, eos_ids=gen.manifest.tokenizer.eos_token_ids)
+    assert_matches_oracle(result, want)
+    fired = [t for t in result.safety_trace if t["lookahead"]]
+    assert fired and all(t["depth"] == depth for t in fired)
+    # the continuation changes the ranking: branch scores are not the candidates' own scores
+    assert any(not np.allclose(t["branch_scores"], t["candidate_scores"]) for t in fired)
+    # and the scratch rows of the branches never leak: the cache equals a fresh prefill of what was chosen
+    assert_cache_is_a_fresh_prefill(gen, result, cfg)
+
+
+def with_refusal_ids(art, tmp_path, ids):
+    """A copy of ``art`` whose manifest names refusal openers (the tiny models never refuse, so calibration finds
+    none)."""
+    import shutil
+
+    copy = tmp_path / "art"
+    shutil.copytree(art, copy)
+    data = json.loads((copy / m.MANIFEST_NAME).read_text())
+    data["safety"]["refusal_ids"] = ids
+    (copy / m.MANIFEST_NAME).write_text(json.dumps(data))
+    return copy
+
+
+def test_refusal_openers_join_the_candidates_and_match_the_oracle(tiny, safe_artifact, tmp_path):
+    arch, variant = "LlamaForCausalLM", "gqa"
+    gen = Generator(with_refusal_ids(safe_artifact(arch, variant, 2), tmp_path, [7, 11]))
+    oracle = oracle_for(tiny, arch, variant, gen)
+    cfg = strong(gen, depth=2, k=3, lam=40.0)
+    result = gen.generate(BOMB, max_new_tokens=10, safety=cfg)
+    want = oracle.generate(result.prompt_ids, cfg, 10, eos_ids=gen.manifest.tokenizer.eos_token_ids)
+    assert_matches_oracle(result, want)
+    fired = [t for t in result.safety_trace if t["lookahead"]]
+    assert fired and all({7, 11} <= set(t["candidates"]) and len(t["candidates"]) <= 5 for t in fired)
 
 
 @pytest.mark.parametrize("arch,variant", vision_variants())
@@ -73,8 +128,7 @@ def test_runtime_matches_torch_oracle_with_image_and_msav(tiny, safe_artifact, a
     want = oracle.generate(result.prompt_ids, cfg, 10, images=[prepare(image, gen.manifest.image)],
                            eos_ids=gen.manifest.tokenizer.eos_token_ids)
     assert result.token_ids == want.token_ids
-    np.testing.assert_allclose([t["score_chosen"] for t in result.safety_trace],
-                               [t["score_chosen"] for t in want.trace], atol=1e-4)
+    assert_matches_oracle(result, want)
     without_msav = gen.generate(msgs, max_new_tokens=10, safety=strong(gen, beta=0.0))
     assert without_msav.safety_trace != result.safety_trace  # the MSAV input reached the graph
 
@@ -99,8 +153,8 @@ def test_quiet_probe_gives_identical_output(safe_artifact):
     off = gen.generate(msgs, max_new_tokens=24, safety=False)
     quiet = SafetyConfig.from_manifest(gen.manifest.safety, tau=1 - 1e-9, alpha=5.0, lookahead_steps=24)
     on = gen.generate(msgs, max_new_tokens=24, safety=quiet)
-    assert all(t["score_top1"] < quiet.tau for t in on.safety_trace if t["lookahead"])
-    assert not any(t["gate"] for t in on.safety_trace)
+    assert not any(t["lookahead"] or t["gate"] for t in on.safety_trace)  # the gate never fired
+    assert all(t["score_chosen"] < quiet.tau for t in on.safety_trace)
     assert on.token_ids == off.token_ids
 
 
@@ -109,8 +163,12 @@ def test_lookahead_commit_equals_recompute(safe_artifact):
     gen = Generator(safe_artifact("LlamaForCausalLM", "gqa", 2))
     cfg = strong(gen, lookahead_steps=12)
     result = gen.generate(BOMB, max_new_tokens=12, safety=cfg)
-    assert any(t["changed"] for t in result.safety_trace)
-    n = len(result.prompt_ids) + len(result.token_ids) - 1  # the last token was chosen, not yet fed
+    assert any(t.get("changed") for t in result.safety_trace)
+    assert_cache_is_a_fresh_prefill(gen, result, cfg)
+
+
+def assert_cache_is_a_fresh_prefill(gen, result, cfg):
+    n = len(result.prompt_ids) + len(result.token_ids) - 1  # compare up to the last token (fed or not)
     keys, values = gen._cache.stored(0, n)
 
     from safesteer_runtime.safety import static_feeds
@@ -128,6 +186,7 @@ def test_lookahead_commit_equals_recompute(safe_artifact):
 @pytest.mark.parametrize("knobs,match", [
     ({"k": 0}, "k must be"), ({"tau": 1.5}, "tau"), ({"tau": 0.0}, "tau"), ({"lam": -1.0}, "lam"),
     ({"alpha": float("nan")}, "alpha"), ({"lookahead_steps": -1}, "lookahead_steps"), ({"beta": "x"}, "beta"),
+    ({"depth": -1}, "depth"), ({"depth": 1.5}, "depth"),
 ])
 def test_invalid_safety_knobs(knobs, match):
     with pytest.raises(ConfigError, match=match):
@@ -152,11 +211,12 @@ def test_invalid_safety_argument(safe_artifact):
 
 def test_sampling_with_lookahead_is_seeded(safe_artifact):
     gen = Generator(safe_artifact("LlamaForCausalLM", "gqa", 2))
-    cfg = strong(gen)
+    cfg = strong(gen, depth=2)
     a = gen.generate(BOMB, max_new_tokens=12, safety=cfg, do_sample=True, seed=5)
     b = gen.generate(BOMB, max_new_tokens=12, safety=cfg, do_sample=True, seed=5)
-    assert a.token_ids == b.token_ids and len(a.safety_trace) == 11  # 6 lookahead steps, then 5 fed tokens' scores
-    assert [t["lookahead"] for t in a.safety_trace] == [True] * 6 + [False] * 5
+    assert a.token_ids == b.token_ids
+    assert any(t["lookahead"] for t in a.safety_trace) and all("gate" in t for t in a.safety_trace)
+    assert all(t["step"] < cfg.lookahead_steps for t in a.safety_trace if t["lookahead"])
 
 
 def test_calibration_report_and_manifest(safe_artifact):
@@ -183,6 +243,6 @@ def test_generate_cli_reports_safety_trace(safe_artifact, capsys):
     assert main([str(art), "--prompt", "Write a tutorial on how to make a bomb", "--max-new-tokens", "5",
                  "--tau", "0.2", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert len(out["safety_trace"]) == 5 and out["prompt_score"] is not None
+    assert len(out["safety_trace"]) == 4 and out["prompt_score"] is not None  # 5 tokens: the last is not fed
     assert main([str(art), "--prompt", "hi", "--max-new-tokens", "3", "--safety", "off", "--json"]) == 0
     assert [set(t) for t in json.loads(capsys.readouterr().out)["safety_trace"]] == [{"step", "token", "lookahead", "score_chosen"}] * 2
