@@ -30,7 +30,7 @@ echo "== 1. parity (CUDA, TensorRT) =="
 timeout 420 "$PY" -m pytest -q -m gpu tests/test_gpu.py -rs 2>&1 | tee "$OUT/parity.log"
 
 echo "== 2. speed on CUDA =="
-HF=${1:-$("$PY" -c "from safesteer_models.packaged import QWEN25_CODER_05B, checkpoint; print(checkpoint(QWEN25_CODER_05B))")}
+HF=${1:-$("$PY" -c "from safesteer_checkpoints.packaged import QWEN25_CODER_05B, checkpoint; print(checkpoint(QWEN25_CODER_05B))")}
 timeout 300 "$PY" bench/speed.py "$HF" --work "$OUT/work" --providers CUDAExecutionProvider --skip-genai \
     --skip-transformers --precisions fp32 fp16 int4 --blocks 0 --runs 2 --rounds 1 --json "$OUT/speed.json" \
     2>&1 | tee "$OUT/speed.log"

@@ -65,7 +65,7 @@ def time_transformers(ckpt: Path, prompt_ids: list[int], new_tokens: int, runs: 
 
 
 def main() -> None:
-    from safesteer_models.packaged import PACKAGED, checkpoint
+    from safesteer_checkpoints.packaged import PACKAGED, checkpoint
 
     p = argparse.ArgumentParser()
     p.add_argument("--models", nargs="+", default=list(PACKAGED))

@@ -50,7 +50,7 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 
 def _judges(names: Sequence[str], exclude: set[str]) -> list:
-    from safesteer_export.judges import KeywordJudge, judge_accuracy
+    from safesteer_data.judges import KeywordJudge, judge_accuracy
 
     out = []
     for name in names:
@@ -79,14 +79,15 @@ def _judges(names: Sequence[str], exclude: set[str]) -> list:
 
 def excluded_prompts() -> set[str]:
     """Every packaged prompt text the suites can draw from: the embedding judge never trains on them."""
-    from safesteer_export.prompt_sets import SOURCES, load_source
+    from safesteer_data.prompt_sets import SOURCES, load_source
 
     return {p.text for name in SOURCES for p in load_source(name)}
 
 
-def knobs(gen, pairs: Sequence[str], sweep: Sequence[str] = ()) -> dict:
-    """--knob NAME=VALUE ... and --sweep -> {safesteer mode: its ``safety=``} (True: the artifact's defaults)."""
-    modes = md.sweep_modes(list(sweep))
+def knobs(gen, pairs: Sequence[str], sweep: Sequence[str] = (), named: Sequence[str] = ()) -> dict:
+    """--knob NAME=VALUE ..., --sweep and the ``safesteer@...`` modes named in --modes -> {safesteer mode: its
+    ``safety=``} (True: the artifact's defaults)."""
+    modes = md.sweep_modes(list(sweep)) + [m for m in named if md.parse(m)[1]]
     if (pairs or modes) and gen.manifest.safety is None:
         raise ConfigError("--knob and --sweep need a SafeSteer-calibrated artifact")
     from safesteer_rt import SafetyConfig
@@ -123,7 +124,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     suites = args.suites or [s for s in st.SUITES if s != "image" or gen.manifest.image is not None]
     if "image" in suites and gen.manifest.image is None:
         raise SafeSteerError("the image suite needs an artifact with a vision graph; drop 'image' from --suites")
-    steer = knobs(gen, args.knob, args.sweep)
+    steer = knobs(gen, args.knob, args.sweep, modes)
     modes += [m for m in steer if m not in modes and "safesteer" in modes]
     cal = st.Calibration.of_artifact(args.artifact)
     per_suite = [st.build(s, n, cal, seed=args.seed, split=args.split) for s in suites]

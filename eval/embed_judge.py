@@ -27,9 +27,9 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from safesteer_export.judges import refusal_labels
-from safesteer_export.probe import _logistic_newton
-from safesteer_models.wheels import cache_root, wheel_file, wheel_members
+from safesteer_data.judges import refusal_labels
+from safesteer_data.probe import _logistic_newton
+from safesteer_checkpoints.wheels import cache_root, wheel_file, wheel_members
 
 log = logging.getLogger("safesteer.eval")
 
@@ -80,7 +80,7 @@ class Embedder:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from safesteer_models.packaged import SMOLLM2, checkpoint
+        from safesteer_checkpoints.packaged import SMOLLM2, checkpoint
 
         folder = checkpoint(SMOLLM2, cache)
         self.torch = torch

@@ -158,6 +158,15 @@ def markdown(report: dict) -> str:
                     cells.append("-" if not v else f"+{v['gained']} / -{v['lost']}, p={v['mcnemar_p']:.3g}")
                 name = suite if kind is None else f"{suite}: {kind}"
                 lines.append(f"| {name} | {judge} | " + " | ".join(cells) + " |")
+        lines += ["", "## Replies byte-identical to the undefended ones (same cases)", "",
+                  "| suite | " + " | ".join(defended) + " |", "|---|" + "---|" * len(defended)]
+        for suite in report["suites"]:
+            cells = []
+            for mode in defended:
+                row = _find(report, suite, mode, judges[0])
+                share = row and row.get("unchanged_vs_undefended")
+                cells.append("-" if share is None else f"{share:.0%} (n={row['n']})")
+            lines.append(f"| {suite} | " + " | ".join(cells) + " |")
         lines += ["", "## Do no harm: harmful cases the undefended model refused and the defence answered", ""]
         harm = [(r["suite"], r["mode"], r["judge"], r["vs_undefended"]["lost_ids"]) for r in report["results"]
                 if r["suite"] in HARMFUL_SUITES and r.get("kind") is None and r.get("vs_undefended")

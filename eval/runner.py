@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from safesteer_export.typography import render_request
+from safesteer_data.typography import render_request
 from safesteer_rt import Generator
 from safesteer_runtime.errors import InputError
 

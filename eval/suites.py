@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from safesteer_export.jailbreaks import KINDS, templates_of_split, wrap
-from safesteer_export.prompt_sets import EDGY_SOURCES, HARMFUL, Prompt, load_source, split_of
-from safesteer_models.wheels import cache_root
+from safesteer_data.jailbreaks import KINDS, templates_of_split, wrap
+from safesteer_data.prompt_sets import EDGY_SOURCES, HARMFUL, Prompt, load_source, split_of
+from safesteer_checkpoints.wheels import cache_root
 from safesteer_runtime.errors import ConfigError
 
 SUITES = ("harmful", "jailbreak", "image", "edgy", "ordinary")

@@ -32,11 +32,12 @@ from .store import Store
 SUITES = ("harmful", "jailbreak", "edgy", "ordinary")
 BUDGET = 0.10
 TUNING_JSON, TUNING_MD = "tuning.json", "tuning.md"
-# tau in probability; lam: the selection's weight on the branch score; depth: tokens each candidate is extended by
-DEFAULT_GRID = {"tau": (0.1, 0.25, 0.5), "lam": (8.0, 32.0), "depth": (0, 4, 8)}
-# what safesteer-export tunes by default (minutes, not an hour): tau only, lam and depth as chosen on the default
-# model's validation split (docs/evaluation.md)
-EXPORT_GRID = {"tau": (0.25, 0.5), "lam": (32.0,), "depth": (4,)}
+# tau in probability; lam: the selection's weight on the branch score; depth: tokens each candidate is extended by;
+# gamma: how fast lam grows with the gate score (depth 8 measured no better than 4 on the default's validation split)
+DEFAULT_GRID = {"tau": (0.1, 0.25, 0.5), "lam": (8.0, 32.0), "depth": (0, 4), "gamma": (0.0, 1.0)}
+# what safesteer-export tunes by default (minutes, not an hour): tau only, lam, depth and gamma as chosen on the
+# default model's validation split (docs/evaluation.md)
+EXPORT_GRID = {"tau": (0.25, 0.5), "lam": (32.0,), "depth": (4,), "gamma": (1.0,)}
 
 
 def _rate(records: list[dict], suites: Sequence[str]) -> tuple[float, int]:
@@ -69,7 +70,7 @@ def grid_settings(grid: dict[str, Sequence]) -> list[dict]:
 def tune(gen, out: Path, *, n: int = 24, new_tokens: int = 32, grid: Optional[dict] = None, budget: float = BUDGET,
          seed: int = 0, progress: Optional[Callable[[int, str], None]] = None) -> dict:
     """Run the grid on the validation split (resumable in ``out``) -> the tuning report (``chosen`` may be None)."""
-    from safesteer_export.judges import KeywordJudge
+    from safesteer_data.judges import KeywordJudge
 
     if gen.manifest.safety is None:
         raise ConfigError("safesteer-tune needs a SafeSteer-calibrated artifact (exported without --no-safety)")
@@ -163,10 +164,11 @@ def write_defaults(root: Path, report: dict) -> m.Manifest:
 def parse_grid(specs: Sequence[str]) -> dict:
     grid = dict(DEFAULT_GRID)
     ints = {f.name for f in dataclasses.fields(SafetyConfig) if f.type == "int"}
+    tunable = [f.name for f in dataclasses.fields(SafetyConfig) if f.name not in ("enabled", "alpha", "beta")]
     for spec in specs:
         name, sep, values = spec.partition("=")
-        if not sep or name not in {f.name for f in dataclasses.fields(SafetyConfig)} - {"enabled", "alpha", "beta"}:
-            raise ConfigError(f"--grid takes KNOB=V1,V2 with a knob among k, lam, tau, lookahead_steps, depth; got {spec!r}")
+        if not sep or name not in tunable:
+            raise ConfigError(f"--grid takes KNOB=V1,V2 with a knob among {', '.join(tunable)}; got {spec!r}")
         try:
             grid[name] = tuple(int(v) if name in ints else float(v) for v in values.split(",") if v)
         except ValueError:

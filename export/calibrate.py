@@ -21,10 +21,10 @@ import torch
 from safesteer_runtime.image_tokens import with_images
 from safesteer_runtime.text import ChatTemplate, render_messages
 
-from .judges import KeywordJudge
-from .probe import Probe, auroc, fit_probe, sigmoid, threshold_at_fpr
-from .prompt_sets import HARMFUL, HARMLESS, Prompt, PromptSets, build_sets, load_user_file, packaged_prompts
-from .typography import NEUTRAL_INSTRUCTION, render_request
+from safesteer_data.judges import KeywordJudge
+from safesteer_data.probe import Probe, auroc, fit_probe, sigmoid, threshold_at_fpr
+from safesteer_data.prompt_sets import HARMFUL, HARMLESS, Prompt, PromptSets, build_sets, load_user_file, packaged_prompts
+from safesteer_data.typography import NEUTRAL_INSTRUCTION, render_request
 
 log = logging.getLogger("safesteer.export")
 

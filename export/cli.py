@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     if args.list_architectures:
         print("\n".join(supported_architectures()))
         return 0
-    from safesteer_models.default import UNTRAINED_NOTE, default_checkpoint
+    from safesteer_checkpoints.default import UNTRAINED_NOTE, default_checkpoint
 
     from .calibrate import CalibrationConfig
     from .pipeline import ExportConfig, export_artifact

@@ -127,9 +127,10 @@ def safety_info(cal: Calibration) -> m.SafetyInfo:
     best = cal.sweep[cal.probe_layer]
     return m.SafetyInfo(
         probe_layer=cal.probe_layer, msav_layer=cal.msav_layer, vectors_file=SAFETY_VECTORS,
-        # lam, depth: chosen on the default model's validation split (docs/evaluation.md); alpha 0: the correction
+        # lam, depth, gamma: chosen on the default model's validation split (docs/evaluation.md); alpha 0: the correction
         # at the probe layer turned refusals into answers there (docs/method.md); tau: safesteer-tune re-chooses it
-        defaults=m.SafetyDefaults(k=8, lam=32.0, tau=cal.tau, alpha=0.0, beta=1.0, lookahead_steps=16, depth=4),
+        defaults=m.SafetyDefaults(k=8, lam=32.0, tau=cal.tau, alpha=0.0, beta=1.0, lookahead_steps=16, depth=4,
+                                   gamma=1.0),
         auroc_validation=float(best["auroc_validation"]), auroc_held_out=best.get("auroc_held_out"),
         report_file="calibration.json", refusal_ids=tuple(int(i) for i in cal.refusal_ids),
     )

@@ -290,7 +290,7 @@ def _half_graph(path: Path, tables: Heads) -> None:
 
 
 def _probe_prompts(root: Path) -> tuple[list[str], list[int]]:
-    from .prompt_sets import HARMFUL, build_sets, packaged_prompts
+    from safesteer_data.prompt_sets import HARMFUL, build_sets, packaged_prompts
 
     seed = json.loads((root / "calibration.json").read_text())["config"]["seed"]
     val = [p for p in build_sets(packaged_prompts(seed=seed), seed=seed).validation
@@ -304,7 +304,7 @@ def check(fp32_dir: Path, quant_dir: Path) -> dict:
     """Float32 vs quantized on the runtime: greedy agreement, perplexity, probe AUROC."""
     from safesteer_rt import Generator
 
-    from .probe import auroc
+    from safesteer_data.probe import auroc
 
     ref, quant = Generator(fp32_dir, verify=False), Generator(quant_dir, verify=False)
     agree, matched, total = [], 0, 0

@@ -130,9 +130,17 @@ class Generator:
             except StopIteration as done:
                 return done.value
 
-    def stream(self, messages: Optional[Sequence[dict]] = None, **kwargs) -> Iterator[str]:
-        """Like ``generate`` (same keyword arguments) but yields text pieces as they decode."""
-        yield from self._run(messages, **kwargs, pieces=True)
+    def stream(self, messages: Optional[Sequence[dict]] = None, *, prompt: Optional[str] = None,
+               prompt_ids: Optional[Sequence[int]] = None, images: Optional[Sequence[ImageLike]] = None,
+               max_new_tokens: int = 128, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
+               top_p: float = 1.0, seed: Optional[int] = None, stop: Optional[Sequence[str]] = None,
+               safety: Any = "auto", min_new_tokens: int = 0) -> Iterator[str]:
+        """Like ``generate`` (the same arguments) but yields text pieces as they decode; the GenerationResult is
+        the generator's return value (``StopIteration.value``)."""
+        return (yield from self._run(messages, prompt=prompt, prompt_ids=prompt_ids, images=images,
+                                     max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                     top_k=top_k, top_p=top_p, seed=seed, stop=stop, safety=safety,
+                                     min_new_tokens=min_new_tokens, pieces=True))
 
     def token_logprobs(self, prompt_ids: Sequence[int]) -> np.ndarray:
         """Teacher-forced log-probability of each token after the first, in one pass (SafeSteer off):
@@ -285,7 +293,7 @@ class Generator:
             fired = cfg is not None and step < cfg.lookahead_steps and harm is not None and score(harm) >= cfg.tau
             if fired:  # the candidates (and their branches) are fed: the chosen one's K/V and output are in place
                 token, out, record = self._lookahead(cache, feeds, msav_on, cfg, sampler, logits[0, -1],
-                                                        top_lp[0, -1], top_ids[0, -1], banned, score(harm))
+                                                        top_lp[0, -1], top_ids[0, -1], banned, score(harm), step == 0)
                 harm = record.pop("harm_logit")
                 trace.append({"step": step, **record})
             else:
@@ -347,10 +355,11 @@ class Generator:
             record["gate"] = bool(harm >= feeds[m.GATE_LOGIT][0])
         return out, record
 
-    def _candidates(self, logits: np.ndarray, top_lp: np.ndarray, top_ids: np.ndarray, banned) -> tuple:
-        """The top-k candidates plus the artifact's refusal openers (the model's own first refusal tokens, with their
-        log-probs from the full row), minus banned ids."""
-        extra = [i for i in self.manifest.safety.refusal_ids if i not in top_ids and i not in banned]
+    def _candidates(self, logits: np.ndarray, top_lp: np.ndarray, top_ids: np.ndarray, banned, openers: bool) -> tuple:
+        """The top-k candidates plus, at the reply's first step (``openers``), the artifact's refusal openers (the
+        model's own first refusal tokens, with their log-probs from the full row), minus banned ids."""
+        refusal = self.manifest.safety.refusal_ids if openers else ()
+        extra = [i for i in refusal if i not in top_ids and i not in banned]
         if extra:
             row = logits.astype(np.float64)
             top = row.max()
@@ -365,11 +374,12 @@ class Generator:
         return top_lp, top_ids
 
     def _lookahead(self, cache: KVCache, feeds, msav_on: bool, cfg: SafetyConfig, sampler: Sampler,
-                   logits: np.ndarray, top_lp: np.ndarray, top_ids: np.ndarray, banned, gate_score: float):
+                   logits: np.ndarray, top_lp: np.ndarray, top_ids: np.ndarray, banned, gate_score: float,
+                   first_step: bool):
         """The gate fired: feed the candidates as rows at one position (tree mask), extend each by ``cfg.depth``
         greedy tokens (one pass of rows per token), score each branch by its mean probe score, choose
         argmax(logprob - lam * branch score) (or sample), commit the chosen candidate's row."""
-        top_lp, top_ids = self._candidates(logits, top_lp, top_ids, banned)
+        top_lp, top_ids = self._candidates(logits, top_lp, top_ids, banned, first_step)
         k = len(top_ids)
         t = cache.length
         rows = np.asarray(top_ids, np.int64)[None]
@@ -379,7 +389,7 @@ class Generator:
         scores = sigmoid(out.harm_logit[0])
         branch = self._extend(cache, feeds, msav_rows, rows[0], out, scores, cfg.depth) if cfg.depth else scores
         rng = sampler.rng if sampler.cfg.do_sample else None
-        choice = select(top_lp, branch, cfg, rng, sampler.cfg.temperature)
+        choice = select(top_lp, branch, cfg, rng, sampler.cfg.temperature, gate_score)
         token = int(top_ids[choice])
         if not cache.keeps_rows:  # a device cache (rows stay where they are): one more single-row pass
             out, chosen_logit = self._feed_one(token, cache, feeds, msav_rows[:, :1])

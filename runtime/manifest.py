@@ -228,6 +228,7 @@ class SafetyDefaults:
     beta: float  # MSAV strength (requests with an image)
     lookahead_steps: int  # first T_look decoding steps use lookahead
     depth: int = 0  # greedy tokens each lookahead candidate is extended by before scoring (absent before 0.11)
+    gamma: float = 0.0  # the steering strength's growth with the gate score (absent before 0.12)
 
 
 @dataclass(frozen=True)

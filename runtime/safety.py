@@ -22,7 +22,8 @@ class SafetyConfig:
     For the first ``lookahead_steps`` steps the gate is watched: when the row that produces a step's logits (the
     prompt's last row at step 0, then the last fed token's) scores >= tau, the step chooses among the top-``k``
     candidates plus the artifact's refusal openers, each extended by ``depth`` greedy tokens, by
-    argmax(logprob - lam * the branch's mean probe score) (see Generator._lookahead).
+    argmax(logprob - lam_eff * the branch's mean probe score) (see Generator._lookahead), where
+    lam_eff = lam * (odds(gate score) / odds(tau)) ** gamma: the steering grows with the probe's evidence.
     """
 
     enabled: bool = True
@@ -33,6 +34,7 @@ class SafetyConfig:
     beta: float = 0.0  # in-graph MSAV h += beta * v at the MSAV layer (requests with an image)
     lookahead_steps: int = 16  # lookahead for the first T_look steps, then probe + correction only
     depth: int = 0  # greedy tokens each candidate is extended by before it is scored (0: the candidate alone)
+    gamma: float = 0.0  # lam grows as (odds(gate score) / odds(tau)) ** gamma (0: a constant lam)
 
     def __post_init__(self):
         def real(name, lo=-math.inf, hi=math.inf, lo_open=False):
@@ -48,6 +50,7 @@ class SafetyConfig:
             if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
                 raise ConfigError(f"safety knob {name} must be an integer in [{lo}, {hi}], got {v!r}")
         real("lam", 0.0)
+        real("gamma", 0.0, 8.0)
         real("tau", 0.0, 1.0, lo_open=True)
         if self.tau >= 1.0:
             raise ConfigError(f"safety knob tau must be < 1, got {self.tau!r}")
@@ -58,7 +61,7 @@ class SafetyConfig:
     def from_manifest(cls, info: m.SafetyInfo, **overrides) -> "SafetyConfig":
         d = info.defaults
         base = cls(k=d.k, lam=d.lam, tau=d.tau, alpha=d.alpha, beta=d.beta, lookahead_steps=d.lookahead_steps,
-                   depth=d.depth)
+                   depth=d.depth, gamma=d.gamma)
         try:
             return replace(base, **overrides)
         except TypeError as exc:
@@ -130,11 +133,22 @@ def static_feeds(vectors: dict[str, np.ndarray], cfg: Optional[SafetyConfig]) ->
     return feeds
 
 
+def steering_strength(cfg: SafetyConfig, gate_score: float) -> float:
+    """lam_eff = lam * (odds(gate score) / odds(tau)) ** gamma: lam at the threshold, more the surer the probe is
+    (the odds ratio is capped at 1e6 so a score that rounds to 1 stays finite)."""
+    if cfg.gamma == 0.0:
+        return cfg.lam
+    s = min(max(gate_score, cfg.tau), 1.0 - 1e-12)
+    ratio = min((s / (1.0 - s)) / (cfg.tau / (1.0 - cfg.tau)), 1e6)
+    return cfg.lam * ratio ** cfg.gamma
+
+
 def select(logprobs: np.ndarray, scores: np.ndarray, cfg: SafetyConfig, rng: Optional[np.random.Generator],
-           temperature: float) -> int:
-    """Index of the chosen candidate once the gate fired: argmax(lp - lam * s) (greedy), or with ``rng`` a sample
-    from softmax((lp - lam * s) / temperature) over the candidates."""
-    adjusted = logprobs.astype(np.float64) - cfg.lam * scores.astype(np.float64)
+           temperature: float, gate_score: float) -> int:
+    """Index of the chosen candidate once the gate fired (``gate_score``: the score that fired it):
+    argmax(lp - lam_eff * s) (greedy), or with ``rng`` a sample from softmax((lp - lam_eff * s) / temperature) over
+    the candidates; lam_eff from ``steering_strength``."""
+    adjusted = logprobs.astype(np.float64) - steering_strength(cfg, gate_score) * scores.astype(np.float64)
     if rng is None:
         return int(np.argmax(adjusted))
     z = adjusted / temperature

@@ -152,6 +152,12 @@ def open_session(path: Path, cfg: SessionConfig, trt_profiles: Optional[dict[str
                         "Artifacts exported with `safesteer-export --standard-ops` give TensorRT whole graphs",
                         path.name, exc)
             return open_session(path, cfg, None)
+        if "Unrecognized attribute" in str(exc) or "opset" in str(exc).lower():
+            raise ArtifactError(
+                f"onnxruntime {ort.__version__} could not load {path.name} ({exc}): the graph uses an operator "
+                "version or attribute this onnxruntime does not know; upgrade onnxruntime (safesteer's range: "
+                "pyproject.toml) or re-export the artifact with the safesteer version that matches it"
+            ) from exc
         raise ArtifactError(
             f"onnxruntime could not load {path.name} ({type(exc).__name__}: {exc}); the file is corrupt "
             "or from an incompatible exporter; re-export the artifact"

@@ -33,8 +33,15 @@ def test_top_k_one_is_greedy(gen):
 
 def test_stream_equals_generate(gen):
     pieces = list(gen.stream(MSG, max_new_tokens=24))
-    assert "".join(pieces) == gen.generate(MSG, max_new_tokens=24).text
+    whole = gen.generate(MSG, max_new_tokens=24)
+    assert "".join(pieces) == whole.text
     assert len(pieces) > 1
+    # the stream's return value is the same GenerationResult generate() gives
+    stream = gen.stream(MSG, max_new_tokens=24)
+    with pytest.raises(StopIteration) as done:
+        while True:
+            next(stream)
+    assert done.value.value.token_ids == whole.token_ids and done.value.value.text == whole.text
 
 
 def test_stop_string_truncates(gen):

@@ -195,3 +195,20 @@ def test_export_refuses_to_clobber(tiny, tmp_path):
     with pytest.raises(ArtifactError, match="--overwrite"):
         export_artifact(ExportConfig(tiny.checkpoint(*LLAMA), out, safety=False))
     assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_a_graph_newer_than_onnxruntime_says_upgrade(tmp_path):
+    """An attribute this onnxruntime does not know (what an older onnxruntime meets in a newer export) gets an
+    ArtifactError that names the onnxruntime version and says to upgrade it, not only 'corrupt'."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from safesteer_runtime.errors import ArtifactError
+    from safesteer_runtime.sessions import CPU, SessionConfig, open_session
+
+    node = helper.make_node("Relu", ["x"], ["y"], from_future=1)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "block_00.onnx")
+    with pytest.raises(ArtifactError, match="upgrade onnxruntime"):
+        open_session(tmp_path / "block_00.onnx", SessionConfig(providers=(CPU,)))

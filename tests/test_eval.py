@@ -11,11 +11,11 @@ import json
 import numpy as np
 import pytest
 
+from safesteer_data.judges import KeywordJudge, judge_accuracy
+from safesteer_data.prompt_sets import load_source, split_of
 from safesteer_eval import modes as md
 from safesteer_eval import suites as st
 from safesteer_eval.store import GENERATIONS, Store
-from safesteer_export.judges import KeywordJudge, judge_accuracy
-from safesteer_export.prompt_sets import load_source, split_of
 from safesteer_runtime.errors import ConfigError
 
 NO_CALIBRATION = st.Calibration(0, frozenset())
@@ -54,7 +54,7 @@ def test_calibration_of_an_artifact_is_read_from_its_report(safe_artifact):
 
 
 def test_jailbreak_cases_hold_every_kind_and_wrap_the_request():
-    from safesteer_export.jailbreaks import KINDS, PLACEHOLDER, templates, templates_of_split
+    from safesteer_data.jailbreaks import KINDS, PLACEHOLDER, templates, templates_of_split
 
     assert len(templates()) > 100 and all(t.count(PLACEHOLDER) == 1 for t in templates().values())
     cases = st.build("jailbreak", 40, NO_CALIBRATION)
@@ -100,7 +100,7 @@ def test_keyword_judge_and_its_accuracy():
 def test_embedding_judge_training_data_is_disjoint_from_what_it_is_scored_on_and_the_suites():
     from safesteer_eval.embed_judge import _scored_set, training_rows
 
-    scored = {reply for _, reply, _ in _scored_set(__import__("safesteer_models.wheels").wheels.cache_root())}
+    scored = {reply for _, reply, _ in _scored_set(__import__("safesteer_checkpoints.wheels").wheels.cache_root())}
     suite_prompts = {c.request for s in st.HARMFUL_SUITES for c in st.build(s, 200, NO_CALIBRATION)}
     rows = training_rows(suite_prompts)
     assert len(rows) > 300 and 0.2 < np.mean([r[2] for r in rows]) < 0.8
@@ -231,7 +231,7 @@ def test_eval_knobs_are_validated_and_recorded(safe_artifact, tmp_path, capsys):
     art = safe_artifact("LlamaForCausalLM", "gqa", 2)
     assert _eval(art, tmp_path / "a", "--suites", "harmful", "--knob", "lam=nope") == 2
     assert "NAME=NUMBER" in capsys.readouterr().err
-    assert _eval(art, tmp_path / "a", "--suites", "harmful", "--knob", "gamma=2") == 2
+    assert _eval(art, tmp_path / "a", "--suites", "harmful", "--knob", "strength=2") == 2
     assert "unknown safety knob" in capsys.readouterr().err
     assert _eval(art, tmp_path / "b", "--suites", "harmful", "--modes", "safesteer", "--knob", "lam=0",
                  "lookahead_steps=0", "alpha=0") == 0
@@ -245,6 +245,19 @@ def test_eval_knobs_are_validated_and_recorded(safe_artifact, tmp_path, capsys):
     for r in recs:
         texts.setdefault(r["id"], {})[r["mode"]] = r["text"]
     assert len(texts) == 2 and all(t["safesteer"] == t["undefended"] for t in texts.values())
+
+
+def test_named_safesteer_modes_get_their_knobs(safe_artifact):
+    """``--modes safesteer@gamma=1,tau=0.3`` runs with those knobs on top of --knob (not the artifact's defaults)."""
+    from safesteer_eval.cli import knobs
+    from safesteer_rt import Generator
+
+    gen = Generator(safe_artifact("LlamaForCausalLM", "gqa", 2))
+    steer = knobs(gen, ["lam=4"], ["depth=1"], ["undefended", "safesteer", "safesteer@gamma=1,tau=0.3"])
+    named = steer["safesteer@gamma=1,tau=0.3"]
+    assert (named.gamma, named.tau, named.lam) == (1.0, 0.3, 4.0)
+    assert steer["safesteer@depth=1"].depth == 1 and steer["safesteer"].lam == 4.0
+    assert set(steer) == {"safesteer", "safesteer@depth=1", "safesteer@gamma=1,tau=0.3"}
 
 
 def test_store_keeps_the_first_record(tmp_path):

@@ -90,6 +90,11 @@ def test_report_lists_do_no_harm_cases_and_tradeoff(tmp_path):
     assert "| jailbreak: past-tense |" in text and "[" in text  # kind rows and intervals
     assert "Trade-off" in text and report["tradeoff"][0]["dominance"] is not None
     assert (tmp_path / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+    identical = text.split("## Replies byte-identical")[1].split("##")[0]
+    want = {r["suite"]: r["unchanged_vs_undefended"] for r in report["results"]
+            if r["mode"] == "safesteer" and r["kind"] is None and r["judge"] == "keyword"}
+    for suite, share in want.items():
+        assert f"| {suite} | " in identical and f"{share:.0%}" in identical.split(f"| {suite} | ")[1].split("\n")[0]
 
 
 def test_swept_modes_parse_and_validate():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from safesteer_export.probe import auroc, fit_probe, logit, sigmoid, threshold_at_fpr
+from safesteer_data.probe import auroc, fit_probe, logit, sigmoid, threshold_at_fpr
 
 
 def brute_auroc(scores, labels):

@@ -31,7 +31,7 @@ SMALL_CALIBRATION = dict(per_source=16, reply_positions=2)
 def calibrated(spec, tmp_path_factory, block_size=4):
     from safesteer_export.calibrate import CalibrationConfig
     from safesteer_export.pipeline import ExportConfig, export_artifact
-    from safesteer_models.packaged import checkpoint
+    from safesteer_checkpoints.packaged import checkpoint
 
     ckpt = checkpoint(spec)
     out = tmp_path_factory.mktemp(spec.name) / "artifact"
@@ -41,14 +41,14 @@ def calibrated(spec, tmp_path_factory, block_size=4):
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
-    from safesteer_models.packaged import SMOLLM2
+    from safesteer_checkpoints.packaged import SMOLLM2
 
     return calibrated(SMOLLM2, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def qwen(tmp_path_factory):
-    from safesteer_models.packaged import QWEN25_CODER_05B
+    from safesteer_checkpoints.packaged import QWEN25_CODER_05B
 
     return calibrated(QWEN25_CODER_05B, tmp_path_factory, block_size=6)
 
@@ -56,8 +56,8 @@ def qwen(tmp_path_factory):
 @pytest.fixture(scope="module")
 def default_model(tmp_path_factory):
     from safesteer_export.pipeline import ExportConfig, export_artifact
-    from safesteer_models.default import default_checkpoint
-    from safesteer_models.packaged import SMOLLM2
+    from safesteer_checkpoints.default import default_checkpoint
+    from safesteer_checkpoints.packaged import SMOLLM2
 
     ckpt = default_checkpoint(lm=SMOLLM2)
     out = tmp_path_factory.mktemp("default") / "artifact"
@@ -141,8 +141,8 @@ def test_default_checkpoint_keeps_the_language_model_intact():
     on text, its logits equal the packaged Qwen's, and it never prefers the image token."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlavaForConditionalGeneration
 
-    from safesteer_models.default import IMAGE_TOKEN, default_checkpoint
-    from safesteer_models.packaged import QWEN25_CODER_05B, checkpoint
+    from safesteer_checkpoints.default import IMAGE_TOKEN, default_checkpoint
+    from safesteer_checkpoints.packaged import QWEN25_CODER_05B, checkpoint
 
     ckpt = default_checkpoint()
     tok = AutoTokenizer.from_pretrained(str(ckpt))
@@ -166,7 +166,7 @@ def qwen2vl_with_real_text(out):
     from transformers import (AutoModelForCausalLM, AutoTokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
                               Qwen2VLImageProcessorPil)
 
-    from safesteer_models.packaged import QWEN25_CODER_05B, checkpoint
+    from safesteer_checkpoints.packaged import QWEN25_CODER_05B, checkpoint
 
     src = checkpoint(QWEN25_CODER_05B)
     lm = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from conftest import tiny_variants
 
@@ -38,10 +40,18 @@ def test_every_registered_family_has_tiny_test_configs():
     assert {c.vision_config.model_type for c in llava.values()} == set(VISION_TOWERS)
 
 
-def test_runtime_never_imports_torch():
-    code = ("import sys, safesteer_rt, safesteer_runtime.generator; "
-            "bad = [m for m in ('torch', 'transformers', 'safesteer_export', 'safesteer_models') if m in sys.modules]; "
-            "print(bad); sys.exit(1 if bad else 0)")
+@pytest.mark.parametrize("imports,forbidden", [
+    ("safesteer_rt, safesteer_runtime.generator", ("torch", "transformers", "safesteer_export", "safesteer_models")),
+    # the shared data side: export and eval both read it, it reads neither (nor torch)
+    ("safesteer_data.prompt_sets, safesteer_data.jailbreaks, safesteer_data.judges, safesteer_data.typography, "
+     "safesteer_data.probe, safesteer_checkpoints.wheels", ("torch", "safesteer_export", "safesteer_eval",
+                                                           "safesteer_models")),
+    # evaluation's case building and reports never load the exporter
+    ("safesteer_eval.suites, safesteer_eval.report, safesteer_eval.runner", ("safesteer_export",)),
+])
+def test_import_layers(imports, forbidden):
+    code = (f"import sys, {imports}; "
+            f"bad = [m for m in {forbidden!r} if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
 

@@ -59,7 +59,7 @@ def assert_matches_oracle(result, want):
 def test_runtime_matches_torch_oracle_text(tiny, safe_artifact, arch, variant, block_size):
     gen = Generator(safe_artifact(arch, variant, block_size))
     oracle = oracle_for(tiny, arch, variant, gen)
-    cfg = strong(gen)
+    cfg = strong(gen, depth=3)  # branches in every family (sliding windows, M-RoPE, in-graph embeddings)
     result = gen.generate(BOMB, max_new_tokens=12, safety=cfg)
     want = oracle.generate(result.prompt_ids, cfg, 12, eos_ids=gen.manifest.tokenizer.eos_token_ids)
     assert_matches_oracle(result, want)
@@ -104,12 +104,14 @@ def test_refusal_openers_join_the_candidates_and_match_the_oracle(tiny, safe_art
     arch, variant = "LlamaForCausalLM", "gqa"
     gen = Generator(with_refusal_ids(safe_artifact(arch, variant, 2), tmp_path, [7, 11]))
     oracle = oracle_for(tiny, arch, variant, gen)
-    cfg = strong(gen, depth=2, k=3, lam=40.0)
+    cfg = strong(gen, depth=2, k=3, lam=40.0, gamma=1.0)  # gamma: the oracle scales lam by the same gate score
     result = gen.generate(BOMB, max_new_tokens=10, safety=cfg)
     want = oracle.generate(result.prompt_ids, cfg, 10, eos_ids=gen.manifest.tokenizer.eos_token_ids)
     assert_matches_oracle(result, want)
     fired = [t for t in result.safety_trace if t["lookahead"]]
-    assert fired and all({7, 11} <= set(t["candidates"]) and len(t["candidates"]) <= 5 for t in fired)
+    assert fired and fired[0]["step"] == 0 and {7, 11} <= set(fired[0]["candidates"])
+    # refusal openers open a reply: later steps rank the top-k alone (an opener mid-sentence is garbage)
+    assert len(fired) > 1 and all(len(t["candidates"]) == 3 for t in fired[1:])
 
 
 @pytest.mark.parametrize("arch,variant", vision_variants())
@@ -186,11 +188,29 @@ def assert_cache_is_a_fresh_prefill(gen, result, cfg):
 @pytest.mark.parametrize("knobs,match", [
     ({"k": 0}, "k must be"), ({"tau": 1.5}, "tau"), ({"tau": 0.0}, "tau"), ({"lam": -1.0}, "lam"),
     ({"alpha": float("nan")}, "alpha"), ({"lookahead_steps": -1}, "lookahead_steps"), ({"beta": "x"}, "beta"),
-    ({"depth": -1}, "depth"), ({"depth": 1.5}, "depth"),
+    ({"depth": -1}, "depth"), ({"depth": 1.5}, "depth"), ({"gamma": -0.5}, "gamma"), ({"gamma": 9.0}, "gamma"),
 ])
 def test_invalid_safety_knobs(knobs, match):
     with pytest.raises(ConfigError, match=match):
         SafetyConfig(**knobs)
+
+
+def test_steering_strength_grows_with_the_gate_score():
+    from safesteer_runtime.safety import steering_strength
+
+    flat = SafetyConfig(lam=8.0, tau=0.2, gamma=0.0)
+    assert steering_strength(flat, 0.99) == 8.0
+    cfg = SafetyConfig(lam=8.0, tau=0.2, gamma=1.0)
+    assert steering_strength(cfg, 0.2) == pytest.approx(8.0)  # lam at the threshold
+    assert steering_strength(cfg, 0.5) == pytest.approx(8.0 * 4.0)  # odds 1 against odds 1/4
+    assert steering_strength(SafetyConfig(lam=8.0, tau=0.2, gamma=2.0), 0.5) == pytest.approx(8.0 * 16.0)
+    assert steering_strength(cfg, 1.0) == pytest.approx(8.0 * 1e6)  # capped, finite
+    # the ranking it feeds: a refusal branch with a lower score but a worse log-prob wins only when the probe is sure
+    from safesteer_runtime.safety import select
+
+    lp, branch = np.array([-0.1, -6.0]), np.array([0.4, 0.05])
+    assert select(lp, branch, cfg, None, 1.0, 0.2) == 0
+    assert select(lp, branch, cfg, None, 1.0, 0.6) == 1
 
 
 def test_scalar_score_is_the_sigmoid():
@@ -206,7 +226,7 @@ def test_invalid_safety_argument(safe_artifact):
     with pytest.raises(ConfigError, match="safety must be"):
         gen.generate(prompt="hi", safety="yes")
     with pytest.raises(ConfigError, match="unknown safety knob"):
-        SafetyConfig.from_manifest(gen.manifest.safety, gamma=1.0)
+        SafetyConfig.from_manifest(gen.manifest.safety, strength=1.0)
 
 
 def test_sampling_with_lookahead_is_seeded(safe_artifact):

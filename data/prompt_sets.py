@@ -23,7 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
-from safesteer_models.wheels import cache_root, wheel_file
+import yaml
+
+from safesteer_checkpoints.wheels import cache_root, wheel_file
 from safesteer_runtime.errors import ConfigError
 
 from .contrast_prompts import EDGY_REQUESTS
@@ -44,22 +46,10 @@ class Prompt:
     pair: Optional[str] = None  # matched pairs share this key (and a split)
 
 
-def _yaml_values(raw: str) -> list[str]:
-    """The `- value:` entries of pyrit's seed YAML (plain or quoted scalars, one line each)."""
-    out = []
-    for line in raw.splitlines():
-        s = line.strip()
-        if s.startswith("- value:"):
-            v = s[len("- value:"):].strip()
-            if len(v) >= 2 and v[0] == v[-1] and v[0] in "'\"":
-                v = v[1:-1].replace("''", "'") if v[0] == "'" else json.loads(v)
-            out.append(v)
-    return out
-
-
 def _advbench(raw: str) -> Iterable[tuple[str, str, Optional[str]]]:
-    for i, text in enumerate(_yaml_values(raw)):
-        yield str(i), text, None
+    """pyrit's AdvBench seed file: YAML with a ``seeds`` list of ``{value: ...}`` (values may wrap lines)."""
+    for i, seed in enumerate(yaml.safe_load(raw)["seeds"]):
+        yield str(i), str(seed["value"]), None
 
 
 def _harmbench(raw: str) -> Iterable[tuple[str, str, Optional[str]]]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from safesteer_models.wheels import cache_root, wheel_file
+from safesteer_checkpoints.wheels import cache_root, wheel_file
 
 REFUSAL_PHRASES = (
     "i'm sorry", "i am sorry", "i apologize", "my apologies", "i can't", "i cannot", "i can not", "i won't",

@@ -24,7 +24,7 @@ from typing import Optional
 
 import yaml
 
-from safesteer_models.wheels import cache_root, wheel_file, wheel_members
+from safesteer_checkpoints.wheels import cache_root, wheel_file, wheel_members
 
 KINDS = ("roleplay", "past-tense", "prefix-injection", "refusal-suppression")
 PYRIT = ("pyrit", "1.1.0")
