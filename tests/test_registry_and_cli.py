@@ -63,6 +63,10 @@ def test_list_architectures(capsys):
     assert main(["--list-architectures"]) == 0
     listed = capsys.readouterr().out.split()
     assert all(arch in listed for arch in supported_architectures())
+    # one-time checkpoint builds (minutes) say what they are: their INFO lines reach the user
+    import logging
+
+    assert logging.getLogger("safesteer.checkpoints").isEnabledFor(logging.INFO)
 
 
 def test_export_cli_rejects_unknown_architecture(tmp_path, capsys):
