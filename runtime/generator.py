@@ -70,6 +70,21 @@ class _Request:
     images: list[PreparedImage]  # in prompt order
 
 
+@dataclass
+class _Decode:
+    """One request's decoding state; the Generator itself keeps only buffers that requests reuse."""
+
+    cache: KVCache | DeviceKVCache
+    feeds: Optional[dict[str, np.ndarray]]  # SafeSteer's graph inputs (None: an artifact without a probe)
+    msav_on: bool = False  # the request has an image and the artifact an MSAV: generated tokens get it too
+    top_k: int = 1  # TopK candidates per step: the request's SafeSteer k (1 with SafeSteer off)
+    rope_offset: int = 0  # multimodal RoPE: what positions after the prompt add (the request's rope delta)
+    msav_one: np.ndarray = field(init=False)  # the MSAV mask of one generated row
+
+    def __post_init__(self):
+        self.msav_one = np.full((1, 1), 1.0 if self.msav_on else 0.0, np.float32)
+
+
 class Generator:
     """Loads an artifact made by ``safesteer-export`` and generates text with onnxruntime.
 
@@ -107,8 +122,6 @@ class Generator:
         self._cache: Optional[KVCache | DeviceKVCache] = None
         self._open_row = np.zeros((1, 1, 1, 0), np.float32)
         self._one_id, self._one_position = np.zeros((1, 1), np.int64), np.zeros((1, 1), np.int64)
-        self._top_k = 1  # TopK candidates per step: the request's SafeSteer k (1 with SafeSteer off)
-        self._rope_offset = 0  # multimodal RoPE: what positions after the prompt add (the request's rope delta)
         info = self.manifest.safety
         self._vectors = load_vectors(self.root, info, self.manifest.sizes.hidden_size) if info else None
 
@@ -149,9 +162,9 @@ class Generator:
         n = ids.shape[1]
         if n < 2 or n > self.engine.context_limit:
             raise InputError(f"token_logprobs needs 2 to {self.engine.context_limit} tokens, got {n}")
-        self._rope_offset = 0
-        out = self._run_rows(ids, causal_mask(0, n), np.arange(n, dtype=np.int64)[None], self._cache_for(n),
-                             self._safety_feeds(None), np.zeros((1, n), np.float32), head_rows=np.arange(n - 1))
+        d = _Decode(self._cache_for(n), self._safety_feeds(None))
+        out = self._run_rows(d, ids, causal_mask(0, n), np.arange(n, dtype=np.int64)[None], np.zeros((1, n), np.float32),
+                             head_rows=np.arange(n - 1))
         logits = out.logits[0].astype(np.float64)
         logits -= logits.max(-1, keepdims=True)
         logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
@@ -205,19 +218,17 @@ class Generator:
     def _safety_feeds(self, cfg: Optional[SafetyConfig]) -> Optional[dict[str, np.ndarray]]:
         return static_feeds(self._vectors, cfg) if self._vectors is not None else None
 
-    def _run_rows(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, cache: KVCache,
-                  feeds: Optional[dict], msav_rows: np.ndarray, embeds: Optional[np.ndarray] = None,
-                  head_rows: Optional[np.ndarray] = None, rope_positions: Optional[np.ndarray] = None,
-                  scratch: bool = False) -> StepOut:
-        if feeds is not None:
-            feeds = {**feeds, m.MSAV_MASK: msav_rows}
-        if rope_positions is None and self._rope_offset:
-            rope_positions = np.broadcast_to(positions + self._rope_offset, (3, *positions.shape))
-        return self.engine.step(cache, mask, positions, ids=None if embeds is not None else ids, embeds=embeds,
-                                head_rows=head_rows, top_k=self._top_k, safety=feeds, rope_positions=rope_positions,
+    def _run_rows(self, d: _Decode, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, msav_rows: np.ndarray,
+                  embeds: Optional[np.ndarray] = None, head_rows: Optional[np.ndarray] = None,
+                  rope_positions: Optional[np.ndarray] = None, scratch: bool = False) -> StepOut:
+        feeds = None if d.feeds is None else {**d.feeds, m.MSAV_MASK: msav_rows}
+        if rope_positions is None and d.rope_offset:
+            rope_positions = np.broadcast_to(positions + d.rope_offset, (3, *positions.shape))
+        return self.engine.step(d.cache, mask, positions, ids=None if embeds is not None else ids, embeds=embeds,
+                                head_rows=head_rows, top_k=d.top_k, safety=feeds, rope_positions=rope_positions,
                                 scratch=scratch)
 
-    def _prefill(self, req: _Request, cache: KVCache, feeds, msav_on: bool) -> tuple[StepOut, Optional[float]]:
+    def _prefill(self, req: _Request, d: _Decode) -> tuple[StepOut, Optional[float]]:
         ids = np.asarray(req.ids, dtype=np.int64)[None]
         n = ids.shape[1]
         embeds = None
@@ -225,21 +236,20 @@ class Generator:
         info = self.manifest.image
         positions = np.arange(n, dtype=np.int64)[None]
         mask, rope_positions = causal_mask(0, n), None
-        self._rope_offset = 0
         if req.images:
             embeds = self.engine.embed_ids(ids)
             is_image = ids[0] == info.image_token_id
             vision_feeds, order = vision_inputs(req.images, info)
             embeds[0, is_image] = image_rows(req.images, self.engine.run_vision(vision_feeds), info, order)
-            if msav_on:  # the text after the last image (and, later, every generated token)
+            if d.msav_on:  # the text after the last image (and, later, every generated token)
                 msav_rows[0, int(np.nonzero(is_image)[0].max()) + 1 :] = 1.0
             runs = image_runs(ids[0], info.image_token_id)
             if info.bidirectional:
                 mask = both_ways(mask, runs)
             if self.manifest.sizes.mrope_sections:
-                rope_positions, self._rope_offset = mrope_positions(ids[0], req.images, info, runs)
-        out = self._run_rows(ids, mask, positions, cache, feeds, msav_rows, embeds, rope_positions=rope_positions)
-        cache.advance(n)
+                rope_positions, d.rope_offset = mrope_positions(ids[0], req.images, info, runs)
+        out = self._run_rows(d, ids, mask, positions, msav_rows, embeds, rope_positions=rope_positions)
+        d.cache.advance(n)
         return out, (None if out.harm_logit is None else float(out.harm_logit[0, -1]))
 
     def _run(self, messages, *, prompt=None, prompt_ids=None, images=None, max_new_tokens=128, do_sample=False,
@@ -266,18 +276,16 @@ class Generator:
                 "TensorRT); shorten the prompt or lower max_new_tokens"
             )
         k = min(cfg.k, self.manifest.sizes.vocab_size) if cfg else 1
-        self._top_k = k
         rows = k + (len(self.manifest.safety.refusal_ids) if cfg else 0)  # lookahead rows per pass, at most
-        cache = self._cache_for(len(req.ids) + max_new_tokens + rows * (1 + (cfg.depth if cfg else 0)))
+        d = _Decode(self._cache_for(len(req.ids) + max_new_tokens + rows * (1 + (cfg.depth if cfg else 0))),
+                    self._safety_feeds(cfg), bool(cfg and req.images and self.manifest.safety.msav_layer is not None),
+                    top_k=k)
         sampler = Sampler(sampling)
         eos = set(self.manifest.tokenizer.eos_token_ids)
         decoder = IncrementalDecoder(self.codec)
         timings = Timings(prompt_tokens=len(req.ids))
-        feeds = self._safety_feeds(cfg)
-        msav_on = bool(cfg and req.images and self.manifest.safety.msav_layer is not None)
-        msav_one = np.full((1, 1), 1.0 if msav_on else 0.0, np.float32)
 
-        out, prompt_logit = self._prefill(req, cache, feeds, msav_on)
+        out, prompt_logit = self._prefill(req, d)
         trace: list[dict[str, Any]] = []
         generated: list[int] = []
         text, emitted, finish = "", 0, "length"
@@ -292,8 +300,8 @@ class Generator:
             # the gate: the row that produces this step's logits (the prompt's last row at step 0) scores >= tau
             fired = cfg is not None and step < cfg.lookahead_steps and harm is not None and score(harm) >= cfg.tau
             if fired:  # the candidates (and their branches) are fed: the chosen one's K/V and output are in place
-                token, out, record = self._lookahead(cache, feeds, msav_on, cfg, sampler, logits[0, -1],
-                                                        top_lp[0, -1], top_ids[0, -1], banned, score(harm), step == 0)
+                token, out, record = self._lookahead(d, cfg, sampler, logits[0, -1], top_lp[0, -1], top_ids[0, -1],
+                                                        banned, score(harm), step == 0)
                 harm = record.pop("harm_logit")
                 trace.append({"step": step, **record})
             else:
@@ -313,7 +321,7 @@ class Generator:
                     emitted = len(text) - hold
             done = finish != "length" or len(generated) == max_new_tokens
             if not fired and not done:  # the last token is not fed: that pass would only give its probe score
-                out, record = self._feed_chosen(token, cache, feeds, msav_one, cfg)
+                out, record = self._feed_chosen(d, token, cfg)
                 if record is not None:
                     harm = record.pop("harm_logit")
                     trace.append({"step": step, **record})
@@ -333,26 +341,26 @@ class Generator:
             result.prompt_score = score(prompt_logit)
         return result
 
-    def _feed_one(self, token: int, cache: KVCache, feeds, msav_one: np.ndarray, scratch: bool = False):
+    def _feed_one(self, d: _Decode, token: int, scratch: bool = False):
         """Feed one token at the next position and commit it; -> (the model's output there, its harm_logit or None).
         ``scratch``: the output goes to the engine's reused buffers (Engine.step)."""
-        t = cache.length
+        t = d.cache.length
         # the same id and position arrays every call, refilled: the blocks keep them bound
         self._one_id[0, 0], self._one_position[0, 0] = token, t
-        out = self._run_rows(self._one_id, self._open_row[..., : t + 1], self._one_position, cache, feeds, msav_one,
+        out = self._run_rows(d, self._one_id, self._open_row[..., : t + 1], self._one_position, d.msav_one,
                              scratch=scratch)
-        cache.advance(1)
+        d.cache.advance(1)
         return out, (None if out.harm_logit is None else float(out.harm_logit[0, 0]))
 
-    def _feed_chosen(self, token: int, cache: KVCache, feeds, msav_one, cfg: Optional[SafetyConfig]):
+    def _feed_chosen(self, d: _Decode, token: int, cfg: Optional[SafetyConfig]):
         """Feed a chosen token (its K/V and the next step's logits; probe + correction in-graph). Its output is the
         engine's scratch: the loop has finished with the previous step's (the only other scratch user) by now."""
-        out, harm = self._feed_one(token, cache, feeds, msav_one, scratch=True)
+        out, harm = self._feed_one(d, token, scratch=True)
         if harm is None:
             return out, None
         record = {"token": token, "lookahead": False, "score_chosen": score(harm), "harm_logit": harm}
         if cfg is not None:  # with SafeSteer off the probe still reads along (a monitor: the score only)
-            record["gate"] = bool(harm >= feeds[m.GATE_LOGIT][0])
+            record["gate"] = bool(harm >= d.feeds[m.GATE_LOGIT][0])
         return out, record
 
     def _candidates(self, logits: np.ndarray, top_lp: np.ndarray, top_ids: np.ndarray, banned, openers: bool) -> tuple:
@@ -373,56 +381,54 @@ class Generator:
             top_lp, top_ids = top_lp[keep], top_ids[keep]
         return top_lp, top_ids
 
-    def _lookahead(self, cache: KVCache, feeds, msav_on: bool, cfg: SafetyConfig, sampler: Sampler,
-                   logits: np.ndarray, top_lp: np.ndarray, top_ids: np.ndarray, banned, gate_score: float,
-                   first_step: bool):
+    def _lookahead(self, d: _Decode, cfg: SafetyConfig, sampler: Sampler, logits: np.ndarray, top_lp: np.ndarray,
+                   top_ids: np.ndarray, banned, gate_score: float, first_step: bool):
         """The gate fired: feed the candidates as rows at one position (tree mask), extend each by ``cfg.depth``
         greedy tokens (one pass of rows per token), score each branch by its mean probe score, choose
-        argmax(logprob - lam * branch score) (or sample), commit the chosen candidate's row."""
+        argmax(logprob - lam_eff * branch score) (or sample; safety.select), commit the chosen candidate's row."""
         top_lp, top_ids = self._candidates(logits, top_lp, top_ids, banned, first_step)
         k = len(top_ids)
-        t = cache.length
+        t = d.cache.length
         rows = np.asarray(top_ids, np.int64)[None]
-        msav_rows = np.full((1, k), 1.0 if msav_on else 0.0, np.float32)
-        out = self._run_rows(rows, tree_mask(t, k), np.full((1, k), t, np.int64), cache, feeds, msav_rows,
-                             head_rows=np.arange(k))
+        msav_rows = np.full((1, k), 1.0 if d.msav_on else 0.0, np.float32)
+        out = self._run_rows(d, rows, tree_mask(t, k), np.full((1, k), t, np.int64), msav_rows, head_rows=np.arange(k))
         scores = sigmoid(out.harm_logit[0])
-        branch = self._extend(cache, feeds, msav_rows, rows[0], out, scores, cfg.depth) if cfg.depth else scores
+        branch = self._extend(d, msav_rows, rows[0], out, scores, cfg.depth) if cfg.depth else scores
         rng = sampler.rng if sampler.cfg.do_sample else None
         choice = select(top_lp, branch, cfg, rng, sampler.cfg.temperature, gate_score)
         token = int(top_ids[choice])
-        if not cache.keeps_rows:  # a device cache (rows stay where they are): one more single-row pass
-            out, chosen_logit = self._feed_one(token, cache, feeds, msav_rows[:, :1])
+        if not d.cache.keeps_rows:  # a device cache (rows stay where they are): one more single-row pass
+            out, chosen_logit = self._feed_one(d, token)
         else:
-            cache.keep_row(choice)
+            d.cache.keep_row(choice)
             out, chosen_logit = out.row(choice), float(out.harm_logit[0, choice])
         return token, out, {
             "token": token, "lookahead": True, "top1": int(top_ids[0]), "score_gate": gate_score,
             "score_chosen": score(chosen_logit), "changed": token != int(top_ids[0]),
-            "gate": bool(chosen_logit >= feeds[m.GATE_LOGIT][0]), "candidates": [int(i) for i in top_ids],
+            "gate": bool(chosen_logit >= d.feeds[m.GATE_LOGIT][0]), "candidates": [int(i) for i in top_ids],
             "candidate_scores": [float(x) for x in scores], "branch_scores": [float(x) for x in branch],
             "depth": cfg.depth, "harm_logit": chosen_logit,
         }
 
-    def _extend(self, cache: KVCache, feeds, msav_rows: np.ndarray, tokens: np.ndarray, first: StepOut,
-                scores: np.ndarray, depth: int) -> np.ndarray:
+    def _extend(self, d: _Decode, msav_rows: np.ndarray, tokens: np.ndarray, first: StepOut, scores: np.ndarray,
+                depth: int) -> np.ndarray:
         """Extend each candidate (``first``: their rows) by ``depth`` greedy tokens, one pass of K rows per token;
         -> each branch's mean probe score over its rows up to and including its first end-of-sequence token. The
         passes' rows are scratch after the cache's committed positions; the cache's length is restored."""
         eos = list(self.manifest.tokenizer.eos_token_ids)
-        k, t = len(tokens), cache.length
+        k, t = len(tokens), d.cache.length
         total, count = scores.astype(np.float64).copy(), np.ones(k)
         alive = ~np.isin(tokens, eos)
         nxt = first.top_ids[0, :, 0].astype(np.int64)
         for i in range(1, depth + 1):
             if not alive.any():
                 break
-            cache.advance(k)  # the previous pass's rows become part of the past
-            out = self._run_rows(nxt[None], tree_mask(t, k, passes=i + 1), np.full((1, k), t + i, np.int64), cache,
-                                 feeds, msav_rows, head_rows=np.arange(k))
+            d.cache.advance(k)  # the previous pass's rows become part of the past
+            out = self._run_rows(d, nxt[None], tree_mask(t, k, passes=i + 1), np.full((1, k), t + i, np.int64),
+                                 msav_rows, head_rows=np.arange(k))
             total += alive * sigmoid(out.harm_logit[0])
             count += alive
             alive &= ~np.isin(nxt, eos)
             nxt = out.top_ids[0, :, 0].astype(np.int64)
-        cache.truncate(t)
+        d.cache.truncate(t)
         return total / count
