@@ -11,6 +11,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from safesteer_data.typography import render_request
 from safesteer_rt import Generator
+from safesteer_runtime import manifest as m
 from safesteer_runtime.errors import InputError
 
 from . import modes as md
@@ -31,7 +32,7 @@ PRESETS = {"quick": Preset(n=6, new_tokens=24), "full": Preset(n=100, new_tokens
 
 def artifact_hash(root: Path) -> str:
     """sha256 of manifest.json, which itself records the sha256 of every artifact file."""
-    return hashlib.sha256((Path(root) / "manifest.json").read_bytes()).hexdigest()
+    return hashlib.sha256((Path(root) / m.MANIFEST_NAME).read_bytes()).hexdigest()
 
 
 def _number(x: float) -> Optional[float]:
@@ -128,5 +129,5 @@ def run(gen: Generator, cases: Sequence[Case], modes: Sequence[str], store: Stor
 
 
 def pending(cases: Sequence[Case], modes: Sequence[str], store: Store) -> int:
-    return sum((c.suite, m, c.id) not in store for c in cases for m in modes
-               if c.image_text is None or m in md.MODES)
+    return sum((c.suite, mode, c.id) not in store for c in cases for mode in modes
+               if c.image_text is None or mode in md.MODES)

@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from safesteer_checkpoints.wheels import cache_root
 from safesteer_data.jailbreaks import KINDS, templates_of_split, wrap
 from safesteer_data.prompt_sets import EDGY_SOURCES, HARMFUL, Prompt, load_source, split_of
-from safesteer_checkpoints.wheels import cache_root
+from safesteer_runtime import manifest as m
 from safesteer_runtime.errors import ConfigError
 
 SUITES = ("harmful", "jailbreak", "image", "edgy", "ordinary")
@@ -54,7 +55,7 @@ class Calibration:
 
     @classmethod
     def of_artifact(cls, root: Path) -> "Calibration":
-        file = Path(root) / "calibration.json"
+        file = Path(root) / m.CALIBRATION_REPORT
         if not file.is_file():
             return cls(0, frozenset())  # uncalibrated artifact: the default seed's test split
         try:

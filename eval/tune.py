@@ -31,7 +31,7 @@ from .store import Store
 
 SUITES = ("harmful", "jailbreak", "edgy", "ordinary")
 BUDGET = 0.10
-TUNING_JSON, TUNING_MD = "tuning.json", "tuning.md"
+TUNING_JSON, TUNING_MD = m.TUNING_REPORT, m.TUNING_REPORT_MD
 # tau in probability; lam: the selection's weight on the branch score; depth: tokens each candidate is extended by;
 # gamma: how fast lam grows with the gate score (depth 8 measured no better than 4 on the default's validation split)
 DEFAULT_GRID = {"tau": (0.1, 0.25, 0.5), "lam": (8.0, 32.0), "depth": (0, 4), "gamma": (0.0, 1.0)}

@@ -109,7 +109,7 @@ def prepare_out_dir(out_dir: Path, overwrite: bool) -> Path:
     return staging
 
 
-SAFETY_VECTORS = "safety.npz"
+SAFETY_VECTORS = m.SAFETY_VECTORS_FILE
 
 
 def safety_vectors(cal: Calibration) -> dict:
@@ -132,7 +132,7 @@ def safety_info(cal: Calibration) -> m.SafetyInfo:
         defaults=m.SafetyDefaults(k=8, lam=32.0, tau=cal.tau, alpha=0.0, beta=1.0, lookahead_steps=16, depth=4,
                                    gamma=1.0),
         auroc_validation=float(best["auroc_validation"]), auroc_held_out=best.get("auroc_held_out"),
-        report_file="calibration.json", refusal_ids=tuple(int(i) for i in cal.refusal_ids),
+        report_file=m.CALIBRATION_REPORT, refusal_ids=tuple(int(i) for i in cal.refusal_ids),
     )
 
 

@@ -34,7 +34,7 @@ log = logging.getLogger("safesteer.export")
 BITS = {"int8": 8, "int4": 4}
 PRECISIONS = (*BITS, "fp16")
 BLOCK = 32
-REPORT = "quantization.json"
+REPORT = m.QUANTIZATION_REPORT
 CHECK_PROMPTS = ("Explain how a refrigerator keeps food cold, step by step.",
                  "Write a short poem about autumn leaves.", "What are three good habits for learning to code?")
 CHECK_TOKENS = 32
@@ -292,7 +292,7 @@ def _half_graph(path: Path, tables: Heads) -> None:
 def _probe_prompts(root: Path) -> tuple[list[str], list[int]]:
     from safesteer_data.prompt_sets import HARMFUL, build_sets, packaged_prompts
 
-    seed = json.loads((root / "calibration.json").read_text())["config"]["seed"]
+    seed = json.loads((root / m.CALIBRATION_REPORT).read_text())["config"]["seed"]
     val = [p for p in build_sets(packaged_prompts(seed=seed), seed=seed).validation
            if not p.source.startswith("wrapped_")]  # short plain requests: the check runs on small models too
     pick = [p for p in val if p.label == HARMFUL][:PROBE_PROMPTS_PER_CLASS]

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
+from safesteer_runtime import manifest as m
+
 from .calibrate import Calibration, CalibrationConfig
 
-REPORT_JSON = "calibration.json"
-REPORT_MD = "calibration.md"
+REPORT_JSON, REPORT_MD = m.CALIBRATION_REPORT, m.CALIBRATION_REPORT_MD
 PLOT_SWEEP = "calibration_auroc_by_layer.png"
 PLOT_STEPS = "calibration_score_by_step.png"
 PLOT_MODES = "calibration_text_vs_image.png"

@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Optional
 
 from safesteer_runtime.errors import ArtifactError
+from safesteer_runtime import manifest as m
 from safesteer_runtime.manifest import TokenizerInfo
 
-TOKENIZER_FILE = "tokenizer.json"
-CHAT_TEMPLATE_FILE = "chat_template.jinja"
+TOKENIZER_FILE, CHAT_TEMPLATE_FILE = m.TOKENIZER_FILE, m.CHAT_TEMPLATE_FILE
 
 
 def load_tokenizer(model_dir: Path):

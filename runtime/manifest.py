@@ -19,6 +19,13 @@ from .errors import ArtifactError
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+# The artifact's other files (written by safesteer-export / safesteer-tune; the manifest names and hashes them).
+TOKENIZER_FILE = "tokenizer.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+SAFETY_VECTORS_FILE = "safety.npz"
+CALIBRATION_REPORT, CALIBRATION_REPORT_MD = "calibration.json", "calibration.md"
+TUNING_REPORT, TUNING_REPORT_MD = "tuning.json", "tuning.md"
+QUANTIZATION_REPORT = "quantization.json"
 
 # Graph roles, in the order the runtime runs them. A text-only model's first block embeds input_ids itself (no embed
 # graph); the last block of every model ends in the LM head (logits over the rows head_rows picks).
