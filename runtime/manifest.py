@@ -229,7 +229,7 @@ class SafetyDefaults:
     """Run-time knobs of SafeSteer; a deployment overrides them per request (SafetyConfig)."""
 
     k: int  # lookahead candidates
-    lam: float  # selection penalty: argmax(logprob - lam * score)
+    lam: float  # selection weight on the branch score at the gate threshold (grown by gamma above it)
     tau: float  # probe score threshold (probability)
     alpha: float  # activation correction strength
     beta: float  # MSAV strength (requests with an image)

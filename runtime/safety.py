@@ -28,7 +28,7 @@ class SafetyConfig:
 
     enabled: bool = True
     k: int = 8  # lookahead candidates (top-K of the next-token distribution)
-    lam: float = 8.0  # choose argmax(logprob - lam * score) when the top-1 candidate scores >= tau
+    lam: float = 8.0  # once the gate fires: argmax(logprob - lam_eff * branch score), lam_eff = lam at the gate
     tau: float = 0.5  # probe score threshold, a probability in (0, 1)
     alpha: float = 0.0  # in-graph correction h += alpha * gate * r at the probe layer
     beta: float = 0.0  # in-graph MSAV h += beta * v at the MSAV layer (requests with an image)
