@@ -85,6 +85,47 @@ class _Decode:
         self.msav_one = np.full((1, 1), 1.0 if self.msav_on else 0.0, np.float32)
 
 
+def _checked_lengths(max_new_tokens, min_new_tokens, stop) -> list[str]:
+    """Validates the length knobs and stop strings; -> the non-empty stop strings."""
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if not isinstance(min_new_tokens, int) or isinstance(min_new_tokens, bool) or min_new_tokens < 0:
+        raise ConfigError(f"min_new_tokens must be an integer >= 0, got {min_new_tokens!r}")
+    if isinstance(stop, str):
+        raise ConfigError("stop must be a list of strings, e.g. stop=['\\n\\n']")
+    return [s for s in (stop or []) if s]
+
+
+class _Reply:
+    """The reply's text as tokens arrive: cut at the first stop string, released in pieces that never end inside
+    what could still become one (the last ``hold`` characters wait)."""
+
+    def __init__(self, codec: TextCodec, stops: list[str]):
+        self.decoder, self.stops = IncrementalDecoder(codec), stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.text, self.emitted = "", 0
+
+    def push(self, token: int) -> tuple[str, bool]:
+        """-> (the text that is now safe to show, whether a stop string ended the reply)."""
+        self.text += self.decoder.push(token)
+        hit = min((i for i in (self.text.find(s, max(0, self.emitted - self.hold)) for s in self.stops) if i >= 0),
+                  default=-1)
+        if hit >= 0:
+            self.text = self.text[:hit]
+            return "", True
+        if len(self.text) - self.hold <= self.emitted:
+            return "", False
+        piece = self.text[self.emitted : len(self.text) - self.hold]
+        self.emitted = len(self.text) - self.hold
+        return piece, False
+
+    def finish(self) -> tuple[str, str]:
+        """-> (the whole text, what has not been shown yet)."""
+        rest = self.text[self.emitted :]
+        self.emitted = len(self.text)
+        return self.text, rest
+
+
 class Generator:
     """Loads an artifact made by ``safesteer-export`` and generates text with onnxruntime.
 
@@ -104,26 +145,38 @@ class Generator:
     def __init__(self, artifact_dir: str | Path, providers: Providers = "auto", *, threads: int = 0,
                  verify: bool = True, engine_cache_dir: Optional[str | Path] = None, kv_cache: str = "auto",
                  trt_max_tokens: int = 4096, thread_pool: str = "auto", huge_pages: bool = True):
-        self.root = Path(artifact_dir)
-        self.manifest = m.load_manifest(self.root, verify_files=verify)
+        root = Path(artifact_dir)
+        manifest = m.load_manifest(root, verify_files=verify)
         cfg = SessionConfig(
-            providers=resolve_providers(providers, m.in_place_cache(self.manifest)), intra_op_threads=threads,
-            cache_dir=Path(engine_cache_dir) if engine_cache_dir else self.root / "trt_cache",
+            providers=resolve_providers(providers, m.in_place_cache(manifest)), intra_op_threads=threads,
+            cache_dir=Path(engine_cache_dir) if engine_cache_dir else root / "trt_cache",
             trt_max_tokens=trt_max_tokens, huge_pages=huge_pages,
         )
         cfg = replace(cfg, shared_pool=use_shared_pool(thread_pool, cfg))
-        self.engine = Engine(self.root, self.manifest, cfg, kv_cache)
+        self._attach(root, manifest, Engine(root, manifest, cfg, kv_cache))
         self.providers = self.engine.providers()
         self.thread_pool = "shared" if cfg.shared_pool else "per-graph"  # what thread_pool resolved to
         self.huge_pages = self.engine.huge_pages  # bytes of weights moved onto huge pages, and the seconds it took
         log.info("execution providers per graph: %s; thread pool: %s", self.providers, self.thread_pool)
-        self.codec = TextCodec(self.root, self.manifest.tokenizer)
-        self.chat: Optional[ChatTemplate] = load_chat_template(self.root, self.manifest.tokenizer)
+
+    @classmethod
+    def around(cls, root: str | Path, manifest: m.Manifest, engine) -> "Generator":
+        """A Generator driving ``engine`` (anything with Engine's ``step`` / ``new_cache`` / ``context_limit``) with
+        the tokenizer, chat template and safety vectors in ``root``: the decode loop without onnxruntime sessions
+        (tests/test_loop_scripted.py drives it with a scripted model)."""
+        gen = cls.__new__(cls)
+        gen._attach(Path(root), manifest, engine)
+        return gen
+
+    def _attach(self, root: Path, manifest: m.Manifest, engine) -> None:
+        self.root, self.manifest, self.engine = root, manifest, engine
+        self.codec = TextCodec(root, manifest.tokenizer)
+        self.chat: Optional[ChatTemplate] = load_chat_template(root, manifest.tokenizer)
         self._cache: Optional[KVCache | DeviceKVCache] = None
         self._open_row = np.zeros((1, 1, 1, 0), np.float32)
         self._one_id, self._one_position = np.zeros((1, 1), np.int64), np.zeros((1, 1), np.int64)
-        info = self.manifest.safety
-        self._vectors = load_vectors(self.root, info, self.manifest.sizes.hidden_size) if info else None
+        info = manifest.safety
+        self._vectors = load_vectors(root, info, manifest.sizes.hidden_size) if info else None
 
     # --- public API ----------------------------------------------------------------------------
     def generate(self, messages: Optional[Sequence[dict]] = None, *, prompt: Optional[str] = None,
@@ -259,87 +312,70 @@ class Generator:
         once at the end) and returns the GenerationResult."""
         start = time.perf_counter()
         cfg = resolve_safety(safety, self.manifest.safety)
-        sampling = SamplingConfig(do_sample, temperature, top_k, top_p, seed)
-        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        if not isinstance(min_new_tokens, int) or isinstance(min_new_tokens, bool) or min_new_tokens < 0:
-            raise ConfigError(f"min_new_tokens must be an integer >= 0, got {min_new_tokens!r}")
-        if isinstance(stop, str):
-            raise ConfigError("stop must be a list of strings, e.g. stop=['\\n\\n']")
-        stops = [s for s in (stop or []) if s]
+        sampler = Sampler(SamplingConfig(do_sample, temperature, top_k, top_p, seed))
+        stops = _checked_lengths(max_new_tokens, min_new_tokens, stop)
         req = self._prepare(messages, prompt, prompt_ids, images)
-        limit = self.engine.context_limit
-        if len(req.ids) + max_new_tokens > limit:
-            raise PromptTooLongError(
-                f"the prompt is {len(req.ids)} tokens (image tokens included) and max_new_tokens is {max_new_tokens}: "
-                f"{len(req.ids) + max_new_tokens} > the context of {limit} positions (the model's, or trt_max_tokens on "
-                "TensorRT); shorten the prompt or lower max_new_tokens"
-            )
-        k = min(cfg.k, self.manifest.sizes.vocab_size) if cfg else 1
-        rows = k + (len(self.manifest.safety.refusal_ids) if cfg else 0)  # lookahead rows per pass, at most
-        d = _Decode(self._cache_for(len(req.ids) + max_new_tokens + rows * (1 + (cfg.depth if cfg else 0))),
-                    self._safety_feeds(cfg), bool(cfg and req.images and self.manifest.safety.msav_layer is not None),
-                    top_k=k)
-        sampler = Sampler(sampling)
+        self._check_context(len(req.ids), max_new_tokens)
+        d = self._start(req, cfg, max_new_tokens)
         eos = set(self.manifest.tokenizer.eos_token_ids)
-        decoder = IncrementalDecoder(self.codec)
-        timings = Timings(prompt_tokens=len(req.ids))
-
+        reply = _Reply(self.codec, stops) if pieces or stops else None
         out, prompt_logit = self._prefill(req, d)
         trace: list[dict[str, Any]] = []
         generated: list[int] = []
-        text, emitted, finish = "", 0, "length"
-        hold = max((len(s) for s in stops), default=1) - 1
-        incremental = pieces or bool(stops)
-        first_token_at = None
-        step = 0
+        finish, first_token_at = "length", None
         harm = prompt_logit  # the probe's logit at the row whose logits choose the next token
-        while True:
-            logits, top_lp, top_ids = out.logits, out.top_logprobs, out.top_ids
+        for step in range(max_new_tokens):
             banned = eos if len(generated) < min_new_tokens else ()
             # the gate: the row that produces this step's logits (the prompt's last row at step 0) scores >= tau
             fired = cfg is not None and step < cfg.lookahead_steps and harm is not None and score(harm) >= cfg.tau
             if fired:  # the candidates (and their branches) are fed: the chosen one's K/V and output are in place
-                token, out, record = self._lookahead(d, cfg, sampler, logits[0, -1], top_lp[0, -1], top_ids[0, -1],
-                                                        banned, score(harm), step == 0)
-                harm = record.pop("harm_logit")
-                trace.append({"step": step, **record})
+                token, out, record = self._lookahead(d, cfg, sampler, out.logits[0, -1], out.top_logprobs[0, -1],
+                                                     out.top_ids[0, -1], banned, score(harm), step == 0)
             else:
-                token = sampler(logits[0, -1], banned, top_ids[0, -1, 0])
+                token, record = sampler(out.logits[0, -1], banned, out.top_ids[0, -1, 0]), None
             generated.append(token)
-            if first_token_at is None:
-                first_token_at = time.perf_counter()
+            first_token_at = first_token_at or time.perf_counter()
             if token in eos:
                 finish = "eos"
-            elif incremental:
-                text += decoder.push(token)
-                hit = min((i for i in (text.find(s, max(0, emitted - hold)) for s in stops) if i >= 0), default=-1)
-                if hit >= 0:
-                    text, finish = text[:hit], "stop"
-                elif len(text) - hold > emitted:
-                    yield text[emitted : len(text) - hold]
-                    emitted = len(text) - hold
+            elif reply is not None:
+                piece, stopped = reply.push(token)
+                finish = "stop" if stopped else finish
+                if piece:
+                    yield piece
             done = finish != "length" or len(generated) == max_new_tokens
             if not fired and not done:  # the last token is not fed: that pass would only give its probe score
                 out, record = self._feed_chosen(d, token, cfg)
-                if record is not None:
-                    harm = record.pop("harm_logit")
-                    trace.append({"step": step, **record})
-            step += 1
+            if record is not None:
+                harm = record.pop("harm_logit")
+                trace.append({"step": step, **record})
             if done:
                 break
-        if not incremental:
+        if reply is None:
             text = self.codec.decode(generated[:-1] if finish == "eos" else generated)
-        elif len(text) > emitted:
-            yield text[emitted:]
-        end = time.perf_counter()
-        timings.new_tokens = len(generated)
-        timings.prefill_s = first_token_at - start
-        timings.decode_s = end - first_token_at
-        result = GenerationResult(text, generated, finish, timings, prompt_ids=list(req.ids), safety_trace=trace)
-        if prompt_logit is not None:
-            result.prompt_score = score(prompt_logit)
-        return result
+        else:
+            text, rest = reply.finish()
+            if rest:
+                yield rest
+        timings = Timings(len(req.ids), len(generated), first_token_at - start, time.perf_counter() - first_token_at)
+        return GenerationResult(text, generated, finish, timings, prompt_ids=list(req.ids), safety_trace=trace,
+                                prompt_score=None if prompt_logit is None else score(prompt_logit))
+
+    def _check_context(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        limit = self.engine.context_limit
+        if prompt_tokens + max_new_tokens > limit:
+            raise PromptTooLongError(
+                f"the prompt is {prompt_tokens} tokens (image tokens included) and max_new_tokens is {max_new_tokens}: "
+                f"{prompt_tokens + max_new_tokens} > the context of {limit} positions (the model's, or trt_max_tokens on "
+                "TensorRT); shorten the prompt or lower max_new_tokens"
+            )
+
+    def _start(self, req: _Request, cfg: Optional[SafetyConfig], max_new_tokens: int) -> _Decode:
+        """The request's decoding state, with a cache sized for the prompt, the reply and one lookahead's rows."""
+        k = min(cfg.k, self.manifest.sizes.vocab_size) if cfg else 1
+        rows = k + (len(self.manifest.safety.refusal_ids) if cfg else 0)  # lookahead rows per pass, at most
+        capacity = len(req.ids) + max_new_tokens + rows * (1 + (cfg.depth if cfg else 0))
+        msav_on = bool(cfg and req.images and self.manifest.safety.msav_layer is not None)
+        return _Decode(self._cache_for(capacity), self._safety_feeds(cfg), msav_on, top_k=k)
 
     def _feed_one(self, d: _Decode, token: int, scratch: bool = False):
         """Feed one token at the next position and commit it; -> (the model's output there, its harm_logit or None).
