@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from importlib.metadata import version
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from safesteer_models.onnx_ops import standard_ops
 from safesteer_runtime import manifest as m
@@ -154,125 +154,160 @@ def export_artifact(cfg: ExportConfig, progress: Optional[Callable[[str], None]]
     return result
 
 
+class _Steps:
+    """The export's steps with their seconds and peak RSS, each told as it finishes."""
+
+    def __init__(self, say: Callable[[str], None]):
+        self.say, self.done = say, []
+
+    def finished(self, what: str, t0: float) -> None:
+        self.done.append((what, time.perf_counter() - t0, peak_rss_mb()))
+        self.say(f"{what}: {self.done[-1][1]:.1f}s, peak RSS {self.done[-1][2]:.0f} MB")
+
+
+@dataclass
+class _Checkpoint:
+    """The loaded Hugging Face model and what the stages read from it."""
+
+    arch: str
+    model: Any
+    family: Any  # safesteer_models family wrapping ``model``
+    tokenizer: Any
+    image_info: Optional[m.ImageInfo]
+    sizes: m.ModelSizes
+
+
+@dataclass
+class _Graphs:
+    entries: list[m.GraphEntry] = field(default_factory=list)
+    checks: list[Callable[[ValidationReport], None]] = field(default_factory=list)  # run once the model is released
+
+
 def _export_float32(cfg: ExportConfig, progress: Optional[Callable[[str], None]] = None,
                     tick: Optional[Callable[[int, int], None]] = None) -> ExportResult:
+    """The stages: load the checkpoint, write the tokenizer files, calibrate SafeSteer, export the graphs, release
+    the checkpoint, validate the graphs against PyTorch's outputs, write the manifest and move OUT into place."""
     import torch
-
-    start = time.perf_counter()
-    say = progress or log.info
-    steps: list[tuple[str, float, float]] = []
-
-    def step(what: str, t0: float) -> None:
-        steps.append((what, time.perf_counter() - t0, peak_rss_mb()))
-        say(f"{what}: {steps[-1][1]:.1f}s, peak RSS {steps[-1][2]:.0f} MB")
 
     from safesteer_models import family_class
 
+    start = time.perf_counter()
+    steps = _Steps(progress or log.info)
     arch = read_architecture(cfg.model_dir)
     family_cls = family_class(arch)  # unknown architectures fail here, before any weights load
     staging = prepare_out_dir(cfg.out_dir, cfg.overwrite)
     torch.manual_seed(0)
-
-    t0 = time.perf_counter()
-    model = load_model(cfg.model_dir, arch)
-    family = family_cls(model)
-    tokenizer = load_tokenizer(cfg.model_dir)
-    image_info = family.image_info(cfg.model_dir, tokenizer)
-    sizes = family.sizes()
-    step(f"loaded {arch} ({sizes.num_layers} layers)", t0)
-
-    token_info, token_files = write_tokenizer_files(cfg.model_dir, tokenizer, model.config, staging)
-    cal = vectors = None
-    if cfg.safety:
-        from safesteer_runtime.text import load_chat_template
-
-        t0 = time.perf_counter()
-        chat = load_chat_template(staging, token_info)
-        cal = calibrate(family, tokenizer, chat, image_info, cfg.calibration, tick)
-        vectors = safety_vectors(cal)
-        step(f"calibration (probe layer {cal.probe_layer}, validation AUROC "
-             f"{cal.sweep[cal.probe_layer]['auroc_validation']:.3f}, tau {cal.tau:.3f})", t0)
-    probe_layer = cal.probe_layer if cal else None
-    msav_layer = cal.msav_layer if cal else None
-
-    ids, images = sample_inputs(family, image_info)
-    vision_feeds = vision_inputs(images, image_info)[0] if images else {}
-    ref = reference(family, ids, images, image_info) if cfg.validate else None
-
-    entries: list[m.GraphEntry] = []
-    checks: list[Callable[[ValidationReport], None]] = []  # run once the checkpoint is released
-
-    def add(role: str, name: str, io, check, **extra) -> None:
-        path = staging / name
-        entries.append(m.GraphEntry(role=role, file=m.file_ref(staging, path), inputs=tuple(io[0]),
-                                    outputs=tuple(io[1]), data_files=graph_files.data_refs(staging, path), **extra))
-        checks.append(lambda report: check(report, path, ref))
-
-    written: graph_files.Written = {}  # tensors already in a data file (a tied table: the head reads it there)
-    with torch.no_grad():
-        if image_info is not None:
-            t0 = time.perf_counter()
-            add(m.ROLE_VISION, "vision.onnx", graphs.export_vision(family, staging / "vision.onnx", vision_feeds),
-                validate_vision)
-            step("vision graph", t0)
-            # image features are merged into the embeddings between the embed graph and the first block
-            t0 = time.perf_counter()
-            add(m.ROLE_EMBED, "embed.onnx", graphs.export_embed(family, staging / "embed.onnx", written),
-                validate_embed)
-            step("embed graph", t0)
-
-        ranges = block_ranges(sizes.num_layers, cfg.block_size)
-        for first, count in ranges:
-            t0 = time.perf_counter()
-            name = f"block_{first:02d}.onnx"
-            with standard_ops(cfg.standard_ops):
-                io = graphs.export_block(family, first, count, staging / name, probe_layer, msav_layer,
-                                         embeds=first == 0 and image_info is None, head=first == ranges[-1][0],
-                                         written=written)
-            add(m.ROLE_BLOCK, name, io, partial(validate_block, first=first, count=count, sizes=sizes,
-                                                vectors=vectors, probe_layer=probe_layer),
-                first_layer=first, num_layers=count)
-            step(f"block layers {first}-{first + count - 1}", t0)
-
+    ck = _load(cfg.model_dir, arch, family_cls, steps)
+    token_info, token_files = write_tokenizer_files(cfg.model_dir, ck.tokenizer, ck.model.config, staging)
+    cal = _calibrate(cfg, ck, staging, token_info, tick, steps) if cfg.safety else None
+    vectors = safety_vectors(cal) if cal is not None else None
+    graphs_out = _export_graphs(cfg, ck, staging, cal, vectors, steps)
     # The checkpoint is not needed past this point; releasing it before onnxruntime loads the graphs keeps the
     # export's peak near the checkpoint's own size.
-    family_name = family.name
-    del model, family
+    family_name, sizes, image_info = ck.family.name, ck.sizes, ck.image_info
+    del ck
     gc.collect()
-    report = ValidationReport()
-    if ref is not None:
-        t0 = time.perf_counter()
-        for check in checks:
-            check(report)
-        step(f"validated {len(checks)} graphs against PyTorch", t0)
+    report = _validate(graphs_out.checks, steps) if cfg.validate else ValidationReport()
     report.raise_if_failed()
-    extra = list(token_files)
-    if cal is not None:
-        import numpy as np
-
-        from .report import write_report
-
-        with open(staging / SAFETY_VECTORS, "wb") as fh:
-            np.savez(fh, **vectors)
-        extra += [staging / SAFETY_VECTORS, *write_report(cal, cfg.calibration, staging, cfg.model_dir.name)]
+    extra = list(token_files) + (_write_safety_files(staging, cal, vectors, cfg) if cal is not None else [])
     manifest = m.Manifest(
-        schema_version=m.SCHEMA_VERSION,
-        family=family_name,
-        architecture=arch,
-        dtype="float32",
-        sizes=sizes,
-        graphs=tuple(entries),
-        tokenizer=token_info,
-        export=m.ExportInfo(
-            tool_version=TOOL_VERSION, block_size=cfg.block_size, source=cfg.model_dir.name,
-            opset=graphs.BLOCK_OPSET, safety_calibrated=cal is not None,
-        ),
-        image=image_info,
-        safety=safety_info(cal) if cal is not None else None,
+        schema_version=m.SCHEMA_VERSION, family=family_name, architecture=arch, dtype="float32", sizes=sizes,
+        graphs=tuple(graphs_out.entries), tokenizer=token_info,
+        export=m.ExportInfo(tool_version=TOOL_VERSION, block_size=cfg.block_size, source=cfg.model_dir.name,
+                            opset=graphs.BLOCK_OPSET, safety_calibrated=cal is not None),
+        image=image_info, safety=safety_info(cal) if cal is not None else None,
         extra_files=tuple(m.file_ref(staging, p) for p in extra),
     )
     (staging / m.MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
     if cfg.out_dir.exists():
         shutil.rmtree(cfg.out_dir)
     staging.rename(cfg.out_dir)
-    return ExportResult(cfg.out_dir, manifest, time.perf_counter() - start, peak_rss_mb(), report, steps)
+    return ExportResult(cfg.out_dir, manifest, time.perf_counter() - start, peak_rss_mb(), report, steps.done)
+
+
+def _load(model_dir: Path, arch: str, family_cls, steps: _Steps) -> _Checkpoint:
+    t0 = time.perf_counter()
+    model = load_model(model_dir, arch)
+    family = family_cls(model)
+    tokenizer = load_tokenizer(model_dir)
+    ck = _Checkpoint(arch, model, family, tokenizer, family.image_info(model_dir, tokenizer), family.sizes())
+    steps.finished(f"loaded {arch} ({ck.sizes.num_layers} layers)", t0)
+    return ck
+
+
+def _calibrate(cfg: ExportConfig, ck: _Checkpoint, staging: Path, token_info: m.TokenizerInfo,
+               tick: Optional[Callable[[int, int], None]], steps: _Steps) -> Calibration:
+    from safesteer_runtime.text import load_chat_template
+
+    t0 = time.perf_counter()
+    chat = load_chat_template(staging, token_info)
+    cal = calibrate(ck.family, ck.tokenizer, chat, ck.image_info, cfg.calibration, tick)
+    steps.finished(f"calibration (probe layer {cal.probe_layer}, validation AUROC "
+                   f"{cal.sweep[cal.probe_layer]['auroc_validation']:.3f}, tau {cal.tau:.3f})", t0)
+    return cal
+
+
+def _export_graphs(cfg: ExportConfig, ck: _Checkpoint, staging: Path, cal: Optional[Calibration],
+                   vectors: Optional[dict], steps: _Steps) -> _Graphs:
+    """Every graph into ``staging`` (vision and embed for models with images, then the blocks), each with the check
+    that compares it with PyTorch's outputs on sample inputs (computed here, while the model is loaded)."""
+    import torch
+
+    probe_layer = cal.probe_layer if cal else None
+    msav_layer = cal.msav_layer if cal else None
+    ids, images = sample_inputs(ck.family, ck.image_info)
+    vision_feeds = vision_inputs(images, ck.image_info)[0] if images else {}
+    ref = reference(ck.family, ids, images, ck.image_info) if cfg.validate else None
+    out = _Graphs()
+
+    def add(role: str, name: str, io, check, **extra) -> None:
+        path = staging / name
+        out.entries.append(m.GraphEntry(role=role, file=m.file_ref(staging, path), inputs=tuple(io[0]),
+                                        outputs=tuple(io[1]), data_files=graph_files.data_refs(staging, path), **extra))
+        out.checks.append(lambda report: check(report, path, ref))
+
+    written: graph_files.Written = {}  # tensors already in a data file (a tied table: the head reads it there)
+    with torch.no_grad():
+        if ck.image_info is not None:
+            t0 = time.perf_counter()
+            add(m.ROLE_VISION, "vision.onnx", graphs.export_vision(ck.family, staging / "vision.onnx", vision_feeds),
+                validate_vision)
+            steps.finished("vision graph", t0)
+            # image features are merged into the embeddings between the embed graph and the first block
+            t0 = time.perf_counter()
+            add(m.ROLE_EMBED, "embed.onnx", graphs.export_embed(ck.family, staging / "embed.onnx", written),
+                validate_embed)
+            steps.finished("embed graph", t0)
+        ranges = block_ranges(ck.sizes.num_layers, cfg.block_size)
+        for first, count in ranges:
+            t0 = time.perf_counter()
+            name = f"block_{first:02d}.onnx"
+            with standard_ops(cfg.standard_ops):
+                io = graphs.export_block(ck.family, first, count, staging / name, probe_layer, msav_layer,
+                                         embeds=first == 0 and ck.image_info is None, head=first == ranges[-1][0],
+                                         written=written)
+            add(m.ROLE_BLOCK, name, io, partial(validate_block, first=first, count=count, sizes=ck.sizes,
+                                                vectors=vectors, probe_layer=probe_layer),
+                first_layer=first, num_layers=count)
+            steps.finished(f"block layers {first}-{first + count - 1}", t0)
+    return out
+
+
+def _validate(checks: list[Callable[[ValidationReport], None]], steps: _Steps) -> ValidationReport:
+    t0 = time.perf_counter()
+    report = ValidationReport()
+    for check in checks:
+        check(report)
+    steps.finished(f"validated {len(checks)} graphs against PyTorch", t0)
+    return report
+
+
+def _write_safety_files(staging: Path, cal: Calibration, vectors: dict, cfg: ExportConfig) -> list[Path]:
+    """The probe / steering vectors (.npz, no pickle) and the calibration report; -> the files written."""
+    import numpy as np
+
+    from .report import write_report
+
+    with open(staging / SAFETY_VECTORS, "wb") as fh:
+        np.savez(fh, **vectors)
+    return [staging / SAFETY_VECTORS, *write_report(cal, cfg.calibration, staging, cfg.model_dir.name)]
