@@ -1,6 +1,5 @@
-"""The Decoding-Probe's statistics: standardise -> PCA -> logistic regression, folded into one affine map.
-
-Everything here is numpy on feature matrices; the graph then computes harm_logit = h . weight + bias.
+"""The Decoding-Probe's statistics: standardise -> PCA -> logistic regression (scikit-learn), folded into one
+affine map; the graph then computes harm_logit = h . weight + bias. Also AUROC and the false-positive threshold.
 """
 
 from __future__ import annotations
@@ -21,57 +20,39 @@ class Probe:
         return h.astype(np.float64) @ self.weight.astype(np.float64) + self.bias
 
 
-def _logistic_newton(f: np.ndarray, y: np.ndarray, l2: float, iters: int = 50) -> tuple[np.ndarray, float]:
-    """L2-regularised logistic regression (bias unpenalised) by Newton's method; f [n, d], y in {0, 1}."""
-    n, d = f.shape
-    x = np.hstack([f, np.ones((n, 1))])
-    w = np.zeros(d + 1)
-    reg = np.full(d + 1, l2)
-    reg[-1] = 0.0
-    for _ in range(iters):
-        p = 1.0 / (1.0 + np.exp(-np.clip(x @ w, -30, 30)))
-        grad = x.T @ (p - y) + reg * w
-        hess = (x * (p * (1 - p))[:, None]).T @ x + np.diag(reg) + 1e-9 * np.eye(d + 1)
-        step = np.linalg.solve(hess, grad)
-        w -= step
-        if np.max(np.abs(step)) < 1e-8:
-            break
-    return w[:-1], float(w[-1])
+def standardised_logistic(x: np.ndarray, y: np.ndarray, *, pca_k: int, l2: float) -> tuple[np.ndarray, float]:
+    """scikit-learn's StandardScaler -> PCA(pca_k, exact SVD) -> L2 logistic regression (C = 1 / l2, intercept not
+    penalised), folded into one affine map on the raw features: -> (weight [d], bias). ``pca_k`` 0 (or >= the
+    rank): no PCA. Same optimum as the Newton solver this replaced (max logit difference 3e-8 of the logit range
+    on calibration-shaped data, 3600 x 896)."""
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    x = x.astype(np.float64)
+    scaler = StandardScaler().fit(x)
+    z = scaler.transform(x)
+    proj = (PCA(pca_k, svd_solver="full").fit(z).components_.T if pca_k and pca_k < min(z.shape)
+            else np.eye(z.shape[1]))
+    lr = LogisticRegression(C=1.0 / l2, tol=1e-10, max_iter=10_000).fit(z @ proj, y.astype(int))
+    weight = (proj @ lr.coef_[0]) / scaler.scale_
+    return weight, float(lr.intercept_[0] - weight @ scaler.mean_)
 
 
 def fit_probe(x: np.ndarray, y: np.ndarray, *, pca_k: int = 32, l2: float = 1.0) -> Probe:
     """x [n, hidden], y [n] (1 harmful) -> the folded affine probe."""
-    x = x.astype(np.float64)
-    mu = x.mean(0)
-    sd = x.std(0) + 1e-6
-    z = (x - mu) / sd
-    if pca_k and pca_k < min(z.shape):
-        _, _, vt = np.linalg.svd(z, full_matrices=False)
-        proj = vt[:pca_k].T  # [hidden, k]
-    else:
-        proj = np.eye(z.shape[1])
-    w_f, b = _logistic_newton(z @ proj, y.astype(np.float64), l2)
-    weight = (proj @ w_f) / sd
-    return Probe(weight.astype(np.float32), float(b - weight @ mu))
+    weight, bias = standardised_logistic(x, y, pca_k=pca_k, l2=l2)
+    return Probe(weight.astype(np.float32), bias)
 
 
 def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney U with average ranks for ties); labels 1 = positive."""
-    scores, labels = np.asarray(scores, np.float64), np.asarray(labels)
-    pos, neg = int((labels == 1).sum()), int((labels == 0).sum())
-    if pos == 0 or neg == 0:
+    """Area under the ROC curve (scikit-learn's; ties count half); labels 1 = positive. NaN with one class only."""
+    from sklearn.metrics import roc_auc_score
+
+    labels = np.asarray(labels)
+    if len(np.unique(labels)) < 2:
         return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores))
-    sorted_scores = scores[order]
-    i = 0
-    while i < len(scores):
-        j = i
-        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
-        i = j + 1
-    return float((ranks[labels == 1].sum() - pos * (pos + 1) / 2.0) / (pos * neg))
+    return float(roc_auc_score(labels, np.asarray(scores, np.float64)))
 
 
 def threshold_at_fpr(harmless_scores: np.ndarray, fpr: float) -> float:

@@ -28,7 +28,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from safesteer_data.judges import refusal_labels
-from safesteer_data.probe import _logistic_newton
+from safesteer_data.probe import standardised_logistic
 from safesteer_checkpoints.wheels import cache_root, wheel_file, wheel_members
 
 log = logging.getLogger("safesteer.eval")
@@ -121,12 +121,9 @@ class EmbedJudge:
 
 
 def _fit(x: np.ndarray, y: np.ndarray, pca_k: int, l2: float) -> tuple[np.ndarray, np.ndarray, float]:
-    mu, sd = x.mean(0), x.std(0) + 1e-6
-    z = (x - mu) / sd
-    _, _, vt = np.linalg.svd(z, full_matrices=False)
-    proj = vt[:pca_k].T
-    w, b = _logistic_newton(z @ proj, y.astype(np.float64), l2)
-    return mu, (proj @ w) / sd, b
+    """-> (offset, weight, bias): logit = (x - offset) @ weight + bias (offset 0: the fold holds the centring)."""
+    weight, bias = standardised_logistic(x, y, pca_k=pca_k, l2=l2)
+    return np.zeros(x.shape[1]), weight, bias
 
 
 def _choose(x: np.ndarray, y: np.ndarray, folds: int = 5, seed: int = 0) -> tuple[tuple[int, int, float], float]:
