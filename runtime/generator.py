@@ -183,13 +183,16 @@ class Generator:
                  prompt_ids: Optional[Sequence[int]] = None, images: Optional[Sequence[ImageLike]] = None,
                  max_new_tokens: int = 128, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, seed: Optional[int] = None, stop: Optional[Sequence[str]] = None,
-                 safety: Any = "auto", min_new_tokens: int = 0) -> GenerationResult:
+                 safety: Any = "auto", min_new_tokens: int = 0,
+                 sampling: Optional[SamplingConfig] = None) -> GenerationResult:
         """``safety``: "auto" (SafeSteer with the artifact's defaults when it was calibrated, else off),
-        True (the defaults; an error without calibration), False, or a SafetyConfig.
+        True (the defaults; an error without calibration), False, or a SafetyConfig. ``sampling``: a SamplingConfig
+        instead of the flat do_sample / temperature / top_k / top_p / seed keywords (not both).
         ``min_new_tokens``: end-of-sequence tokens are not chosen before this many tokens (benchmarks)."""
         run = self._run(messages, prompt=prompt, prompt_ids=prompt_ids, images=images,
                         max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
-                        top_p=top_p, seed=seed, stop=stop, safety=safety, min_new_tokens=min_new_tokens, pieces=False)
+                        top_p=top_p, seed=seed, stop=stop, safety=safety, min_new_tokens=min_new_tokens,
+                        sampling=sampling, pieces=False)
         while True:
             try:
                 next(run)
@@ -200,13 +203,14 @@ class Generator:
                prompt_ids: Optional[Sequence[int]] = None, images: Optional[Sequence[ImageLike]] = None,
                max_new_tokens: int = 128, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
                top_p: float = 1.0, seed: Optional[int] = None, stop: Optional[Sequence[str]] = None,
-               safety: Any = "auto", min_new_tokens: int = 0) -> Iterator[str]:
+               safety: Any = "auto", min_new_tokens: int = 0,
+               sampling: Optional[SamplingConfig] = None) -> Iterator[str]:
         """Like ``generate`` (the same arguments) but yields text pieces as they decode; the GenerationResult is
         the generator's return value (``StopIteration.value``)."""
         return (yield from self._run(messages, prompt=prompt, prompt_ids=prompt_ids, images=images,
                                      max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                                      top_k=top_k, top_p=top_p, seed=seed, stop=stop, safety=safety,
-                                     min_new_tokens=min_new_tokens, pieces=True))
+                                     min_new_tokens=min_new_tokens, sampling=sampling, pieces=True))
 
     def token_logprobs(self, prompt_ids: Sequence[int]) -> np.ndarray:
         """Teacher-forced log-probability of each token after the first, in one pass (SafeSteer off):
@@ -307,12 +311,18 @@ class Generator:
 
     def _run(self, messages, *, prompt=None, prompt_ids=None, images=None, max_new_tokens=128, do_sample=False,
              temperature=1.0, top_k=0, top_p=1.0, seed=None, stop=None, safety="auto",
-             min_new_tokens=0, pieces=True) -> Iterator[str]:
+             min_new_tokens=0, sampling=None, pieces=True) -> Iterator[str]:
         """Yields text pieces as they decode (``pieces``; without, and without stop strings, the text is decoded
         once at the end) and returns the GenerationResult."""
         start = time.perf_counter()
         cfg = resolve_safety(safety, self.manifest.safety)
-        sampler = Sampler(SamplingConfig(do_sample, temperature, top_k, top_p, seed))
+        flat = SamplingConfig(do_sample, temperature, top_k, top_p, seed)
+        if sampling is not None and flat != SamplingConfig():
+            raise ConfigError("pass sampling=SamplingConfig(...) or the flat do_sample / temperature / top_k / top_p / "
+                              "seed keywords, not both")
+        if sampling is not None and not isinstance(sampling, SamplingConfig):
+            raise ConfigError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
+        sampler = Sampler(sampling or flat)
         stops = _checked_lengths(max_new_tokens, min_new_tokens, stop)
         req = self._prepare(messages, prompt, prompt_ids, images)
         self._check_context(len(req.ids), max_new_tokens)

@@ -271,6 +271,19 @@ def test_sampling_is_reproducible_from_its_seed(root):
     assert runs[0] == runs[1] and len({tuple(r) for r in runs[1:]}) > 1
 
 
+def test_a_sampling_config_equals_the_flat_keywords_and_not_both(root):
+    from safesteer_runtime.sampling import SamplingConfig
+
+    gen = generator(root)
+    flat = gen.generate(prompt_ids=ids("hi"), safety=False, do_sample=True, temperature=2.0, seed=5, max_new_tokens=8)
+    cfg = SamplingConfig(do_sample=True, temperature=2.0, seed=5)
+    assert gen.generate(prompt_ids=ids("hi"), safety=False, sampling=cfg, max_new_tokens=8).token_ids == flat.token_ids
+    with pytest.raises(ConfigError, match="not both"):
+        gen.generate(prompt_ids=ids("hi"), sampling=cfg, temperature=0.5)
+    with pytest.raises(ConfigError, match="must be a SamplingConfig"):
+        gen.generate(prompt_ids=ids("hi"), sampling={"do_sample": True})
+
+
 def test_bad_requests_get_clear_errors(root):
     gen = generator(root, ScriptedEngine(context_limit=8))
     with pytest.raises(PromptTooLongError, match="shorten the prompt or lower max_new_tokens"):
