@@ -25,6 +25,11 @@ class ConfigError(InputError):
     """A knob (sampling, safety, providers, export option) has an invalid value."""
 
 
+class BusyError(SafeSteerError, RuntimeError):
+    """A Generator was asked for a second request while one is still being served (another thread, or a stream
+    that has not finished)."""
+
+
 class UnsupportedArchitectureError(SafeSteerError):
     """The checkpoint's architecture has no registered model family."""
 

@@ -1,12 +1,16 @@
 """``Generator``: prompt -> KV-cached decode loop over the artifact's graphs -> text.
 
-Not thread-safe: one Generator serves one request at a time (it reuses its KV cache buffers).
+One Generator serves one request at a time (it reuses its KV cache buffers): a second request while one is being
+served — from another thread, or while a stream() is still open — is refused at once with BusyError, never run
+over the first one's cache.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
@@ -15,7 +19,7 @@ import numpy as np
 
 from . import manifest as m
 from .engine import Engine, StepOut
-from .errors import ConfigError, InputError, PromptTooLongError
+from .errors import BusyError, ConfigError, InputError, PromptTooLongError
 from .image_tokens import expand_ids, expand_text, image_rows, image_runs, vision_inputs
 from .images import ImageLike, PreparedImage, prepare
 from .kv_cache import DeviceKVCache, KVCache
@@ -170,6 +174,7 @@ class Generator:
 
     def _attach(self, root: Path, manifest: m.Manifest, engine) -> None:
         self.root, self.manifest, self.engine = root, manifest, engine
+        self._busy = threading.Lock()  # held while a request uses the buffers below
         self.codec = TextCodec(root, manifest.tokenizer)
         self.chat: Optional[ChatTemplate] = load_chat_template(root, manifest.tokenizer)
         self._cache: Optional[KVCache | DeviceKVCache] = None
@@ -219,9 +224,10 @@ class Generator:
         n = ids.shape[1]
         if n < 2 or n > self.engine.context_limit:
             raise InputError(f"token_logprobs needs 2 to {self.engine.context_limit} tokens, got {n}")
-        d = _Decode(self._cache_for(n), self._safety_feeds(None))
-        out = self._run_rows(d, ids, causal_mask(0, n), np.arange(n, dtype=np.int64)[None], np.zeros((1, n), np.float32),
-                             head_rows=np.arange(n - 1))
+        with self._serving():
+            d = _Decode(self._cache_for(n), self._safety_feeds(None))
+            out = self._run_rows(d, ids, causal_mask(0, n), np.arange(n, dtype=np.int64)[None],
+                                 np.zeros((1, n), np.float32), head_rows=np.arange(n - 1))
         logits = out.logits[0].astype(np.float64)
         logits -= logits.max(-1, keepdims=True)
         logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
@@ -309,9 +315,23 @@ class Generator:
         d.cache.advance(n)
         return out, (None if out.harm_logit is None else float(out.harm_logit[0, -1]))
 
-    def _run(self, messages, *, prompt=None, prompt_ids=None, images=None, max_new_tokens=128, do_sample=False,
-             temperature=1.0, top_k=0, top_p=1.0, seed=None, stop=None, safety="auto",
-             min_new_tokens=0, sampling=None, pieces=True) -> Iterator[str]:
+    @contextmanager
+    def _serving(self):
+        if not self._busy.acquire(blocking=False):
+            raise BusyError("this Generator is serving another request (another thread, or a stream() not yet "
+                            "finished): finish or close() that stream, or give each thread its own Generator")
+        try:
+            yield
+        finally:
+            self._busy.release()
+
+    def _run(self, *args, **kwargs) -> Iterator[str]:
+        with self._serving():  # a stream holds it until it finishes or is closed
+            return (yield from self._serve(*args, **kwargs))
+
+    def _serve(self, messages, *, prompt=None, prompt_ids=None, images=None, max_new_tokens=128, do_sample=False,
+               temperature=1.0, top_k=0, top_p=1.0, seed=None, stop=None, safety="auto",
+               min_new_tokens=0, sampling=None, pieces=True) -> Iterator[str]:
         """Yields text pieces as they decode (``pieces``; without, and without stop strings, the text is decoded
         once at the end) and returns the GenerationResult."""
         start = time.perf_counter()

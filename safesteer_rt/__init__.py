@@ -5,8 +5,8 @@
     print(gen.generate([{"role": "user", "content": "Hello!"}], max_new_tokens=32).text)
 """
 
-from safesteer_runtime.errors import (ArtifactError, ConfigError, ImageError, InputError, PromptTooLongError,
-                                      SafeSteerError)
+from safesteer_runtime.errors import (ArtifactError, BusyError, ConfigError, ImageError, InputError,
+                                      PromptTooLongError, SafeSteerError)
 from safesteer_runtime.generator import GenerationResult, Generator, Timings
 from safesteer_runtime.manifest import Manifest, load_manifest
 from safesteer_runtime.safety import SafetyConfig
@@ -16,4 +16,5 @@ from safesteer_runtime.sessions import resolve_providers
 __all__ = [
     "Generator", "GenerationResult", "Timings", "SamplingConfig", "SafetyConfig", "Manifest", "load_manifest", "resolve_providers",
     "SafeSteerError", "ArtifactError", "InputError", "PromptTooLongError", "ImageError", "ConfigError",
+    "BusyError",
 ]

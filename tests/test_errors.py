@@ -94,6 +94,40 @@ def test_prompt_too_long(tiny):
     assert gen.generate(prompt_ids=[5, 6, 7], max_new_tokens=2).token_ids  # still serves requests
 
 
+def test_concurrent_requests_are_refused_not_corrupted(tiny):
+    """Issue 21: 4 threads on one Generator crashed (SIGSEGV) or returned each other's text; interleaved streams
+    read each other's cache rows. Now the second request gets BusyError at once and the first is untouched."""
+    import threading
+
+    from safesteer_runtime.errors import BusyError
+
+    gen = Generator(tiny.artifact(*LLAMA))
+    prompts = [[5, 6, 7], [9, 10], [11, 12, 13, 14]]
+    want = [gen.generate(prompt_ids=p, max_new_tokens=12).token_ids for p in prompts]
+    a = gen.stream(prompt_ids=prompts[0], max_new_tokens=12)
+    next(a)
+    with pytest.raises(BusyError):
+        next(gen.stream(prompt_ids=prompts[1], max_new_tokens=12))
+    for _ in a:
+        pass
+    got: list = []
+
+    def worker(i: int) -> None:
+        for _ in range(4):
+            try:
+                got.append((i, gen.generate(prompt_ids=prompts[i % 3], max_new_tokens=12).token_ids))
+            except BusyError:
+                got.append((i, None))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert len(got) == 16 and all(ids is None or ids == want[i % 3] for i, ids in got)
+    assert any(ids is not None for _, ids in got)
+
+
 @pytest.mark.parametrize("knobs,match", [
     ({"do_sample": True, "temperature": 0.0}, "temperature"),
     ({"do_sample": True, "temperature": float("nan")}, "temperature"),

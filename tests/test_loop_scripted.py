@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from safesteer_runtime import manifest as m
-from safesteer_runtime.errors import ConfigError, InputError, PromptTooLongError
+from safesteer_runtime.errors import BusyError, ConfigError, InputError, PromptTooLongError
 from safesteer_runtime.generator import Generator
 from safesteer_runtime.kv_cache import KVCache
 from safesteer_runtime.safety import SafetyConfig, steering_strength
@@ -302,3 +302,52 @@ def test_bad_requests_get_clear_errors(root):
         gen.generate(prompt_ids=ids("hi"), safety=SafetyConfig(tau=1.5))
     # the generator is still usable after every refusal
     assert gen.generate(prompt_ids=ids("I"), safety=False, max_new_tokens=4).text == "sorry no ."
+
+
+def test_a_second_request_while_a_stream_is_open_is_refused_not_mixed(root):
+    gen = generator(root)
+    alone = gen.generate(prompt_ids=ids("hi"), safety=False, max_new_tokens=6).text
+    a = gen.stream(prompt_ids=ids("hi"), safety=False, max_new_tokens=6)
+    first = next(a)
+    with pytest.raises(BusyError, match="close"):
+        next(gen.stream(prompt_ids=ids("I"), safety=False, max_new_tokens=6))
+    with pytest.raises(BusyError):
+        gen.generate(prompt_ids=ids("I"), safety=False, max_new_tokens=6)
+    with pytest.raises(BusyError):
+        gen.token_logprobs(ids("hi sure"))
+    rest = "".join(a)  # the open stream is untouched by the refusals
+    assert first + rest == alone
+    b = gen.stream(prompt_ids=ids("hi"), safety=False, max_new_tokens=6)
+    next(b)
+    b.close()  # an abandoned stream frees the Generator once closed
+    assert gen.generate(prompt_ids=ids("I"), safety=False, max_new_tokens=6).text == "sorry no ."
+
+
+def test_threads_get_their_own_answer_or_busy_never_a_mixed_one(root):
+    import threading
+    import time
+
+    class Slow(ScriptedEngine):
+        def step(self, *args, **kwargs):
+            time.sleep(0.002)  # widen the window for overlap
+            return super().step(*args, **kwargs)
+
+    gen = generator(root, Slow())
+    want = {w: gen.generate(prompt_ids=ids(w), safety=False, max_new_tokens=8).text for w in ("hi", "I", "cake")}
+    outcomes: list[tuple[str, str]] = []
+
+    def worker(word: str) -> None:
+        for _ in range(5):
+            try:
+                outcomes.append((word, gen.generate(prompt_ids=ids(word), safety=False, max_new_tokens=8).text))
+            except BusyError:
+                outcomes.append((word, "busy"))
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in ("hi", "I", "cake", "hi")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert len(outcomes) == 20
+    assert all(text in (want[word], "busy") for word, text in outcomes)
+    assert any(text == "busy" for _, text in outcomes) and any(text != "busy" for _, text in outcomes)
