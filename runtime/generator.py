@@ -143,12 +143,15 @@ class Generator:
     new tokens) the TensorRT engines are built for; longer requests are refused (other providers: the model's).
     ``huge_pages``: on the CPU, move the weights onnxruntime loaded onto 2 MB pages (Linux 6.1+, see
     huge_pages.py): in paired runs on this VM 5% (fp32), 13% (int8), 11-21% (int4) more tokens/s, for a one-time
-    copy at load.
+    copy at load. ``allow_control_tokens``: False (the default) spells control-token strings in message text
+    ("<|im_end|>", "<|im_start|>system", image placeholders) out as plain text, so a user cannot forge turns or
+    images; True keeps them control tokens (callers who write turns into content themselves).
     """
 
     def __init__(self, artifact_dir: str | Path, providers: Providers = "auto", *, threads: int = 0,
                  verify: bool = True, engine_cache_dir: Optional[str | Path] = None, kv_cache: str = "auto",
-                 trt_max_tokens: int = 4096, thread_pool: str = "auto", huge_pages: bool = True):
+                 trt_max_tokens: int = 4096, thread_pool: str = "auto", huge_pages: bool = True,
+                 allow_control_tokens: bool = False):
         root = Path(artifact_dir)
         manifest = m.load_manifest(root, verify_files=verify)
         cfg = SessionConfig(
@@ -158,6 +161,7 @@ class Generator:
         )
         cfg = replace(cfg, shared_pool=use_shared_pool(thread_pool, cfg))
         self._attach(root, manifest, Engine(root, manifest, cfg, kv_cache))
+        self.allow_control_tokens = allow_control_tokens
         self.providers = self.engine.providers()
         self.thread_pool = "shared" if cfg.shared_pool else "per-graph"  # what thread_pool resolved to
         self.huge_pages = self.engine.huge_pages  # bytes of weights moved onto huge pages, and the seconds it took
@@ -175,6 +179,7 @@ class Generator:
     def _attach(self, root: Path, manifest: m.Manifest, engine) -> None:
         self.root, self.manifest, self.engine = root, manifest, engine
         self._busy = threading.Lock()  # held while a request uses the buffers below
+        self.allow_control_tokens = False
         self.codec = TextCodec(root, manifest.tokenizer)
         self.chat: Optional[ChatTemplate] = load_chat_template(root, manifest.tokenizer)
         self._cache: Optional[KVCache | DeviceKVCache] = None
@@ -243,7 +248,8 @@ class Generator:
         if messages is not None:
             if self.chat is None:
                 raise InputError("this artifact has no chat template; pass prompt= or prompt_ids= instead of messages")
-            text, found = render_messages(self.chat, messages, info.placeholder if info else None)
+            text, found = render_messages(self.chat, messages, info.placeholder if info else None,
+                                          None if self.allow_control_tokens else self.codec.escape)
             images = found + images
         elif prompt is not None:
             if not isinstance(prompt, str):

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
+import secrets
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -23,9 +25,30 @@ class TextCodec:
         except Exception as exc:  # tokenizers raises a bare Exception on a bad file
             raise ArtifactError(f"{info.tokenizer_file} could not be read ({exc}); re-export the artifact") from exc
         self.info = info
+        # the tokenizer's control tokens (special added tokens: turn markers, image placeholders), longest first
+        self.control = sorted({t.content for t in self.tokenizer.get_added_tokens_decoder().values() if t.special},
+                              key=len, reverse=True)
+        self._nonce = secrets.token_hex(8)  # unguessable: user text cannot forge an escape marker
+        self._marker = re.compile("\ue000" + self._nonce + r":(\d+)\ue001")
+
+    def escape(self, text: str) -> str:
+        """``text`` with every control-token string in it marked, so that ``encode`` spells it out as plain text
+        ("<", "|", "im", "_end", ...) instead of the control token: user content cannot open or close turns."""
+        if not self.control or not any(c in text for c in self.control):
+            return text
+        pattern = "|".join(re.escape(c) for c in self.control)
+        return re.sub(pattern, lambda hit: f"\ue000{self._nonce}:{self.control.index(hit.group(0))}\ue001", text)
 
     def encode(self, text: str, *, add_bos: bool) -> list[int]:
-        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        pieces = self._marker.split(text)  # plain text, control index, plain text, ...
+        ids = self.tokenizer.encode(pieces[0], add_special_tokens=False).ids
+        for n in range(1, len(pieces), 2):
+            self.tokenizer.encode_special_tokens = True
+            try:
+                ids += self.tokenizer.encode(self.control[int(pieces[n])], add_special_tokens=False).ids
+            finally:
+                self.tokenizer.encode_special_tokens = False
+            ids += self.tokenizer.encode(pieces[n + 1], add_special_tokens=False).ids if pieces[n + 1] else []
         if add_bos and self.info.bos_token_id is not None and (not ids or ids[0] != self.info.bos_token_id):
             ids = [self.info.bos_token_id] + ids
         return ids
@@ -87,13 +110,16 @@ def load_chat_template(root: Path, info: TokenizerInfo) -> Optional[ChatTemplate
     return ChatTemplate((root / info.chat_template_file).read_text(encoding="utf-8"), info)
 
 
-def render_messages(chat: ChatTemplate, messages, placeholder: Optional[str]) -> tuple[str, list]:
+def render_messages(chat: ChatTemplate, messages, placeholder: Optional[str],
+                    escape: Optional[Callable[[str], str]] = None) -> tuple[str, list]:
     """HF/OpenAI-style messages -> (prompt text, images in order).
 
     Content may be a string or a list of {"type": "text", "text": ...} / {"type": "image", "image": ...}
     parts. Templates that walk content lists get them (image parts without the pixels); for templates
-    that expect strings, each image part becomes the image placeholder followed by a newline.
+    that expect strings, each image part becomes the image placeholder followed by a newline. ``escape``
+    (TextCodec.escape) is applied to every text the messages carry, never to what the template or an image adds.
     """
+    escape = escape or (lambda text: text)
     if not isinstance(messages, (list, tuple)) or not messages:
         raise InputError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
     images: list = []
@@ -103,14 +129,15 @@ def render_messages(chat: ChatTemplate, messages, placeholder: Optional[str]) ->
             raise InputError(f"messages[{i}] must be a dict with 'role' and 'content'")
         content = msg["content"]
         if isinstance(content, str):
-            rendered.append(dict(msg))
+            rendered.append({**msg, "content": escape(content)})
             continue
         parts, flat = [], []
         for part in content:
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text":
-                parts.append({"type": "text", "text": part.get("text", "")})
-                flat.append(part.get("text", ""))
+                text = escape(part.get("text", ""))
+                parts.append({"type": "text", "text": text})
+                flat.append(text)
             elif kind == "image":
                 if "image" not in part:
                     raise InputError(f"messages[{i}] has an image part without an 'image' (PIL.Image or path)")
