@@ -19,9 +19,9 @@ import numpy as np
 
 from . import manifest as m
 from .engine import Engine, StepOut
-from .errors import BusyError, ConfigError, InputError, PromptTooLongError
+from .errors import BusyError, ConfigError, ImageError, InputError, PromptTooLongError
 from .image_tokens import expand_ids, expand_text, image_rows, image_runs, vision_inputs
-from .images import ImageLike, PreparedImage, prepare
+from .images import DEFAULT_LIMITS, ImageLike, ImageLimits, PreparedImage, prepare
 from .kv_cache import DeviceKVCache, KVCache
 from .masks import both_ways, causal_mask, tree_mask
 from .qwen_vl import mrope_positions
@@ -145,13 +145,15 @@ class Generator:
     huge_pages.py): in paired runs on this VM 5% (fp32), 13% (int8), 11-21% (int4) more tokens/s, for a one-time
     copy at load. ``allow_control_tokens``: False (the default) spells control-token strings in message text
     ("<|im_end|>", "<|im_start|>system", image placeholders) out as plain text, so a user cannot forge turns or
-    images; True keeps them control tokens (callers who write turns into content themselves).
+    images; True keeps them control tokens (callers who write turns into content themselves). ``image_limits``:
+    pixels, aspect ratio and count per request, and whether file paths are accepted (images.ImageLimits; a server
+    passes ``ImageLimits(allow_paths=False)``), checked before any image is decoded.
     """
 
     def __init__(self, artifact_dir: str | Path, providers: Providers = "auto", *, threads: int = 0,
                  verify: bool = True, engine_cache_dir: Optional[str | Path] = None, kv_cache: str = "auto",
                  trt_max_tokens: int = 4096, thread_pool: str = "auto", huge_pages: bool = True,
-                 allow_control_tokens: bool = False):
+                 allow_control_tokens: bool = False, image_limits: ImageLimits = DEFAULT_LIMITS):
         root = Path(artifact_dir)
         manifest = m.load_manifest(root, verify_files=verify)
         cfg = SessionConfig(
@@ -162,6 +164,9 @@ class Generator:
         cfg = replace(cfg, shared_pool=use_shared_pool(thread_pool, cfg))
         self._attach(root, manifest, Engine(root, manifest, cfg, kv_cache))
         self.allow_control_tokens = allow_control_tokens
+        if not isinstance(image_limits, ImageLimits):
+            raise ConfigError(f"image_limits must be an ImageLimits, got {type(image_limits).__name__}")
+        self.image_limits = image_limits
         self.providers = self.engine.providers()
         self.thread_pool = "shared" if cfg.shared_pool else "per-graph"  # what thread_pool resolved to
         self.huge_pages = self.engine.huge_pages  # bytes of weights moved onto huge pages, and the seconds it took
@@ -180,6 +185,7 @@ class Generator:
         self.root, self.manifest, self.engine = root, manifest, engine
         self._busy = threading.Lock()  # held while a request uses the buffers below
         self.allow_control_tokens = False
+        self.image_limits = DEFAULT_LIMITS
         self.codec = TextCodec(root, manifest.tokenizer)
         self.chat: Optional[ChatTemplate] = load_chat_template(root, manifest.tokenizer)
         self._cache: Optional[KVCache | DeviceKVCache] = None
@@ -259,7 +265,10 @@ class Generator:
                 text = info.placeholder * len(images) + "\n" + prompt
         if images and info is None:
             raise InputError("this artifact has no vision graph (text-only model); remove the images")
-        prepared = [prepare(image, info) for image in images]
+        if len(images) > self.image_limits.max_images:
+            raise ImageError(f"{len(images)} images in one request, more than the limit of "
+                             f"{self.image_limits.max_images}; send fewer (or raise ImageLimits.max_images)")
+        prepared = [prepare(image, info, self.image_limits) for image in images]
         if prompt_ids is not None:
             ids = [int(i) for i in prompt_ids]
             vocab = self.manifest.sizes.vocab_size

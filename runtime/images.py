@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -10,19 +11,59 @@ from typing import Optional, Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import ImageError
+from .errors import ConfigError, ImageError
 from .manifest import ImageInfo
 
 ImageLike = Union[Image.Image, str, Path, bytes]
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """What a request's images may be, checked from each file's header before any pixel is decoded.
+
+    The defaults admit any ordinary photo or screenshot; they refuse inputs built to exhaust memory (a 1 KB PNG of
+    400000 x 1 pixels became a 4 GB resize) and, with ``allow_paths=False`` (servers), file paths on this machine.
+    """
+
+    max_pixels: int = 40_000_000  # width * height (an RGB decode of 120 MB)
+    max_aspect: float = 50.0  # long side / short side
+    max_images: int = 16  # per request
+    allow_paths: bool = True  # str / Path images are files on this machine; False: PIL images or bytes only
+
+    def __post_init__(self):
+        for name, lo in (("max_pixels", 1), ("max_images", 0)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise ConfigError(f"image limit {name} must be an integer >= {lo}, got {v!r}")
+        if not isinstance(self.max_aspect, (int, float)) or not self.max_aspect >= 1:
+            raise ConfigError(f"image limit max_aspect must be a number >= 1, got {self.max_aspect!r}")
+        if not isinstance(self.allow_paths, bool):
+            raise ConfigError(f"image limit allow_paths must be True or False, got {self.allow_paths!r}")
+
+    def check_size(self, width: int, height: int, label: str) -> None:
+        if width == 0 or height == 0:
+            raise ImageError(f"{label} has zero size ({width}x{height})")
+        if width * height > self.max_pixels:
+            raise ImageError(f"{label} is {width}x{height} = {width * height} pixels, more than the limit of "
+                             f"{self.max_pixels}; scale it down (or raise ImageLimits.max_pixels)")
+        if max(width, height) / min(width, height) > self.max_aspect:
+            raise ImageError(f"{label} is {width}x{height}, an aspect ratio over the limit of {self.max_aspect:g}; "
+                             "crop it (or raise ImageLimits.max_aspect)")
+
+
+DEFAULT_LIMITS = ImageLimits()
 _RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
              "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}
 
 
-def load_image(image: ImageLike) -> Image.Image:
-    """A decoded PIL image, or an ImageError that says what is wrong with the input."""
+def load_image(image: ImageLike, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
+    """A decoded PIL image within ``limits``, or an ImageError that says what is wrong with the input."""
     if isinstance(image, Image.Image):
+        limits.check_size(image.width, image.height, "the image")
         return image
     if isinstance(image, (str, Path)):
+        if not limits.allow_paths:  # one message whether or not the file exists: nothing to learn about the host
+            raise ImageError("image file paths are not accepted here; send the image itself (bytes or base64 data)")
         path = Path(image)
         if not path.is_file():
             raise ImageError(f"image file {path} does not exist")
@@ -36,9 +77,14 @@ def load_image(image: ImageLike) -> Image.Image:
     else:
         raise ImageError(f"an image must be a PIL.Image, a file path or bytes, not {type(image).__name__}")
     try:
-        with Image.open(source) as img:
-            img.load()
-            return img.copy()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is lower and checked
+            with Image.open(source) as img:
+                limits.check_size(img.width, img.height, label)  # from the header, before decoding
+                img.load()
+                return img.copy()
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"{label} is too large to decode ({exc}); scale it down") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{label} is not a readable image ({exc}); pass a PNG/JPEG/WebP file") from None
 
@@ -71,11 +117,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def decode(image: ImageLike, info: ImageInfo) -> Image.Image:
-    """A non-empty PIL image, in RGB when the processor converts."""
-    img = load_image(image)
-    if img.width == 0 or img.height == 0:
-        raise ImageError(f"image has zero size ({img.width}x{img.height})")
+def decode(image: ImageLike, info: ImageInfo, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
+    """A non-empty PIL image within ``limits``, in RGB when the processor converts."""
+    img = load_image(image, limits)
     return to_rgb(img) if info.convert_rgb else img
 
 
@@ -118,8 +162,8 @@ class PreparedImage:
     grid: Optional[tuple[int, ...]] = None  # anyres: the (height, width) its tiles cover; patching: (t, rows, cols)
 
 
-def prepare(image: ImageLike, info: ImageInfo) -> PreparedImage:
-    img = decode(image, info)
+def prepare(image: ImageLike, info: ImageInfo, limits: ImageLimits = DEFAULT_LIMITS) -> PreparedImage:
+    img = decode(image, info, limits)
     if info.patching is not None:
         from .qwen_vl import prepare_patched
 

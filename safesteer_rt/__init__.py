@@ -8,6 +8,7 @@
 from safesteer_runtime.errors import (ArtifactError, BusyError, ConfigError, ImageError, InputError,
                                       PromptTooLongError, SafeSteerError)
 from safesteer_runtime.generator import GenerationResult, Generator, Timings
+from safesteer_runtime.images import ImageLimits
 from safesteer_runtime.manifest import Manifest, load_manifest
 from safesteer_runtime.safety import SafetyConfig
 from safesteer_runtime.sampling import SamplingConfig
@@ -16,5 +17,5 @@ from safesteer_runtime.sessions import resolve_providers
 __all__ = [
     "Generator", "GenerationResult", "Timings", "SamplingConfig", "SafetyConfig", "Manifest", "load_manifest", "resolve_providers",
     "SafeSteerError", "ArtifactError", "InputError", "PromptTooLongError", "ImageError", "ConfigError",
-    "BusyError",
+    "BusyError", "ImageLimits",
 ]

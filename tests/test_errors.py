@@ -177,6 +177,74 @@ def test_broken_images(tiny, tmp_path, payload, match):
         gen.generate(prompt="hi", images=[str(tmp_path / "nope.png")], max_new_tokens=2)
 
 
+def _png(width: int, height: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (width, height)).save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A small PNG whose header claims ``width`` x ``height`` (what a decompression bomb's header says), built
+    without allocating the pixels here."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_image_bombs_are_refused_before_decoding(tiny):
+    """Issue 21: a 1 KB PNG of 400000x1 became a 4 GB resize; a 400-Mpx PNG raised PIL's untyped
+    DecompressionBombError; 200 images were all decoded before the prompt-length check."""
+    import resource
+
+    from safesteer_rt import ImageLimits
+
+    gen = Generator(tiny.artifact(*LLAVA))
+    thin, big, huge, many = _png(400_000, 1), _png_claiming(7_000, 7_000), _png_claiming(20_000, 20_000), [_png(8, 8)] * 200
+    assert len(thin) < 4096 and len(big) < 200
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ImageError, match="aspect ratio"):
+        gen.generate(prompt="hi", images=[thin], max_new_tokens=2)
+    with pytest.raises(ImageError, match="pixels, more than the limit"):
+        gen.generate(prompt="hi", images=[big], max_new_tokens=2)
+    with pytest.raises(ImageError, match="too large to decode"):  # past PIL's own bomb limit: its check comes first
+        gen.generate(prompt="hi", images=[huge], max_new_tokens=2)
+    with pytest.raises(ImageError, match="more than the limit of 16"):
+        gen.generate(prompt="hi", images=many, max_new_tokens=2)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 50_000  # KiB: nothing near a decode
+    small = Generator(tiny.artifact(*LLAVA), image_limits=ImageLimits(max_pixels=1000))
+    with pytest.raises(ImageError, match="limit of 1000"):
+        small.generate(prompt="hi", images=[_png(64, 64)], max_new_tokens=2)
+    assert gen.generate(prompt="hi", images=[_png(64, 64)], max_new_tokens=2).token_ids  # still serving
+    with pytest.raises(ConfigError, match="max_aspect"):
+        ImageLimits(max_aspect=0.5)
+
+
+def test_image_paths_can_be_refused_without_saying_whether_a_file_exists(tiny, tmp_path):
+    """Issue 21: {"type": "image", "image": "/etc/passwd"} opened server files, and the two error messages told
+    whether a file existed."""
+    from safesteer_rt import ImageLimits
+
+    gen = Generator(tiny.artifact(*LLAVA), image_limits=ImageLimits(allow_paths=False))
+    real = tmp_path / "real.png"
+    real.write_bytes(_png(8, 8))
+    messages = []
+    for path in (str(real), str(tmp_path / "missing.png"), "/etc/passwd"):
+        with pytest.raises(ImageError) as err:
+            gen.generate([{"role": "user", "content": [{"type": "image", "image": path}]}], max_new_tokens=2)
+        messages.append(str(err.value))
+    assert len(set(messages)) == 1 and "paths are not accepted" in messages[0]
+    assert gen.generate(prompt="hi", images=[real.read_bytes()], max_new_tokens=2).token_ids  # bytes still work
+
+
 @pytest.mark.parametrize("arch,variant", vision_variants())
 def test_bad_images_on_every_vision_family(tiny, arch, variant):
     """Every family's preprocessing says what is wrong with a bad image and the generator keeps serving: an
