@@ -8,6 +8,7 @@ over the first one's cache.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from contextlib import contextmanager
@@ -89,6 +90,13 @@ class _Decode:
         self.msav_one = np.full((1, 1), 1.0 if self.msav_on else 0.0, np.float32)
 
 
+def trt_cache_dir(root: Path) -> Path:
+    """Where TensorRT engines for this artifact are cached by default: under the user's cache directory, keyed by
+    the manifest's sha256 (never inside the artifact, which may come from someone else)."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "safesteer" / "trt" / m.sha256_of(root / m.MANIFEST_NAME)[:16]
+
+
 def _checked_lengths(max_new_tokens, min_new_tokens, stop) -> list[str]:
     """Validates the length knobs and stop strings; -> the non-empty stop strings."""
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
@@ -138,7 +146,7 @@ class Generator:
     its own pool), "shared" (onnxruntime's process-wide pool for all: 1-4% faster with multi-block artifacts on the
     CPU, but from then on every onnxruntime session in the process must use it) or "auto" (shared if this process
     has that pool, else per-graph); see sessions.use_shared_pool. ``engine_cache_dir``: TensorRT engine
-    and timing caches (default: ``trt_cache`` in the artifact). ``kv_cache``: "auto" (device memory when the
+    and timing caches (default: trt_cache_dir(), in the user cache). ``kv_cache``: "auto" (device memory when the
     blocks run on CUDA / TensorRT, else host), "host" or "device". ``trt_max_tokens``: the context (prompt +
     new tokens) the TensorRT engines are built for; longer requests are refused (other providers: the model's).
     ``huge_pages``: on the CPU, move the weights onnxruntime loaded onto 2 MB pages (Linux 6.1+, see
@@ -147,18 +155,22 @@ class Generator:
     ("<|im_end|>", "<|im_start|>system", image placeholders) out as plain text, so a user cannot forge turns or
     images; True keeps them control tokens (callers who write turns into content themselves). ``image_limits``:
     pixels, aspect ratio and count per request, and whether file paths are accepted (images.ImageLimits; a server
-    passes ``ImageLimits(allow_paths=False)``), checked before any image is decoded.
+    passes ``ImageLimits(allow_paths=False)``), checked before any image is decoded. ``expected_sha256``: the
+    sha256 of the artifact's manifest.json you expect (it pins every other file through their hashes); any other
+    artifact is refused. TensorRT engines are cached outside the artifact by default (``trt_cache_dir``): an
+    artifact cannot ship engines that get loaded.
     """
 
     def __init__(self, artifact_dir: str | Path, providers: Providers = "auto", *, threads: int = 0,
                  verify: bool = True, engine_cache_dir: Optional[str | Path] = None, kv_cache: str = "auto",
                  trt_max_tokens: int = 4096, thread_pool: str = "auto", huge_pages: bool = True,
-                 allow_control_tokens: bool = False, image_limits: ImageLimits = DEFAULT_LIMITS):
+                 allow_control_tokens: bool = False, image_limits: ImageLimits = DEFAULT_LIMITS,
+                 expected_sha256: Optional[str] = None):
         root = Path(artifact_dir)
-        manifest = m.load_manifest(root, verify_files=verify)
+        manifest = m.load_manifest(root, verify_files=verify, expected_sha256=expected_sha256)
         cfg = SessionConfig(
             providers=resolve_providers(providers, m.in_place_cache(manifest)), intra_op_threads=threads,
-            cache_dir=Path(engine_cache_dir) if engine_cache_dir else root / "trt_cache",
+            cache_dir=Path(engine_cache_dir) if engine_cache_dir else trt_cache_dir(root),
             trt_max_tokens=trt_max_tokens, huge_pages=huge_pages,
         )
         cfg = replace(cfg, shared_pool=use_shared_pool(thread_pool, cfg))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import stat
 import types
 import typing
 from dataclasses import dataclass, field
@@ -380,26 +381,64 @@ def parse_manifest(text: str) -> Manifest:
     return _from_dict(Manifest, data, "")
 
 
-def load_manifest(artifact_dir: str | Path, *, verify_files: bool = True) -> Manifest:
-    """Read and check an artifact's manifest; with ``verify_files`` every listed file's size and sha256 too."""
+def load_manifest(artifact_dir: str | Path, *, verify_files: bool = True,
+                  expected_sha256: Optional[str] = None) -> Manifest:
+    """Read and check an artifact's manifest; with ``verify_files`` every listed file's size and sha256 too.
+    ``expected_sha256``: the manifest file's own sha256 as the operator pinned it (every other file is pinned by
+    the hashes in it). Every file the manifest names must lie inside the artifact and be listed with its hash."""
     root = Path(artifact_dir)
     path = root / MANIFEST_NAME
     if not root.is_dir():
         raise ArtifactError(f"artifact directory {root} does not exist; build one with `safesteer-export`")
     if not path.is_file():
         raise ArtifactError(f"{path} is missing: {root} is not a safesteer artifact; build one with `safesteer-export`")
-    manifest = parse_manifest(path.read_text(encoding="utf-8"))
+    raw = path.read_bytes()
+    if expected_sha256 is not None and hashlib.sha256(raw).hexdigest() != str(expected_sha256).lower():
+        raise ArtifactError(f"{path} has sha256 {hashlib.sha256(raw).hexdigest()}, not the pinned {expected_sha256}: "
+                            "this is not the artifact you expect; get the right one or update the pin")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ArtifactError(f"{path} is not UTF-8 text; re-export the artifact") from None
+    manifest = parse_manifest(text)
     refs = [g.file for g in manifest.graphs] + [d for g in manifest.graphs for d in g.data_files]
     refs += list(manifest.extra_files)
     for ref in dict.fromkeys(refs):  # once each: a data file two graphs share (a tied table) is listed twice
         check_file(root, ref, hash_it=verify_files)
+    listed = {ref.path for ref in refs}
+    named = [manifest.tokenizer.tokenizer_file, manifest.tokenizer.chat_template_file]
+    named += [manifest.safety.vectors_file] if manifest.safety else []
+    for name in filter(None, named):
+        if name not in listed:
+            raise ArtifactError(f"the manifest names {name!r} but does not list it among its hashed files; "
+                                "re-export the artifact")
     return manifest
 
 
+def inside(root: Path, name: str) -> Path:
+    """``root / name`` if it is a regular file inside ``root`` (no absolute path, no '..', no symlink leading out,
+    no device or directory); an ArtifactError otherwise."""
+    if not isinstance(name, str) or not name or "\\" in name or "\0" in name:
+        raise ArtifactError(f"artifact file name {name!r} is not a relative path; re-export the artifact")
+    rel = Path(name)
+    if rel.is_absolute() or ".." in rel.parts:
+        raise ArtifactError(f"artifact file {name!r} points outside the artifact directory; it is not a "
+                            "safesteer artifact file (re-export the artifact)")
+    path = root / rel
+    try:
+        real, base = path.resolve(strict=True), root.resolve(strict=True)
+    except (OSError, RuntimeError):
+        raise ArtifactError(f"artifact file {name} is missing from {root}; re-copy or re-export the artifact") from None
+    if not real.is_relative_to(base):
+        raise ArtifactError(f"artifact file {name} is a link to outside the artifact directory; copy the file "
+                            "itself into the artifact")
+    if not stat.S_ISREG(real.stat().st_mode):
+        raise ArtifactError(f"artifact file {name} is not a regular file; re-copy or re-export the artifact")
+    return path
+
+
 def check_file(root: Path, ref: FileRef, *, hash_it: bool) -> Path:
-    path = root / ref.path
-    if not path.is_file():
-        raise ArtifactError(f"artifact file {ref.path} is missing from {root}; re-copy or re-export the artifact")
+    path = inside(root, ref.path)
     size = path.stat().st_size
     if size != ref.size:
         raise ArtifactError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
@@ -109,9 +110,12 @@ def resolve(safety: Any, info: Optional[m.SafetyInfo]) -> Optional[SafetyConfig]
 
 def load_vectors(root: Path, info: m.SafetyInfo, hidden: int) -> dict[str, np.ndarray]:
     try:
-        with np.load(root / info.vectors_file, allow_pickle=False) as data:
+        data = np.load(m.inside(root, info.vectors_file), allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ValueError("not an .npz archive of named arrays")
+        with data:
             vectors = {k: np.ascontiguousarray(data[k], dtype=np.float32) for k in data.files}
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:
         raise ArtifactError(f"{info.vectors_file} could not be read ({exc}); re-export the artifact") from None
     need = [m.PROBE_WEIGHT, m.PROBE_BIAS, m.SAFETY_DIRECTION] + ([m.MSAV_VECTOR] if info.msav_layer is not None else [])
     for name in need:

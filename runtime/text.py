@@ -15,13 +15,15 @@ from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
 from .errors import ArtifactError, InputError
-from .manifest import TokenizerInfo
+from .manifest import TokenizerInfo, inside
 
 
 class TextCodec:
     def __init__(self, root: Path, info: TokenizerInfo):
         try:
-            self.tokenizer = Tokenizer.from_file(str(root / info.tokenizer_file))
+            self.tokenizer = Tokenizer.from_file(str(inside(root, info.tokenizer_file)))
+        except ArtifactError:
+            raise
         except Exception as exc:  # tokenizers raises a bare Exception on a bad file
             raise ArtifactError(f"{info.tokenizer_file} could not be read ({exc}); re-export the artifact") from exc
         self.info = info
@@ -107,7 +109,11 @@ class ChatTemplate:
 def load_chat_template(root: Path, info: TokenizerInfo) -> Optional[ChatTemplate]:
     if info.chat_template_file is None:
         return None
-    return ChatTemplate((root / info.chat_template_file).read_text(encoding="utf-8"), info)
+    try:
+        source = inside(root, info.chat_template_file).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ArtifactError(f"{info.chat_template_file} is not UTF-8 text; re-export the artifact") from None
+    return ChatTemplate(source, info)
 
 
 def render_messages(chat: ChatTemplate, messages, placeholder: Optional[str],

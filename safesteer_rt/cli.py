@@ -32,7 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="keep the weights on 4 KB pages (default: moved onto 2 MB pages after loading, CPU, Linux)")
     p.add_argument("--kv-cache", choices=("auto", "host", "device"), default="auto",
                    help="where the KV cache lives (auto: device memory on CUDA/TensorRT, host memory on CPU)")
-    p.add_argument("--engine-cache-dir", default=None, help="TensorRT engine + timing caches (default ARTIFACT/trt_cache)")
+    p.add_argument("--engine-cache-dir", default=None, help="TensorRT engine + timing caches (default ~/.cache/safesteer/trt/<manifest sha256>)")
     p.add_argument("--trt-max-tokens", type=int, default=4096,
                    help="context (prompt + new tokens) the TensorRT engines are built for")
     p.add_argument("--safety", choices=["auto", "on", "off"], default="auto",
@@ -40,6 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for knob, typ in safety_knobs():
         p.add_argument(f"--{knob.replace('_', '-')}", type=typ, default=None,
                        help=f"SafeSteer knob {knob} (default: the artifact's)")
+    p.add_argument("--expected-sha256", default=None,
+                   help="refuse the artifact unless its manifest.json has this sha256 (pins every file in it)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     return p.parse_args(argv)
 
@@ -74,7 +76,8 @@ def main(argv=None) -> int:
         providers = args.providers if args.providers == "auto" else args.providers.split(",")
         gen = Generator(args.artifact, providers=providers, threads=args.threads, thread_pool=args.thread_pool,
                         kv_cache=args.kv_cache, huge_pages=args.huge_pages,
-                        engine_cache_dir=args.engine_cache_dir, trt_max_tokens=args.trt_max_tokens)
+                        engine_cache_dir=args.engine_cache_dir, trt_max_tokens=args.trt_max_tokens,
+                        expected_sha256=args.expected_sha256)
         knobs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
                      top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop,
                      safety=safety_arg(args, gen))

@@ -81,6 +81,77 @@ def test_corrupt_manifest(artifact_copy):
         Generator(artifact_copy)
 
 
+def _manifest_edit(root: Path, edit) -> None:
+    path = root / "manifest.json"
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("where", ["tokenizer", "extra"])
+@pytest.mark.parametrize("name", ["../outside.json", "/etc/hostname", "/proc/self/environ", "/dev/zero",
+                                  "sub/../../outside.json", "link.json", "."])
+def test_manifest_file_names_stay_inside_the_artifact(artifact_copy, where, name):
+    """Issue 21: '../..', absolute paths, /proc/self/environ (it became the prompt), /dev/zero (MemoryError) and
+    symlinks in the manifest were all opened."""
+    outside = artifact_copy.parent / "outside.json"
+    outside.write_text("{}")
+    (artifact_copy / "link.json").symlink_to(outside)
+
+    def edit(data):
+        if where == "tokenizer":
+            data["tokenizer"]["chat_template_file"] = name
+        else:
+            data["extra_files"].append({"path": name, "sha256": "0" * 64, "size": 2})
+
+    _manifest_edit(artifact_copy, edit)
+    with pytest.raises(ArtifactError, match="outside|not a relative path|link|not a regular file|missing|does not list"):
+        Generator(artifact_copy)
+
+
+def test_a_named_file_must_be_listed_with_its_hash(artifact_copy):
+    """A manifest naming a tokenizer it does not hash could swap it for anything."""
+    def edit(data):
+        data["extra_files"] = [f for f in data["extra_files"] if f["path"] != data["tokenizer"]["tokenizer_file"]]
+
+    _manifest_edit(artifact_copy, edit)
+    with pytest.raises(ArtifactError, match="does not list it among its hashed files"):
+        Generator(artifact_copy)
+
+
+def test_the_manifest_can_be_pinned(artifact_copy):
+    import hashlib
+
+    digest = hashlib.sha256((artifact_copy / "manifest.json").read_bytes()).hexdigest()
+    assert Generator(artifact_copy, expected_sha256=digest).generate(prompt="hi", max_new_tokens=2).token_ids
+    # an artifact whose files and hashes were all replaced consistently still loads — unless pinned
+    _manifest_edit(artifact_copy, lambda data: data["export"].update(source="someone-else"))
+    assert Generator(artifact_copy).manifest.export.source == "someone-else"
+    with pytest.raises(ArtifactError, match="not the pinned"):
+        Generator(artifact_copy, expected_sha256=digest)
+
+
+@pytest.mark.parametrize("payload,match", [(b"", "could not be read"), (b"PK\x03\x04junk", "could not be read")])
+def test_corrupt_safety_vectors(safe_artifact, tmp_path, payload, match):
+    import hashlib
+
+    root = tmp_path / "a"
+    shutil.copytree(safe_artifact(*LLAMA, 0), root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    name = manifest["safety"]["vectors_file"]
+    import numpy as np
+
+    np.save(root / "vectors.npy", np.zeros(4, np.float32))  # a .npy, not an .npz
+    for body in (payload, (root / "vectors.npy").read_bytes()):
+        (root / name).write_bytes(body)
+        for ref in manifest["extra_files"]:
+            if ref["path"] == name:
+                ref.update(sha256=hashlib.sha256(body).hexdigest(), size=len(body))
+        (root / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(ArtifactError, match=match):
+            Generator(root)
+
+
 def test_not_an_artifact(tmp_path):
     with pytest.raises(ArtifactError, match="safesteer-export"):
         Generator(tmp_path)
