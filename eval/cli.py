@@ -138,27 +138,27 @@ def evaluate(args: argparse.Namespace) -> dict:
                 "mode_texts": md.fingerprint(),
                 "knobs": asdict(steer["safesteer"]) if steer["safesteer"] is not True else "artifact defaults",
                 "modes": modes}
-    store = Store(out, settings, restart=args.restart)
-    todo = 0 if args.report_only else pending(cases, modes, store)
-    bar = None
-    if todo and not args.quiet:
-        from tqdm import tqdm
+    with Store(out, settings, restart=args.restart) as store:
+        todo = 0 if args.report_only else pending(cases, modes, store)
+        bar = None
+        if todo and not args.quiet:
+            from tqdm import tqdm
 
-        bar = tqdm(total=todo, unit="gen", desc="safesteer-eval", file=sys.stderr)
-    try:
-        if not args.report_only:
-            run(gen, cases, modes, store, [j for j, _ in judges], new_tokens,
-                progress=(lambda k, what: (bar.update(k), bar.set_postfix_str(what))) if bar else None, steer=steer)
-    finally:
-        if bar:
-            bar.close()
-    wanted = {(c.suite, m, c.id) for c in cases for m in modes if c.image_text is None or m in md.MODES}
-    records = [r for r in store if (r["suite"], r["mode"], r["id"]) in wanted]
-    provenance = {**settings, "cases": {s: [c.id for c in cases if c.suite == s] for s in suites},
-                  "calibration_ids_excluded": len(cal.used_ids), "decoding": "greedy",
-                  "out": str(out), "case_kinds": {c.id: c.kind for c in cases if c.kind},
-                  "generations": {"done": len(records), "planned": len(wanted)}}
-    return rp.write(records, [acc for _, acc in judges], provenance, out)
+            bar = tqdm(total=todo, unit="gen", desc="safesteer-eval", file=sys.stderr)
+        try:
+            if not args.report_only:
+                tick = (lambda k, what: (bar.update(k), bar.set_postfix_str(what))) if bar else None
+                run(gen, cases, modes, store, [j for j, _ in judges], new_tokens, progress=tick, steer=steer)
+        finally:
+            if bar:
+                bar.close()
+        wanted = {(c.suite, m, c.id) for c in cases for m in modes if c.image_text is None or m in md.MODES}
+        records = [r for r in store if (r["suite"], r["mode"], r["id"]) in wanted]
+        provenance = {**settings, "cases": {s: [c.id for c in cases if c.suite == s] for s in suites},
+                      "calibration_ids_excluded": len(cal.used_ids), "decoding": "greedy",
+                      "out": str(out), "case_kinds": {c.id: c.kind for c in cases if c.kind},
+                      "generations": {"done": len(records), "planned": len(wanted)}}
+        return rp.write(records, [acc for _, acc in judges], provenance, out)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -1,12 +1,15 @@
 """The resumable record of one evaluation: ``run.json`` (settings) + ``generations.jsonl`` (one line each).
 
 Each finished generation is appended as one line and flushed to disk before the next starts, so an
-interrupted run loses at most the generation in flight; a torn last line is cut off on reopening.
+interrupted run loses at most the generation in flight; a torn last line is cut off on reopening, a damaged line
+elsewhere is skipped with a warning (its case is generated again). One evaluation writes to a folder at a time
+(an exclusive lock on ``.lock`` there).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Iterator
@@ -15,6 +18,8 @@ from safesteer_runtime.errors import ConfigError
 
 RUN_FILE = "run.json"
 GENERATIONS = "generations.jsonl"
+LOCK_FILE = ".lock"
+log = logging.getLogger("safesteer.eval")
 FREE = ("modes", "artifact")  # may change between runs: modes add up; a moved artifact keeps its sha256
 
 
@@ -26,6 +31,7 @@ class Store:
     def __init__(self, out: Path, settings: dict, *, restart: bool = False):
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
+        self._lock = _lock(self.out)
         self.path = self.out / GENERATIONS
         run_file = self.out / RUN_FILE
         if restart:
@@ -50,13 +56,29 @@ class Store:
             return
         raw = self.path.read_bytes()
         good = raw.rfind(b"\n") + 1  # a line without its newline was torn by an interruption
-        for line in raw[:good].splitlines():
-            if line.strip():
+        for number, line in enumerate(raw[:good].splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
                 rec = json.loads(line)
                 self.records[key(rec)] = rec
+            except (ValueError, TypeError, KeyError):
+                log.warning("%s line %d is damaged; skipped (its case will be generated again)", self.path, number)
         if good < len(raw):
             with open(self.path, "r+b") as f:
                 f.truncate(good)
+
+    def close(self) -> None:
+        """Release the folder's lock (the Store still reads; a closed Store should not add)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def __contains__(self, k: tuple) -> bool:
         return k in self.records
@@ -76,3 +98,18 @@ class Store:
 
     def __iter__(self) -> Iterator[dict]:
         return iter(self.records.values())
+
+
+def _lock(out: Path):
+    """An exclusive lock on OUT/.lock held for the Store's life; a second evaluation on OUT is refused."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        return None
+    handle = open(out / LOCK_FILE, "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise ConfigError(f"another safesteer-eval is writing to {out}; wait for it to finish or pass another --out") from None
+    return handle

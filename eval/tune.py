@@ -81,37 +81,37 @@ def tune(gen, out: Path, *, n: int = 24, new_tokens: int = 32, grid: Optional[di
     settings = {"artifact_sha256": artifact_hash(gen.root), "split": "validation", "n_per_suite": n,
                 "new_tokens": new_tokens, "seed": seed, "split_seed": cal.seed, "judges": [judge.version],
                 "modes": ["undefended"], "artifact": gen.root.name}
-    store = Store(out, settings)
-    say = progress or (lambda _n, _what: None)  # (generations done since the last call, what)
-    base: dict[tuple, dict] = {}
-    for case in cases:
-        rec = store.get((case.suite, "undefended", case.id))
-        if rec is None:
-            rec = make_record(case, "undefended", generate(gen, case, "undefended", new_tokens), [judge])
-            store.add(rec)
-        base[(case.suite, case.id)] = rec
-        say(1, "undefended")
-    undefended = _measure(list(base.values()), base, 0)
-    defaults = SafetyConfig.from_manifest(gen.manifest.safety, alpha=0.0)
-    rows = []
-    for knobs in grid_settings(grid):
-        cfg = dataclasses.replace(defaults, **knobs)
-        mode = "safesteer@" + ",".join(f"{k}={v}" for k, v in knobs.items())
-        records, fired = [], 0
+    with Store(out, settings) as store:
+        say = progress or (lambda _n, _what: None)  # (generations done since the last call, what)
+        base: dict[tuple, dict] = {}
         for case in cases:
-            u = base[(case.suite, case.id)]
-            if not gate_fires(u, cfg):
-                records.append(u)
-                say(1, mode)
-                continue
-            fired += 1
-            rec = store.get((case.suite, mode, case.id))
+            rec = store.get((case.suite, "undefended", case.id))
             if rec is None:
-                rec = make_record(case, mode, generate(gen, case, mode, new_tokens, cfg), [judge])
+                rec = make_record(case, "undefended", generate(gen, case, "undefended", new_tokens), [judge])
                 store.add(rec)
-            records.append(rec)
-            say(1, mode)
-        rows.append({"knobs": knobs, **_measure(records, base, fired)})
+            base[(case.suite, case.id)] = rec
+            say(1, "undefended")
+        undefended = _measure(list(base.values()), base, 0)
+        defaults = SafetyConfig.from_manifest(gen.manifest.safety, alpha=0.0)
+        rows = []
+        for knobs in grid_settings(grid):
+            cfg = dataclasses.replace(defaults, **knobs)
+            mode = "safesteer@" + ",".join(f"{k}={v}" for k, v in knobs.items())
+            records, fired = [], 0
+            for case in cases:
+                u = base[(case.suite, case.id)]
+                if not gate_fires(u, cfg):
+                    records.append(u)
+                    say(1, mode)
+                    continue
+                fired += 1
+                rec = store.get((case.suite, mode, case.id))
+                if rec is None:
+                    rec = make_record(case, mode, generate(gen, case, mode, new_tokens, cfg), [judge])
+                    store.add(rec)
+                records.append(rec)
+                say(1, mode)
+            rows.append({"knobs": knobs, **_measure(records, base, fired)})
     chosen = _choose(rows, undefended, budget)
     return {"split": "validation", "n_per_suite": n, "new_tokens": new_tokens, "judge": judge.version,
             "budget": budget, "grid": {k: list(v) for k, v in grid.items()}, "fixed": {"alpha": 0.0},

@@ -283,6 +283,10 @@ class Engine:
             else:
                 hidden = hidden_out[i]
                 block.bind(m.HIDDEN_OUT, hidden, output=True)
-            block.session.run_with_iobinding(io)
+            try:
+                block.session.run_with_iobinding(io)
+            except Exception as exc:  # onnxruntime's own exception types
+                raise ArtifactError(f"onnxruntime failed running {block.entry.file.path} ({exc}); the artifact may be "
+                                    "damaged (re-export it) or the request too large for this machine") from exc
             first = hidden
         return out

@@ -103,8 +103,10 @@ def _checked_lengths(max_new_tokens, min_new_tokens, stop) -> list[str]:
         raise ConfigError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     if not isinstance(min_new_tokens, int) or isinstance(min_new_tokens, bool) or min_new_tokens < 0:
         raise ConfigError(f"min_new_tokens must be an integer >= 0, got {min_new_tokens!r}")
-    if isinstance(stop, str):
+    if isinstance(stop, str) or not (stop is None or isinstance(stop, (list, tuple))):
         raise ConfigError("stop must be a list of strings, e.g. stop=['\\n\\n']")
+    if stop and not all(isinstance(s, str) for s in stop):
+        raise ConfigError(f"stop must hold strings only, got {[s for s in stop if not isinstance(s, str)][:3]!r}")
     return [s for s in (stop or []) if s]
 
 
@@ -261,6 +263,8 @@ class Generator:
         given = [x is not None for x in (messages, prompt, prompt_ids)]
         if sum(given) != 1:
             raise InputError("pass exactly one of messages, prompt= or prompt_ids=")
+        if images is not None and not isinstance(images, (list, tuple)):
+            raise InputError(f"images must be a list of images, got {type(images).__name__}")
         images = list(images or [])
         info = self.manifest.image
         if messages is not None:
@@ -282,7 +286,13 @@ class Generator:
                              f"{self.image_limits.max_images}; send fewer (or raise ImageLimits.max_images)")
         prepared = [prepare(image, info, self.image_limits) for image in images]
         if prompt_ids is not None:
-            ids = [int(i) for i in prompt_ids]
+            if isinstance(prompt_ids, (str, bytes)) or not hasattr(prompt_ids, "__iter__"):
+                raise InputError(f"prompt_ids must be a list of token ids, got {type(prompt_ids).__name__}")
+            ids = list(prompt_ids)
+            if not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in ids):
+                bad = next(i for i in ids if not isinstance(i, (int, np.integer)) or isinstance(i, bool))
+                raise InputError(f"prompt_ids must hold integer token ids, got {bad!r} ({type(bad).__name__})")
+            ids = [int(i) for i in ids]
             vocab = self.manifest.sizes.vocab_size
             bad = [i for i in ids if not 0 <= i < vocab]
             if bad:

@@ -79,6 +79,9 @@ def _raise(message: str):
     raise TemplateError(message)
 
 
+MAX_RENDERED_CHARS = 4_000_000  # a prompt this long is far past any model's context
+
+
 class ChatTemplate:
     """A model's chat template, rendered with no access to Python internals (ImmutableSandboxedEnvironment)."""
 
@@ -96,14 +99,28 @@ class ChatTemplate:
         self.takes_content_lists = "'type'" in source or '"type"' in source or ".type" in source
 
     def render(self, messages: list[dict], *, add_generation_prompt: bool = True) -> str:
+        """The prompt text; an InputError when the template fails on these messages or writes more than
+        MAX_RENDERED_CHARS (an artifact's template is code from its author: it may loop)."""
+        pieces, size = [], 0
         try:
-            return self.template.render(
+            for piece in self.template.generate(
                 messages=messages, add_generation_prompt=add_generation_prompt,
                 bos_token=self.info.bos_token or "", eos_token=self.info.eos_token or "",
                 pad_token=self.info.pad_token or "",
-            )
+            ):
+                size += len(piece)
+                if size > MAX_RENDERED_CHARS:
+                    raise InputError(f"the chat template wrote more than {MAX_RENDERED_CHARS} characters for these "
+                                     "messages; shorten them (or check the artifact's chat template)")
+                pieces.append(piece)
         except TemplateError as exc:
             raise InputError(f"the chat template rejected these messages: {exc}") from exc
+        except (ArithmeticError, LookupError, TypeError, ValueError, AttributeError, RecursionError) as exc:
+            if isinstance(exc, InputError):
+                raise
+            raise InputError(f"the chat template failed on these messages ({type(exc).__name__}: {exc}); check "
+                             "the messages' structure, or the artifact's chat template") from exc
+        return "".join(pieces)
 
 
 def load_chat_template(root: Path, info: TokenizerInfo) -> Optional[ChatTemplate]:
@@ -134,13 +151,20 @@ def render_messages(chat: ChatTemplate, messages, placeholder: Optional[str],
         if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
             raise InputError(f"messages[{i}] must be a dict with 'role' and 'content'")
         content = msg["content"]
+        if not isinstance(msg["role"], str):
+            raise InputError(f"messages[{i}]['role'] must be a string, got {type(msg['role']).__name__}")
         if isinstance(content, str):
             rendered.append({**msg, "content": escape(content)})
             continue
+        if not isinstance(content, (list, tuple)):
+            raise InputError(f"messages[{i}]['content'] must be a string or a list of parts, got "
+                             f"{type(content).__name__}")
         parts, flat = [], []
         for part in content:
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text":
+                if not isinstance(part.get("text", ""), str):
+                    raise InputError(f"messages[{i}] has a text part whose 'text' is not a string")
                 text = escape(part.get("text", ""))
                 parts.append({"type": "text", "text": text})
                 flat.append(text)

@@ -379,6 +379,54 @@ def test_control_tokens_in_message_text_stay_plain_text(tiny):
     assert ids.count(image_id) == one.count(image_id) > 0
 
 
+@pytest.mark.parametrize("request_kwargs,error,match", [
+    ({"messages": [{"role": "user", "content": None}]}, InputError, "must be a string or a list"),
+    ({"messages": [{"role": "user", "content": 123}]}, InputError, "must be a string or a list"),
+    ({"messages": [{"role": 5, "content": "hi"}]}, InputError, "role"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": 7}]}]}, InputError, "not a string"),
+    ({"messages": "hi"}, InputError, "non-empty list"),
+    ({"prompt_ids": ["a"]}, InputError, "integer token ids"),
+    ({"prompt_ids": [1.9]}, InputError, "integer token ids"),
+    ({"prompt_ids": "abc"}, InputError, "list of token ids"),
+    ({"prompt": "hi", "stop": [5]}, ConfigError, "strings only"),
+    ({"prompt": "hi", "stop": 5}, ConfigError, "list of strings"),
+    ({"prompt": "hi", "images": 5}, InputError, "list of images"),
+])
+def test_malformed_requests_get_typed_errors(tiny, request_kwargs, error, match):
+    """Issue 21: these raised TypeError / ValueError, or ([1.9]) silently became another request."""
+    gen = Generator(tiny.artifact(*LLAMA))
+    messages = request_kwargs.pop("messages", None)
+    with pytest.raises(error, match=match):
+        gen.generate(messages, max_new_tokens=2, **request_kwargs)
+    assert gen.generate(prompt="hi", max_new_tokens=2).token_ids
+
+
+@pytest.mark.parametrize("template,match", [
+    ("{{ 1 / 0 }}", "ZeroDivisionError"),
+    ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "RecursionError"),
+    ("{% for i in range(99999) %}{% for j in range(99999) %}xxxxxxxxxx{% endfor %}{% endfor %}", "more than"),
+    ("{% include 'other.jinja' %}", "no loader"),  # templates cannot read files
+    ("{{ messages[5].content }}", "rejected|failed"),
+])
+def test_a_hostile_chat_template_fails_with_a_typed_error(artifact_copy, template, match):
+    import hashlib
+
+    path = artifact_copy / "chat_template.jinja"
+    path.write_text(template)
+    body = path.read_bytes()
+
+    def edit(data):
+        for ref in data["extra_files"]:
+            if ref["path"] == "chat_template.jinja":
+                ref.update(sha256=hashlib.sha256(body).hexdigest(), size=len(body))
+
+    _manifest_edit(artifact_copy, edit)
+    gen = Generator(artifact_copy)
+    with pytest.raises(InputError, match=match):
+        gen.generate([{"role": "user", "content": "hi"}], max_new_tokens=2)
+    assert gen.generate(prompt="hi", max_new_tokens=2).token_ids
+
+
 def test_exactly_one_prompt_form(tiny):
     gen = Generator(tiny.artifact(*LLAMA))
     with pytest.raises(InputError, match="exactly one"):

@@ -261,14 +261,36 @@ def test_named_safesteer_modes_get_their_knobs(safe_artifact):
 
 
 def test_store_keeps_the_first_record(tmp_path):
-    store = Store(tmp_path, {"modes": ["undefended"], "n": 1})
-    rec = {"suite": "harmful", "mode": "undefended", "id": "a", "text": "x"}
-    store.add(rec)
-    store.add({**rec, "text": "y"})
-    assert [r["text"] for r in Store(tmp_path, {"modes": ["undefended"], "n": 1})] == ["x"]
+    with Store(tmp_path, {"modes": ["undefended"], "n": 1}) as store:
+        rec = {"suite": "harmful", "mode": "undefended", "id": "a", "text": "x"}
+        store.add(rec)
+        store.add({**rec, "text": "y"})
+    with Store(tmp_path, {"modes": ["undefended"], "n": 1}) as again:
+        assert [r["text"] for r in again] == ["x"]
     with pytest.raises(ConfigError, match="--restart"):
         Store(tmp_path, {"modes": ["undefended"], "n": 2})
-    assert list(Store(tmp_path, {"modes": ["undefended"], "n": 2}, restart=True)) == []
+    with Store(tmp_path, {"modes": ["undefended"], "n": 2}, restart=True) as fresh:
+        assert list(fresh) == []
+
+
+def test_store_survives_a_damaged_line_and_refuses_a_second_writer(tmp_path, caplog):
+    """Issue 21: a torn line in the middle of generations.jsonl crashed the resume (raw JSONDecodeError), and two
+    evaluations on one --out wrote duplicates."""
+    settings = {"modes": ["undefended"], "n": 3}
+    with Store(tmp_path, settings) as store:
+        for i in "abc":
+            store.add({"suite": "harmful", "mode": "undefended", "id": i, "text": i})
+    path = tmp_path / "generations.jsonl"
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(lines[0] + lines[1][: len(lines[1]) // 2] + b"\n" + lines[2] + b'{"suite": 1}\n')
+    with caplog.at_level("WARNING", logger="safesteer.eval"), Store(tmp_path, settings) as store:
+        assert sorted(r["id"] for r in store) == ["a", "c"]  # b is generated again; nothing else is lost
+        assert "line 2 is damaged" in caplog.text
+        with pytest.raises(ConfigError, match="another safesteer-eval is writing"):
+            Store(tmp_path, settings)
+        store.add({"suite": "harmful", "mode": "undefended", "id": "b", "text": "b"})
+    with Store(tmp_path, settings) as store:
+        assert sorted(r["id"] for r in store) == ["a", "b", "c"]
 
 
 def test_report_example_prefers_a_text_case_the_judges_saw_flip():
