@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import stat
 import types
 import typing
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .errors import ArtifactError
+from .onnx_refs import external_files
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -237,6 +239,7 @@ class SafetyDefaults:
     lookahead_steps: int  # first T_look decoding steps use lookahead
     depth: int = 0  # greedy tokens each lookahead candidate is extended by before scoring (absent before 0.11)
     gamma: float = 0.0  # the steering strength's growth with the gate score (absent before 0.12)
+    refuse_above: float = 1.0  # first-step gate score from which only refusal openers are candidates (absent: never)
 
 
 @dataclass(frozen=True)
@@ -405,6 +408,13 @@ def load_manifest(artifact_dir: str | Path, *, verify_files: bool = True,
     refs += list(manifest.extra_files)
     for ref in dict.fromkeys(refs):  # once each: a data file two graphs share (a tied table) is listed twice
         check_file(root, ref, hash_it=verify_files)
+    for graph in manifest.graphs:  # every file a graph reads weights from is one the manifest hashes for it
+        reads = {os.path.normpath(os.path.join(os.path.dirname(graph.file.path), name))
+                 for name in external_files((root / graph.file.path).read_bytes(), graph.file.path)}
+        unlisted = sorted(reads - {os.path.normpath(d.path) for d in graph.data_files})
+        if unlisted:
+            raise ArtifactError(f"{graph.file.path} reads weights from {unlisted}, which the manifest does not list "
+                                "(and so does not hash) for it; re-export the artifact")
     listed = {ref.path for ref in refs}
     named = [manifest.tokenizer.tokenizer_file, manifest.tokenizer.chat_template_file]
     named += [manifest.safety.vectors_file] if manifest.safety else []

@@ -109,6 +109,32 @@ def test_manifest_file_names_stay_inside_the_artifact(artifact_copy, where, name
         Generator(artifact_copy)
 
 
+def test_a_graph_may_only_read_weights_the_manifest_hashes_for_it(artifact_copy):
+    """Issue 21: a graph could read an external-data file the manifest does not list (so nothing hashes it)."""
+    import hashlib
+
+    import onnx
+
+    from safesteer_runtime.onnx_refs import external_files
+
+    path = artifact_copy / "block_00.onnx"
+    assert external_files(path.read_bytes(), "block_00.onnx") == {"block_00.onnx.data"}
+    model = onnx.load(str(path), load_external_data=False)
+    shutil.copy(artifact_copy / "block_00.onnx.data", artifact_copy / "swapped.bin")
+    tensor = next(t for t in model.graph.initializer if t.external_data)
+    next(e for e in tensor.external_data if e.key == "location").value = "swapped.bin"
+    body = model.SerializeToString()
+    path.write_bytes(body)
+
+    def edit(data):
+        graph = next(g for g in data["graphs"] if g["file"]["path"] == "block_00.onnx")
+        graph["file"].update(sha256=hashlib.sha256(body).hexdigest(), size=len(body))
+
+    _manifest_edit(artifact_copy, edit)
+    with pytest.raises(ArtifactError, match=r"reads weights from \['swapped.bin'\]"):
+        Generator(artifact_copy)
+
+
 def test_a_named_file_must_be_listed_with_its_hash(artifact_copy):
     """A manifest naming a tokenizer it does not hash could swap it for anything."""
     def edit(data):
