@@ -41,26 +41,6 @@ def test_splits_are_seeded_disjoint_and_keep_pairs_together(prompts):
     assert not any(split_of(p, 0) == "test" for p in a.calibration + a.validation + a.held_out)
 
 
-def test_contrast_sets_wrap_their_own_share_and_the_injected_one_never_uses_the_evaluation_phrasings(prompts):
-    from safesteer_data.jailbreaks import CALIBRATION_PREFIX_INJECTION, PREFIX_INJECTION
-    from safesteer_data.prompt_sets import CONTRAST_KINDS, HARMFUL
-
-    by_id = {p.id: p for p in prompts}
-    for prefix in CONTRAST_KINDS.values():
-        wrapped = [p for p in prompts if p.source in (f"{prefix}_harmful", f"{prefix}_harmless")]
-        assert len(wrapped) > 100
-        for p in wrapped:
-            inner = by_id[p.id.split(":", 1)[1]]
-            assert split_of(p, 0) == split_of(inner, 0) in ("calibration", "validation")
-            assert p.label == inner.label and (p.source.endswith("_harmful") == (p.label == HARMFUL))
-    injected = [p for p in prompts if p.source.startswith("wrapped_injection_")]
-    own = [ph.split("{Req}")[1] for ph in CALIBRATION_PREFIX_INJECTION]
-    theirs = [ph.split("{Req}")[1] for ph in PREFIX_INJECTION]
-    assert all(any(p.text.endswith(t) for t in own) for p in injected)
-    assert not any(t in p.text for p in injected for t in theirs)
-    assert {p.text[-20:] for p in injected} >= {t[-20:] for t in own}  # every phrasing is used
-
-
 def test_user_file_format(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text(json.dumps({"text": "bad", "label": "harmful"}) + "\n" + json.dumps({"text": "ok", "label": "harmless"}))
