@@ -340,7 +340,11 @@ class Generator:
             embeds = self.engine.embed_ids(ids)
             is_image = ids[0] == info.image_token_id
             vision_feeds, order = vision_inputs(req.images, info)
-            embeds[0, is_image] = image_rows(req.images, self.engine.run_vision(vision_feeds), info, order)
+            rows = image_rows(req.images, self.engine.run_vision(vision_feeds), info, order)
+            if len(rows) != int(is_image.sum()):  # image tokens written into a raw prompt (or allowed control tokens)
+                raise InputError(f"the prompt holds {int(is_image.sum())} image tokens where its images fill "
+                                 f"{len(rows)}: image tokens typed into the text; remove them, or pass messages")
+            embeds[0, is_image] = rows
             if d.msav_on:  # the text after the last image (and, later, every generated token)
                 msav_rows[0, int(np.nonzero(is_image)[0].max()) + 1 :] = 1.0
             runs = image_runs(ids[0], info.image_token_id)

@@ -453,6 +453,18 @@ def test_a_hostile_chat_template_fails_with_a_typed_error(artifact_copy, templat
     assert gen.generate(prompt="hi", max_new_tokens=2).token_ids
 
 
+def test_stray_image_tokens_in_a_raw_prompt_are_an_input_error(tiny):
+    """Issue 21: a Qwen2-VL prompt holding '<|image_pad|>' besides its image hit a numpy shape error."""
+    from PIL import Image
+
+    gen = Generator(tiny.artifact("Qwen2VLForConditionalGeneration", "qwen2"))
+    with pytest.raises(InputError, match="image tokens typed into the text"):
+        gen.generate(prompt="look <|image_pad|> here", images=[Image.new("RGB", (32, 32))], max_new_tokens=2)
+    msgs = [{"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (32, 32))},
+                                         {"type": "text", "text": "look <|image_pad|> here"}]}]
+    assert gen.generate(msgs, max_new_tokens=2).token_ids  # in messages it is plain text
+
+
 def test_exactly_one_prompt_form(tiny):
     gen = Generator(tiny.artifact(*LLAMA))
     with pytest.raises(InputError, match="exactly one"):
