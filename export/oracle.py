@@ -79,12 +79,9 @@ class TorchSafeSteer:
             if step < cfg.lookahead_steps and gate_score >= cfg.tau:  # the row that produced z scored >= tau
                 lp = torch.log_softmax(z, dim=-1)
                 top_lp, top_ids = torch.topk(lp, cfg.k)
-                top = top_ids.tolist()
-                if step == 0 and gate_score >= cfg.refuse_above and self.info.refusal_ids:
-                    top = []  # only the refusal openers
-                extra = [i for i in self.info.refusal_ids if i not in top] if step == 0 else []
-                cands = top + extra
-                cand_lp = np.array([float(lp[i]) for i in cands])
+                extra = [i for i in self.info.refusal_ids if i not in top_ids.tolist()] if step == 0 else []
+                cands = top_ids.tolist() + extra
+                cand_lp = np.array(top_lp.tolist() + [float(lp[i]) for i in extra])
                 branches = [self._branch(ids, c, cfg, images, msav_from, eos_ids) for c in cands]
                 scores = np.array([np.mean(b[1]) for b in branches])
                 choice = select(cand_lp, scores, cfg, None, 1.0, gate_score)

@@ -470,14 +470,10 @@ class Generator:
             record["gate"] = bool(harm >= d.feeds[m.GATE_LOGIT][0])
         return out, record
 
-    def _candidates(self, logits: np.ndarray, top_lp: np.ndarray, top_ids: np.ndarray, banned, openers: bool,
-                    only_openers: bool = False) -> tuple:
+    def _candidates(self, logits: np.ndarray, top_lp: np.ndarray, top_ids: np.ndarray, banned, openers: bool) -> tuple:
         """The top-k candidates plus, at the reply's first step (``openers``), the artifact's refusal openers (the
-        model's own first refusal tokens, with their log-probs from the full row), minus banned ids;
-        ``only_openers``: the refusal openers alone (refuse_above), when there are any that are not banned."""
+        model's own first refusal tokens, with their log-probs from the full row), minus banned ids."""
         refusal = self.manifest.safety.refusal_ids if openers else ()
-        if only_openers and [i for i in refusal if i not in banned]:
-            top_ids, top_lp = top_ids[:0], top_lp[:0]
         extra = [i for i in refusal if i not in top_ids and i not in banned]
         if extra:
             row = logits.astype(np.float64)
@@ -497,9 +493,7 @@ class Generator:
         """The gate fired: feed the candidates as rows at one position (tree mask), extend each by ``cfg.depth``
         greedy tokens (one pass of rows per token), score each branch by its mean probe score, choose
         argmax(logprob - lam_eff * branch score) (or sample; safety.select), commit the chosen candidate's row."""
-        greedy = int(top_ids[0])  # the model's own choice (before min_new_tokens or refuse_above change the set)
-        top_lp, top_ids = self._candidates(logits, top_lp, top_ids, banned, first_step,
-                                           first_step and gate_score >= cfg.refuse_above)
+        top_lp, top_ids = self._candidates(logits, top_lp, top_ids, banned, first_step)
         k = len(top_ids)
         t = d.cache.length
         rows = np.asarray(top_ids, np.int64)[None]
@@ -516,8 +510,8 @@ class Generator:
             d.cache.keep_row(choice)
             out, chosen_logit = out.row(choice), float(out.harm_logit[0, choice])
         return token, out, {
-            "token": token, "lookahead": True, "top1": greedy, "score_gate": gate_score,
-            "score_chosen": score(chosen_logit), "changed": token != greedy,
+            "token": token, "lookahead": True, "top1": int(top_ids[0]), "score_gate": gate_score,
+            "score_chosen": score(chosen_logit), "changed": token != int(top_ids[0]),
             "gate": bool(chosen_logit >= d.feeds[m.GATE_LOGIT][0]), "candidates": [int(i) for i in top_ids],
             "candidate_scores": [float(x) for x in scores], "branch_scores": [float(x) for x in branch],
             "depth": cfg.depth, "harm_logit": chosen_logit,

@@ -239,7 +239,6 @@ class SafetyDefaults:
     lookahead_steps: int  # first T_look decoding steps use lookahead
     depth: int = 0  # greedy tokens each lookahead candidate is extended by before scoring (absent before 0.11)
     gamma: float = 0.0  # the steering strength's growth with the gate score (absent before 0.12)
-    refuse_above: float = 1.0  # first-step gate score from which only refusal openers are candidates (absent: never)
 
 
 @dataclass(frozen=True)

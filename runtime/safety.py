@@ -24,9 +24,7 @@ class SafetyConfig:
     prompt's last row at step 0, then the last fed token's) scores >= tau, the step chooses among the top-``k``
     candidates plus the artifact's refusal openers, each extended by ``depth`` greedy tokens, by
     argmax(logprob - lam_eff * the branch's mean probe score) (see Generator._lookahead), where
-    lam_eff = lam * (odds(gate score) / odds(tau)) ** gamma: the steering grows with the probe's evidence. At the
-    reply's first step, a gate score >= ``refuse_above`` (and >= tau: the gate must fire) leaves the refusal
-    openers as the only candidates: the probe is sure enough that the reply starts as the model's own refusals do.
+    lam_eff = lam * (odds(gate score) / odds(tau)) ** gamma: the steering grows with the probe's evidence.
     """
 
     enabled: bool = True
@@ -38,7 +36,6 @@ class SafetyConfig:
     lookahead_steps: int = 16  # lookahead for the first T_look steps, then probe + correction only
     depth: int = 0  # greedy tokens each candidate is extended by before it is scored (0: the candidate alone)
     gamma: float = 0.0  # lam grows as (odds(gate score) / odds(tau)) ** gamma (0: a constant lam)
-    refuse_above: float = 1.0  # first step: a gate score >= this leaves only the refusal openers (1: never)
 
     def __post_init__(self):
         def real(name, lo=-math.inf, hi=math.inf, lo_open=False):
@@ -56,7 +53,6 @@ class SafetyConfig:
         real("lam", 0.0)
         real("gamma", 0.0, 8.0)
         real("tau", 0.0, 1.0, lo_open=True)
-        real("refuse_above", 0.0, 1.0, lo_open=True)
         if self.tau >= 1.0:
             raise ConfigError(f"safety knob tau must be < 1, got {self.tau!r}")
         real("alpha")
@@ -66,7 +62,7 @@ class SafetyConfig:
     def from_manifest(cls, info: m.SafetyInfo, **overrides) -> "SafetyConfig":
         d = info.defaults
         base = cls(k=d.k, lam=d.lam, tau=d.tau, alpha=d.alpha, beta=d.beta, lookahead_steps=d.lookahead_steps,
-                   depth=d.depth, gamma=d.gamma, refuse_above=d.refuse_above)
+                   depth=d.depth, gamma=d.gamma)
         try:
             return replace(base, **overrides)
         except TypeError as exc:

@@ -151,8 +151,6 @@ def reference(prompt: list[int], cfg: SafetyConfig | None, refusal_ids: tuple[in
         gate = sig(HARM[last])
         if cfg is not None and step < cfg.lookahead_steps and gate >= cfg.tau:
             order = [int(i) for i in np.argsort(-lp, kind="stable")[: cfg.k]]
-            if step == 0 and gate >= cfg.refuse_above and [i for i in refusal_ids if i not in banned]:
-                order = []  # refuse_above: the refusal openers alone
             extra = [i for i in (refusal_ids if step == 0 else ()) if i not in order and i not in banned]
             cands = [c for c in order + extra if c not in banned]
             branch = []
@@ -222,8 +220,7 @@ def test_stop_strings_cut_the_text_and_stream_pieces_add_up(root):
 
 @pytest.mark.parametrize("knobs", [dict(k=3, lam=4.0, tau=0.6, depth=0), dict(k=3, lam=4.0, tau=0.6, depth=2),
                                    dict(k=4, lam=1.0, tau=0.6, depth=3, gamma=1.0),
-                                   dict(k=2, lam=0.5, tau=0.6, depth=1, lookahead_steps=2),
-                                   dict(k=3, lam=0.0, tau=0.6, depth=2, refuse_above=0.9)])
+                                   dict(k=2, lam=0.5, tau=0.6, depth=1, lookahead_steps=2)])
 def test_safesteer_matches_the_plain_rule(root, knobs):
     cfg = SafetyConfig(**knobs)
     gen = generator(root)
