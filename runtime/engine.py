@@ -56,6 +56,19 @@ def _bind_out(io: ort.IOBinding, name: str, x) -> None:
     io._iobinding.bind_output(name, *_where(name, x))
 
 
+def _check_io(entry: m.GraphEntry, session: ort.InferenceSession) -> None:
+    """The manifest's inputs / outputs for a graph are the graph's own, and a block's layers name its K/V inputs."""
+    ins, outs = {i.name for i in session.get_inputs()}, {o.name for o in session.get_outputs()}
+    problem = None
+    if set(entry.inputs) != ins or set(entry.outputs) != outs:
+        problem = "lists other inputs or outputs than the graph has"
+    elif entry.role == m.ROLE_BLOCK and not {m.past_key(i) for i in range(entry.first_layer,
+                                                                          entry.first_layer + entry.num_layers)} <= ins:
+        problem = f"gives it layers {entry.first_layer}..{entry.first_layer + entry.num_layers - 1}, not the graph's"
+    if problem:
+        raise ArtifactError(f"the manifest {problem} for {entry.file.path}; re-export the artifact")
+
+
 @dataclass
 class Block:
     entry: m.GraphEntry
@@ -86,7 +99,11 @@ class Block:
         SafeSteer inputs, the head's knobs and an engine's scratch outputs stay the same over its steps; a cold bind
         costs ~10 us)."""
         if self.bound.get(name) is not x:
-            (_bind_out if output else _bind_in)(self.io, name, x)
+            try:
+                (_bind_out if output else _bind_in)(self.io, name, x)
+            except RuntimeError as exc:  # a name the graph does not have: the manifest and the graph disagree
+                raise ArtifactError(f"{self.entry.file.path}: {exc}; the manifest does not match the graph "
+                                    "(re-export the artifact)") from None
             self.bound[name] = x
 
     @cached_property
@@ -140,6 +157,8 @@ class Engine:
         started = time.perf_counter()
         memory_before = huge_pages.resident() if cfg.huge_pages and huge_pages.available() else None
         sessions = [self._open(root, cfg, entry, i, len(order), started) for i, entry in enumerate(order)]
+        for entry, session in zip(order, sessions):
+            _check_io(entry, session)
         self.vision = sessions.pop(0) if vision else None
         self.embed = sessions.pop(0) if embed else None
         self.blocks = [Block(e, session) for e, session in zip(blocks, sessions)]

@@ -135,6 +135,19 @@ def test_a_graph_may_only_read_weights_the_manifest_hashes_for_it(artifact_copy)
         Generator(artifact_copy)
 
 
+@pytest.mark.parametrize("edit,match", [
+    (lambda g: g["inputs"].pop(), "other inputs or outputs"),
+    (lambda g: g["outputs"].append("logits_extra"), "other inputs or outputs"),
+    (lambda g: g.update(first_layer=-1), "layers"),
+])
+def test_a_manifest_that_misdescribes_a_graph_is_refused_at_load(artifact_copy, edit, match):
+    """Found by the long fuzz run: a manifest listing other inputs / layers than its graph has reached onnxruntime's
+    binding and raised its raw RuntimeError mid-request."""
+    _manifest_edit(artifact_copy, lambda data: edit(next(g for g in data["graphs"] if g["role"] == "block")))
+    with pytest.raises(ArtifactError, match=match):
+        Generator(artifact_copy)
+
+
 def test_a_named_file_must_be_listed_with_its_hash(artifact_copy):
     """A manifest naming a tokenizer it does not hash could swap it for anything."""
     def edit(data):

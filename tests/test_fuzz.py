@@ -102,9 +102,9 @@ safety = mostly(st.sampled_from(["auto", True, False])
                 st.sampled_from([None, "on", 3]) | junk)
 
 
-def _safety(value):
-    """Knob dicts become SafetyConfigs (their validation is part of what is fuzzed)."""
-    return SafetyConfig(**value) if isinstance(value, dict) else value
+def _safety(gen, value):
+    """Knob dicts become SafetyConfigs over the artifact's defaults (their validation is part of what is fuzzed)."""
+    return SafetyConfig.from_manifest(gen.manifest.safety, **value) if isinstance(value, dict) else value
 
 
 @st.composite
@@ -148,7 +148,7 @@ def test_hostile_requests_get_typed_errors_and_the_generator_keeps_serving(serve
         tried["cases"] += 1
         messages = req.pop("messages", None)
         try:
-            req["safety"] = _safety(req["safety"])
+            req["safety"] = _safety(gen, req["safety"])
             gen.generate(messages, **req)
             tried["served"] += 1
         except SafeSteerError as exc:
