@@ -133,8 +133,11 @@ class _Reply:
         self.emitted = len(self.text) - self.hold
         return piece, False
 
-    def finish(self) -> tuple[str, str]:
-        """-> (the whole text, what has not been shown yet)."""
+    def finish(self, whole: Optional[str] = None) -> tuple[str, str]:
+        """-> (the whole text, what has not been shown yet). ``whole``: the reply decoded in one go, which also holds
+        the bytes of a character the last token left incomplete (the incremental decoder waits for the rest)."""
+        if whole is not None and whole.startswith(self.text):
+            self.text = whole
         rest = self.text[self.emitted :]
         self.emitted = len(self.text)
         return self.text, rest
@@ -421,10 +424,11 @@ class Generator:
                 trace.append({"step": step, **record})
             if done:
                 break
+        whole = None if finish == "stop" else self.codec.decode(generated[:-1] if finish == "eos" else generated)
         if reply is None:
-            text = self.codec.decode(generated[:-1] if finish == "eos" else generated)
+            text = whole
         else:
-            text, rest = reply.finish()
+            text, rest = reply.finish(whole)
             if rest:
                 yield rest
         timings = Timings(len(req.ids), len(generated), first_token_at - start, time.perf_counter() - first_token_at)
