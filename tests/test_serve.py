@@ -47,12 +47,13 @@ def _post(url: str, data: bytes, timeout: float = 30.0) -> tuple[int, dict]:
 
 
 @pytest.fixture(scope="module")
-def server(safe_artifact):
+def server(safe_artifact, tmp_path_factory):
     art = safe_artifact(*LLAVA, 0)
     port = _free_port()
+    log = open(tmp_path_factory.mktemp("serve") / "server.log", "w+b")  # a file, never a pipe that could fill up
     proc = subprocess.Popen([sys.executable, "-m", "safesteer_rt.serve", str(art), "--port", str(port),
                              "--model-name", "tiny", "--max-tokens", "16", "--max-queue", "2", "--max-body-mb", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # bounded wait for the server to come up
@@ -62,7 +63,8 @@ def server(safe_artifact):
         except OSError:
             time.sleep(0.2)
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stdout.read().decode()[-2000:]}")
+            log.seek(0)
+            raise RuntimeError(f"server exited: {log.read().decode(errors='replace')[-2000:]}")
     else:
         proc.kill()
         raise RuntimeError("server did not come up in 120 s")
@@ -73,6 +75,7 @@ def server(safe_artifact):
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         proc.kill()
+    log.close()
 
 
 def test_completion_equals_the_generator_and_carries_the_safety_summary(server):
