@@ -97,6 +97,15 @@ def trt_cache_dir(root: Path) -> Path:
     return base / "safesteer" / "trt" / m.sha256_of(root / m.MANIFEST_NAME)[:16]
 
 
+def _no_unknown(unknown: dict) -> None:
+    """A keyword generate() / stream() does not take is a ConfigError (a typo'd knob, a field passed straight from a
+    request), not Python's TypeError."""
+    if unknown:
+        raise ConfigError(f"unknown argument(s) {sorted(unknown)}; generate() takes messages / prompt / prompt_ids, "
+                          "images, max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p, seed, stop, "
+                          "safety, sampling")
+
+
 def _checked_lengths(max_new_tokens, min_new_tokens, stop) -> list[str]:
     """Validates the length knobs and stop strings; -> the non-empty stop strings."""
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
@@ -217,11 +226,12 @@ class Generator:
                  max_new_tokens: int = 128, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, seed: Optional[int] = None, stop: Optional[Sequence[str]] = None,
                  safety: Any = "auto", min_new_tokens: int = 0,
-                 sampling: Optional[SamplingConfig] = None) -> GenerationResult:
+                 sampling: Optional[SamplingConfig] = None, **unknown) -> GenerationResult:
         """``safety``: "auto" (SafeSteer with the artifact's defaults when it was calibrated, else off),
         True (the defaults; an error without calibration), False, or a SafetyConfig. ``sampling``: a SamplingConfig
         instead of the flat do_sample / temperature / top_k / top_p / seed keywords (not both).
         ``min_new_tokens``: end-of-sequence tokens are not chosen before this many tokens (benchmarks)."""
+        _no_unknown(unknown)
         run = self._run(messages, prompt=prompt, prompt_ids=prompt_ids, images=images,
                         max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
                         top_p=top_p, seed=seed, stop=stop, safety=safety, min_new_tokens=min_new_tokens,
@@ -237,9 +247,10 @@ class Generator:
                max_new_tokens: int = 128, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
                top_p: float = 1.0, seed: Optional[int] = None, stop: Optional[Sequence[str]] = None,
                safety: Any = "auto", min_new_tokens: int = 0,
-               sampling: Optional[SamplingConfig] = None) -> Iterator[str]:
+               sampling: Optional[SamplingConfig] = None, **unknown) -> Iterator[str]:
         """Like ``generate`` (the same arguments) but yields text pieces as they decode; the GenerationResult is
         the generator's return value (``StopIteration.value``)."""
+        _no_unknown(unknown)
         return (yield from self._run(messages, prompt=prompt, prompt_ids=prompt_ids, images=images,
                                      max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                                      top_k=top_k, top_p=top_p, seed=seed, stop=stop, safety=safety,

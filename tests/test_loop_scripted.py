@@ -300,6 +300,10 @@ def test_bad_requests_get_clear_errors(root):
         gen.generate(prompt_ids=ids("hi"), stop="\n")
     with pytest.raises(ConfigError, match="tau"):
         gen.generate(prompt_ids=ids("hi"), safety=SafetyConfig(tau=1.5))
+    with pytest.raises(ConfigError, match=r"unknown argument\(s\) \['max_tokens'\]"):
+        gen.generate(prompt_ids=ids("hi"), max_tokens=5)
+    with pytest.raises(ConfigError, match="unknown argument"):
+        next(gen.stream(prompt_ids=ids("hi"), temprature=0.5))
     # the generator is still usable after every refusal
     assert gen.generate(prompt_ids=ids("I"), safety=False, max_new_tokens=4).text == "sorry no ."
 
