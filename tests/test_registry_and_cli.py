@@ -41,7 +41,8 @@ def test_every_registered_family_has_tiny_test_configs():
 
 
 @pytest.mark.parametrize("imports,forbidden", [
-    ("safesteer_rt, safesteer_runtime.generator", ("torch", "transformers", "safesteer_export", "safesteer_models")),
+    ("safesteer_rt, safesteer_runtime.generator, safesteer_rt.serve",
+     ("torch", "transformers", "safesteer_export", "safesteer_models")),
     # the shared data side: export and eval both read it, it reads neither (nor torch)
     ("safesteer_data.prompt_sets, safesteer_data.jailbreaks, safesteer_data.judges, safesteer_data.typography, "
      "safesteer_data.probe, safesteer_checkpoints.wheels", ("torch", "safesteer_export", "safesteer_eval",
