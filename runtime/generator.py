@@ -188,11 +188,9 @@ class Generator:
             trt_max_tokens=trt_max_tokens, huge_pages=huge_pages,
         )
         cfg = replace(cfg, shared_pool=use_shared_pool(thread_pool, cfg))
-        self._attach(root, manifest, Engine(root, manifest, cfg, kv_cache))
-        self.allow_control_tokens = allow_control_tokens
         if not isinstance(image_limits, ImageLimits):
             raise ConfigError(f"image_limits must be an ImageLimits, got {type(image_limits).__name__}")
-        self.image_limits = image_limits
+        self._attach(root, manifest, Engine(root, manifest, cfg, kv_cache), allow_control_tokens, image_limits)
         self.providers = self.engine.providers()
         self.thread_pool = "shared" if cfg.shared_pool else "per-graph"  # what thread_pool resolved to
         self.huge_pages = self.engine.huge_pages  # bytes of weights moved onto huge pages, and the seconds it took
@@ -207,11 +205,11 @@ class Generator:
         gen._attach(Path(root), manifest, engine)
         return gen
 
-    def _attach(self, root: Path, manifest: m.Manifest, engine) -> None:
+    def _attach(self, root: Path, manifest: m.Manifest, engine, allow_control_tokens: bool = False,
+                image_limits: ImageLimits = DEFAULT_LIMITS) -> None:
         self.root, self.manifest, self.engine = root, manifest, engine
+        self.allow_control_tokens, self.image_limits = allow_control_tokens, image_limits
         self._busy = threading.Lock()  # held while a request uses the buffers below
-        self.allow_control_tokens = False
-        self.image_limits = DEFAULT_LIMITS
         self.codec = TextCodec(root, manifest.tokenizer)
         self.chat: Optional[ChatTemplate] = load_chat_template(root, manifest.tokenizer)
         self._cache: Optional[KVCache | DeviceKVCache] = None
@@ -303,9 +301,9 @@ class Generator:
             if isinstance(prompt_ids, (str, bytes)) or not hasattr(prompt_ids, "__iter__"):
                 raise InputError(f"prompt_ids must be a list of token ids, got {type(prompt_ids).__name__}")
             ids = list(prompt_ids)
-            if not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in ids):
-                bad = next(i for i in ids if not isinstance(i, (int, np.integer)) or isinstance(i, bool))
-                raise InputError(f"prompt_ids must hold integer token ids, got {bad!r} ({type(bad).__name__})")
+            for i in ids:
+                if not isinstance(i, (int, np.integer)) or isinstance(i, bool):
+                    raise InputError(f"prompt_ids must hold integer token ids, got {i!r} ({type(i).__name__})")
             ids = [int(i) for i in ids]
             vocab = self.manifest.sizes.vocab_size
             bad = [i for i in ids if not 0 <= i < vocab]

@@ -32,14 +32,15 @@ class TextCodec:
                               key=len, reverse=True)
         self._nonce = secrets.token_hex(8)  # unguessable: user text cannot forge an escape marker
         self._marker = re.compile("\ue000" + self._nonce + r":(\d+)\ue001")
+        self._controls = re.compile("|".join(re.escape(c) for c in self.control)) if self.control else None
+        self._index = {c: i for i, c in enumerate(self.control)}
 
     def escape(self, text: str) -> str:
         """``text`` with every control-token string in it marked, so that ``encode`` spells it out as plain text
         ("<", "|", "im", "_end", ...) instead of the control token: user content cannot open or close turns."""
-        if not self.control or not any(c in text for c in self.control):
+        if self._controls is None:
             return text
-        pattern = "|".join(re.escape(c) for c in self.control)
-        return re.sub(pattern, lambda hit: f"\ue000{self._nonce}:{self.control.index(hit.group(0))}\ue001", text)
+        return self._controls.sub(lambda hit: f"\ue000{self._nonce}:{self._index[hit.group(0)]}\ue001", text)
 
     def encode(self, text: str, *, add_bos: bool) -> list[int]:
         pieces = self._marker.split(text)  # plain text, control index, plain text, ...
@@ -113,11 +114,11 @@ class ChatTemplate:
                     raise InputError(f"the chat template wrote more than {MAX_RENDERED_CHARS} characters for these "
                                      "messages; shorten them (or check the artifact's chat template)")
                 pieces.append(piece)
+        except InputError:
+            raise
         except TemplateError as exc:
             raise InputError(f"the chat template rejected these messages: {exc}") from exc
         except (ArithmeticError, LookupError, TypeError, ValueError, AttributeError, RecursionError) as exc:
-            if isinstance(exc, InputError):
-                raise
             raise InputError(f"the chat template failed on these messages ({type(exc).__name__}: {exc}); check "
                              "the messages' structure, or the artifact's chat template") from exc
         return "".join(pieces)

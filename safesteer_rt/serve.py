@@ -113,7 +113,6 @@ class Worker(threading.Thread):
                 self.metrics.active = 0
 
     def _serve(self, job: Job) -> None:
-        stream = None
         try:
             stream = self.gen.stream(job.messages, **job.kwargs)
             while True:
@@ -126,9 +125,7 @@ class Worker(threading.Thread):
                 except StopIteration as done:
                     job.emit(("result", done.value))
                     break
-        except SafeSteerError as exc:
-            job.emit(("error", exc))
-        except Exception as exc:  # never let one request kill the worker
+        except Exception as exc:  # typed or not, it goes back to its request; the worker lives on
             job.emit(("error", exc))
         finally:
             job.emit(DONE)
