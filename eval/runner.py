@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -13,6 +13,7 @@ from safesteer_data.typography import render_request
 from safesteer_rt import Generator
 from safesteer_runtime import manifest as m
 from safesteer_runtime.errors import InputError
+from safesteer_runtime.safety import SafetyConfig
 
 from . import modes as md
 from .store import Store
@@ -77,13 +78,29 @@ def gate_fires(undefended: dict, cfg) -> bool:
     undefended. So where this is False, SafeSteer's reply IS the undefended reply (tested against real runs)."""
     if undefended.get("error") or undefended.get("prompt_score") is None or undefended.get("image_text"):
         return True
-    if cfg.alpha != 0:  # the in-graph correction may act at any row
+    if cfg.alpha != 0 or cfg.forces(undefended["prompt_score"]):  # the correction may act at any row; the prompt gate
         return True
     if cfg.lookahead_steps <= 0:
         return False
     if undefended["prompt_score"] >= cfg.tau:
         return True
     return any(t["score_chosen"] >= cfg.tau for t in undefended["safety_trace"] if t["step"] <= cfg.lookahead_steps - 2)
+
+
+def sibling(store: Store, case: Case, mode: str, cfg, configs: dict, undefended: Optional[dict]) -> Optional[dict]:
+    """Another safesteer mode's record of this case whose reply is provably this mode's: the same knobs but for
+    refuse_above, and the prompt gate forces both or neither (under the gate its threshold plays no part, and a
+    forced reply does not depend on the threshold that forced it). Tested against real runs."""
+    score = (undefended or {}).get("prompt_score")
+    if score is None:
+        return None
+    for other, known in configs.items():
+        if other != mode and replace(known, refuse_above=cfg.refuse_above) == cfg \
+                and known.forces(score) == cfg.forces(score):
+            rec = store.get((case.suite, other, case.id))
+            if rec is not None and not rec.get("error"):
+                return {**rec, "derived": other}
+    return None
 
 
 def make_record(case: Case, mode: str, result: dict, judges: Sequence) -> dict:
@@ -100,11 +117,15 @@ def run(gen: Generator, cases: Sequence[Case], modes: Sequence[str], store: Stor
         steer: Optional[dict[str, Any]] = None) -> int:
     """Generate what is missing; returns how many records were added. ``steer``: each safesteer mode's ``safety=``
     (absent: the artifact's defaults). Swept ``safesteer@...`` modes copy the undefended reply where the gate
-    provably does not fire (``gate_fires``; such records say ``derived``) and skip image cases; the ``safesteer``
-    mode always runs."""
+    provably does not fire (``gate_fires``) and skip image cases; a safesteer mode that differs from another only in
+    refuse_above copies that one's reply where they provably agree (``sibling``). Copied records say ``derived``
+    (from which mode) and are left out of the cost medians."""
     steer = steer or {}
     defaults = steer.get("safesteer", True)
     tau = getattr(defaults, "tau", None) or (gen.manifest.safety.defaults.tau if gen.manifest.safety else None)
+    configs = {} if gen.manifest.safety is None else {  # every safesteer mode's knobs, the default's resolved
+        mode: SafetyConfig.from_manifest(gen.manifest.safety) if cfg is True else cfg
+        for mode, cfg in {"safesteer": defaults, **steer}.items() if mode in modes}
     added = 0
     for case in cases:
         spare: dict[str, dict] = {}  # an undefended generation made only for the input filter
@@ -117,7 +138,9 @@ def run(gen: Generator, cases: Sequence[Case], modes: Sequence[str], store: Stor
             if mode == "input-filter":
                 result = filtered(undefended or generate(gen, case, "undefended", new_tokens), tau)
             elif mode != "safesteer" and cfg is not None and undefended and not gate_fires(undefended, cfg):
-                result = {**undefended, "derived": True}
+                result = {**undefended, "derived": "undefended"}
+            elif mode in configs and (shared := sibling(store, case, mode, configs[mode], configs, undefended)):
+                result = shared
             else:
                 result = generate(gen, case, mode, new_tokens, cfg if cfg is not None else True)
                 spare[mode] = result

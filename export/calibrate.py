@@ -58,6 +58,7 @@ class Calibration:
     scores: dict = field(default_factory=dict)  # validation scores by step and label (plots)
     refused_harmful: tuple[int, int] = (0, 0)  # calibration harmful prompts the model itself refused / all
     refusal_ids: tuple[int, ...] = ()  # first tokens of the model's own refusals (lookahead always offers them)
+    refusal_prefix: tuple[int, ...] = ()  # the model's most common refusal opening (the prompt gate forces it)
 
 
 class FeatureReader:
@@ -233,6 +234,7 @@ def calibrate(family, tokenizer, chat: Optional[ChatTemplate], image_info, cfg: 
         scores={"validation": val_scores.tolist(), "validation_labels": y_val.tolist()},
         refused_harmful=(len(refusals), int((y_cal == HARMFUL).sum())),
         refusal_ids=refusal_openers(tokenizer, refusals),
+        refusal_prefix=refusal_prefix(tokenizer, refusals),
     )
 
 
@@ -246,3 +248,25 @@ def refusal_openers(tokenizer, refusals: list[str], share: float = 0.25) -> tupl
             counts[ids[0]] = counts.get(ids[0], 0) + 1
     ranked = sorted(counts, key=lambda i: (-counts[i], i))
     return tuple(i for n, i in enumerate(ranked) if n == 0 or counts[i] >= share * len(refusals))
+
+
+def refusal_prefix(tokenizer, refusals: list[str], share: float = 0.5, max_tokens: int = 8) -> tuple[int, ...]:
+    """The model's own most common refusal opening: starting empty, add the most common next token among the
+    refusals that open with the prefix so far, while at least ``share`` of all refusals still open with it (at most
+    ``max_tokens``, never an end token). The prompt gate starts a reply with it; the model words the rest."""
+    seqs = [tokenizer(r.strip(), add_special_tokens=False)["input_ids"] for r in refusals]
+    ends = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+    prefix: list[int] = []
+    while len(prefix) < max_tokens:
+        n = len(prefix)
+        nexts: dict[int, int] = {}
+        for ids in seqs:
+            if len(ids) > n and ids[:n] == prefix and ids[n] not in ends:
+                nexts[ids[n]] = nexts.get(ids[n], 0) + 1
+        if not nexts:
+            break
+        best = min(nexts, key=lambda i: (-nexts[i], i))
+        if nexts[best] < share * len(seqs):
+            break
+        prefix.append(best)
+    return tuple(prefix)

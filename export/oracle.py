@@ -75,8 +75,16 @@ class TorchSafeSteer:
         logits, harm = self.forward(ids, images, cfg, msav_from)
         out = OracleResult([], prompt_logit=float(harm[-1]))
         z, gate_score = logits[-1], float(torch.sigmoid(harm[-1]))
+        forced = list(self.info.refusal_prefix) if cfg.forces(gate_score) else []  # the prompt gate
         for step in range(max_new_tokens):
-            if step < cfg.lookahead_steps and gate_score >= cfg.tau:  # the row that produced z scored >= tau
+            forcing = bool(forced)
+            if forcing or not (step < cfg.lookahead_steps and gate_score >= cfg.tau):
+                token = forced.pop(0) if forcing else int(torch.argmax(z))
+                if token not in eos_ids and step < max_new_tokens - 1:  # the last token is not fed (as in the Generator)
+                    logits, harm = self.forward(ids + [token], images, cfg, msav_from)
+                    z, gate_score = logits[-1], float(torch.sigmoid(harm[-1]))
+                    out.trace.append({"token": token, "score_chosen": gate_score, **({"forced": True} if forcing else {})})
+            else:  # the row that produced z scored >= tau: lookahead
                 lp = torch.log_softmax(z, dim=-1)
                 top_lp, top_ids = torch.topk(lp, cfg.k)
                 extra = [i for i in self.info.refusal_ids if i not in top_ids.tolist()] if step == 0 else []
@@ -89,12 +97,6 @@ class TorchSafeSteer:
                 z, gate_score = branches[choice][0][-1], branches[choice][1][0]
                 out.trace.append({"token": token, "lookahead": True, "score_gate": None, "score_chosen": gate_score,
                                   "branch_scores": scores.tolist(), "candidate_scores": [b[1][0] for b in branches]})
-            else:
-                token = int(torch.argmax(z))
-                if token not in eos_ids and step < max_new_tokens - 1:  # the last token is not fed (as in the Generator)
-                    logits, harm = self.forward(ids + [token], images, cfg, msav_from)
-                    z, gate_score = logits[-1], float(torch.sigmoid(harm[-1]))
-                    out.trace.append({"token": token, "score_chosen": gate_score})
             ids.append(token)
             out.token_ids.append(token)
             if token in eos_ids:

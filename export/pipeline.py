@@ -133,6 +133,7 @@ def safety_info(cal: Calibration) -> m.SafetyInfo:
                                    gamma=1.0),
         auroc_validation=float(best["auroc_validation"]), auroc_held_out=best.get("auroc_held_out"),
         report_file=m.CALIBRATION_REPORT, refusal_ids=tuple(int(i) for i in cal.refusal_ids),
+        refusal_prefix=tuple(int(i) for i in cal.refusal_prefix),
     )
 
 

@@ -76,6 +76,7 @@ def write_report(cal: Calibration, cfg: CalibrationConfig, out: Path, model_name
         "msav_layer": cal.msav_layer, "sweep": cal.sweep, "per_step": cal.per_step,
         "image_form": cal.image_form, "data": cal.sets.describe(),
         "refused_harmful_calibration": list(cal.refused_harmful), "refusal_ids": list(cal.refusal_ids),
+        "refusal_prefix": list(cal.refusal_prefix),
     }
     (out / REPORT_JSON).write_text(json.dumps(data, indent=2, allow_nan=True) + "\n")
     best = cal.sweep[cal.probe_layer]
@@ -91,7 +92,8 @@ def write_report(cal: Calibration, cfg: CalibrationConfig, out: Path, model_name
         " model's own greedy reply. Labels: a prompt position carries its prompt's label; a reply position is harmful"
         " only if the prompt is harmful and the model's reply does not refuse (keyword judge): the model refused "
         f"{cal.refused_harmful[0]} of {cal.refused_harmful[1]} harmful calibration prompts. AUROC columns use these labels. "
-        f"Token ids that open its refusals (always among the lookahead candidates): {list(cal.refusal_ids)}.", "",
+        f"Token ids that open its refusals (always among the lookahead candidates): {list(cal.refusal_ids)}; its most "
+        f"common refusal opening (the prompt gate's refusal prefix): {list(cal.refusal_prefix)}.", "",
         "| layer | validation AUROC | held-out AUROC |", "|---|---|---|",
     ]
     for r in cal.sweep:

@@ -389,6 +389,9 @@ class Generator:
         once at the end) and returns the GenerationResult."""
         start = time.perf_counter()
         cfg = resolve_safety(safety, self.manifest.safety)
+        if cfg and cfg.refuse_above < 1.0 and not self.manifest.safety.refusal_prefix:
+            raise ConfigError("safety knob refuse_above needs the artifact's refusal prefix, which artifacts exported "
+                              "before safesteer 0.14 lack: re-export the artifact, or leave refuse_above at 1")
         flat = SamplingConfig(do_sample, temperature, top_k, top_p, seed)
         if sampling is not None and flat != SamplingConfig():
             raise ConfigError("pass sampling=SamplingConfig(...) or the flat do_sample / temperature / top_k / top_p / "
@@ -407,11 +410,17 @@ class Generator:
         generated: list[int] = []
         finish, first_token_at = "length", None
         harm = prompt_logit  # the probe's logit at the row whose logits choose the next token
+        # the prompt gate: a prompt the probe scores >= refuse_above gets a reply that opens with the refusal prefix
+        forced = list(self.manifest.safety.refusal_prefix) if cfg and cfg.forces(score(prompt_logit)) else []
         for step in range(max_new_tokens):
             banned = eos if len(generated) < min_new_tokens else ()
             # the gate: the row that produces this step's logits (the prompt's last row at step 0) scores >= tau
-            fired = cfg is not None and step < cfg.lookahead_steps and harm is not None and score(harm) >= cfg.tau
-            if fired:  # the candidates (and their branches) are fed: the chosen one's K/V and output are in place
+            forcing = bool(forced)
+            fired = (not forcing and cfg is not None and step < cfg.lookahead_steps and harm is not None
+                     and score(harm) >= cfg.tau)
+            if forcing:
+                token, record = forced.pop(0), None
+            elif fired:  # the candidates (and their branches) are fed: the chosen one's K/V and output are in place
                 token, out, record = self._lookahead(d, cfg, sampler, out.logits[0, -1], out.top_logprobs[0, -1],
                                                      out.top_ids[0, -1], banned, score(harm), step == 0)
             else:
@@ -428,6 +437,8 @@ class Generator:
             done = finish != "length" or len(generated) == max_new_tokens
             if not fired and not done:  # the last token is not fed: that pass would only give its probe score
                 out, record = self._feed_chosen(d, token, cfg)
+                if forcing and record is not None:
+                    record["forced"] = True
             if record is not None:
                 harm = record.pop("harm_logit")
                 trace.append({"step": step, **record})

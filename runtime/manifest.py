@@ -239,6 +239,7 @@ class SafetyDefaults:
     lookahead_steps: int  # first T_look decoding steps use lookahead
     depth: int = 0  # greedy tokens each lookahead candidate is extended by before scoring (absent before 0.11)
     gamma: float = 0.0  # the steering strength's growth with the gate score (absent before 0.12)
+    refuse_above: float = 1.0  # prompt score at or above which the reply opens with refusal_prefix (1: never; 0.14)
 
 
 @dataclass(frozen=True)
@@ -252,6 +253,9 @@ class SafetyInfo:
     report_file: str  # calibration.json
     # token ids that open the model's own refusals (calibration): always among the lookahead candidates
     refusal_ids: tuple[int, ...] = ()
+    # the model's own most common refusal opening, as token ids (calibration; absent before 0.14): the prompt gate
+    # (SafetyConfig.refuse_above) starts the reply with it
+    refusal_prefix: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -420,6 +424,12 @@ def load_manifest(artifact_dir: str | Path, *, verify_files: bool = True,
     for name in filter(None, named):
         if name not in listed:
             raise ArtifactError(f"the manifest names {name!r} but does not list it among its hashed files; "
+                                "re-export the artifact")
+    if manifest.safety is not None:
+        vocab = manifest.sizes.vocab_size
+        bad = [i for i in manifest.safety.refusal_ids + manifest.safety.refusal_prefix if not 0 <= i < vocab]
+        if bad:
+            raise ArtifactError(f"the manifest's refusal token ids {bad[:5]} lie outside the vocabulary [0, {vocab}); "
                                 "re-export the artifact")
     return manifest
 

@@ -25,6 +25,10 @@ class SafetyConfig:
     candidates plus the artifact's refusal openers, each extended by ``depth`` greedy tokens, by
     argmax(logprob - lam_eff * the branch's mean probe score) (see Generator._lookahead), where
     lam_eff = lam * (odds(gate score) / odds(tau)) ** gamma: the steering grows with the probe's evidence.
+
+    The prompt gate: when the prompt's last row scores >= ``refuse_above`` (< 1), the reply opens with the
+    artifact's refusal prefix (the model's own most common refusal opening, from calibration), fed token by token;
+    decoding then goes on under the rules above. refuse_above = 1 never forces.
     """
 
     enabled: bool = True
@@ -36,6 +40,7 @@ class SafetyConfig:
     lookahead_steps: int = 16  # lookahead for the first T_look steps, then probe + correction only
     depth: int = 0  # greedy tokens each candidate is extended by before it is scored (0: the candidate alone)
     gamma: float = 0.0  # lam grows as (odds(gate score) / odds(tau)) ** gamma (0: a constant lam)
+    refuse_above: float = 1.0  # prompt score at or above which the reply opens with the refusal prefix (1: never)
 
     def __post_init__(self):
         def real(name, lo=-math.inf, hi=math.inf, lo_open=False):
@@ -57,16 +62,21 @@ class SafetyConfig:
             raise ConfigError(f"safety knob tau must be < 1, got {self.tau!r}")
         real("alpha")
         real("beta")
+        real("refuse_above", 0.0, 1.0, lo_open=True)
 
     @classmethod
     def from_manifest(cls, info: m.SafetyInfo, **overrides) -> "SafetyConfig":
         d = info.defaults
         base = cls(k=d.k, lam=d.lam, tau=d.tau, alpha=d.alpha, beta=d.beta, lookahead_steps=d.lookahead_steps,
-                   depth=d.depth, gamma=d.gamma)
+                   depth=d.depth, gamma=d.gamma, refuse_above=d.refuse_above)
         try:
             return replace(base, **overrides)
         except TypeError as exc:
             raise ConfigError(f"unknown safety knob: {exc}") from None
+
+    def forces(self, prompt_score: float) -> bool:
+        """Whether the prompt gate opens the reply with the refusal prefix."""
+        return self.refuse_above < 1.0 and prompt_score >= self.refuse_above
 
     @property
     def gate_logit(self) -> float:

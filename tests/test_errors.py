@@ -148,6 +148,16 @@ def test_a_manifest_that_misdescribes_a_graph_is_refused_at_load(artifact_copy, 
         Generator(artifact_copy)
 
 
+@pytest.mark.parametrize("key", ["refusal_ids", "refusal_prefix"])
+def test_refusal_token_ids_outside_the_vocabulary_are_refused_at_load(safe_artifact, tmp_path, key):
+    """Unchecked, an opener id past the vocabulary raised a raw IndexError in the first lookahead step."""
+    copy = tmp_path / "art"
+    shutil.copytree(safe_artifact("LlamaForCausalLM", "gqa", 2), copy)
+    _manifest_edit(copy, lambda data: data["safety"].update({key: [3, 10 ** 9]}))
+    with pytest.raises(ArtifactError, match="outside the vocabulary"):
+        Generator(copy)
+
+
 def test_a_named_file_must_be_listed_with_its_hash(artifact_copy):
     """A manifest naming a tokenizer it does not hash could swap it for anything."""
     def edit(data):

@@ -346,6 +346,9 @@ def test_gate_shortcut_is_exact(safe_artifact):
     assert seen == {True, False}, "the taus should make the gate fire on some cases and not on others"
     with_alpha = SafetyConfig.from_manifest(gen.manifest.safety, tau=0.99, alpha=1.0)
     assert gate_fires(generate(gen, cases[0], "undefended", 4), with_alpha)  # the correction may act anywhere
+    base = generate(gen, cases[0], "undefended", 4)
+    gated = SafetyConfig.from_manifest(gen.manifest.safety, tau=0.99, alpha=0.0, refuse_above=base["prompt_score"])
+    assert gate_fires(base, gated)  # the prompt gate acts on a prompt below tau
 
 
 def test_tune_chooses_on_validation_and_writes_the_defaults(safe_artifact, tmp_path):
@@ -392,3 +395,70 @@ def test_eval_sweep_adds_modes_skips_images_and_copies_quiet_cases(safe_artifact
     assert quiet and all(r.get("derived") for r in quiet)  # the gate cannot fire: the undefended reply, copied
     report = json.loads((out / "report.json").read_text())
     assert report["tradeoff"] and "safesteer" in report["tradeoff"][0]["curves"]
+
+
+def with_refusal_prefix(safe_artifact, tmp_path):
+    """A copy of the tiny calibrated artifact with a refusal prefix (the tiny model never refuses: set by hand)."""
+    import shutil
+
+    from safesteer_runtime import manifest as m
+
+    art = tmp_path / "art"
+    shutil.copytree(safe_artifact("LlamaForCausalLM", "gqa", 2), art)
+    data = json.loads((art / m.MANIFEST_NAME).read_text())
+    data["safety"]["refusal_prefix"] = [7, 11]
+    (art / m.MANIFEST_NAME).write_text(json.dumps(data))
+    return art
+
+
+def test_tune_sweeps_the_prompt_gate_generating_each_reply_once(safe_artifact, tmp_path):
+    """refuse_above in the grid: below it a case shares the reply of the same knobs without it, and a forced reply
+    is generated once at the grid's lowest threshold; both shares are exact (checked against direct generations)."""
+    from safesteer_eval import tune
+    from safesteer_eval.runner import generate
+    from safesteer_rt import Generator, SafetyConfig
+
+    art = with_refusal_prefix(safe_artifact, tmp_path)
+    gen = Generator(art)
+    cases = [c for s in tune.SUITES for c in st.build(s, 2, st.Calibration.of_artifact(art), split="validation")]
+    scores = sorted(filter(None, (generate(gen, c, "undefended", 1)["prompt_score"] for c in cases)))
+    low, mid = scores[1], scores[len(scores) // 2]
+    grid = {"tau": (0.2,), "lam": (8.0,), "depth": (0,), "refuse_above": (1.0, mid, low)}
+    report = tune.tune(gen, tmp_path / "work", n=2, new_tokens=6, grid=grid, budget=1.0)
+    forced = {r["knobs"]["refuse_above"]: r["forced"] for r in report["settings"]}
+    assert forced == {1.0: 0, mid: sum(s >= mid for s in scores), low: sum(s >= low for s in scores)}
+    lines = [json.loads(x) for x in (tmp_path / "work" / "generations.jsonl").read_text().splitlines()]
+    made = {r["mode"] for r in lines} - {"undefended"}
+    assert made <= {f"safesteer@depth=0,lam=8.0,refuse_above={r},tau=0.2" for r in (1.0, low)}
+    prompt_score = {(r["suite"], r["id"]): r["prompt_score"] for r in lines if r["mode"] == "undefended"}
+    shared = next(r for r in lines if r["mode"].endswith(f"refuse_above={low},tau=0.2")
+                  and prompt_score[(r["suite"], r["id"])] >= mid)  # forced at mid too: the same reply
+    one = next(c for c in cases if (c.suite, c.id) == (shared["suite"], shared["id"]))
+    cfg = SafetyConfig.from_manifest(gen.manifest.safety, tau=0.2, lam=8.0, depth=0, alpha=0.0, refuse_above=mid)
+    direct = generate(gen, one, "safesteer", 6, cfg)
+    assert direct["text"] == shared["text"] and direct["safety_trace"][0].get("forced")
+
+
+def test_eval_modes_that_differ_only_in_the_prompt_gate_share_replies_exactly(safe_artifact, tmp_path):
+    """safesteer-eval: a mode that differs from another only in refuse_above copies its reply where both force or
+    neither does; every copied reply equals a real generation of that mode."""
+    from safesteer_eval.runner import generate, run
+    from safesteer_rt import Generator, SafetyConfig
+
+    gen = Generator(with_refusal_prefix(safe_artifact, tmp_path))
+    cases = st.build("harmful", 4, NO_CALIBRATION) + st.build("ordinary", 4, NO_CALIBRATION)
+    scores = sorted(filter(None, (generate(gen, c, "undefended", 1)["prompt_score"] for c in cases)))
+    cuts = (scores[len(scores) // 2], scores[1])
+    modes = ["undefended"] + [f"safesteer@refuse_above={c}" for c in cuts]
+    steer = {mode: SafetyConfig.from_manifest(gen.manifest.safety, tau=0.2, lam=8.0, depth=1, alpha=0.0,
+                                              refuse_above=c) for mode, c in zip(modes[1:], cuts)}
+    with Store(tmp_path / "out", {"modes": modes}) as store:
+        run(gen, cases, modes, store, [KeywordJudge()], 6, steer=steer)
+        shared = [r for r in store if r["mode"] == modes[2] and r.get("derived") == modes[1]]
+        assert shared, "no reply was shared: weak test"
+        for rec in shared:
+            case = next(c for c in cases if c.id == rec["id"])
+            real = generate(gen, case, "safesteer", 6, steer[modes[2]])
+            assert real["text"] == rec["text"] and real["safety_trace"] == rec["safety_trace"]
+        made = [r for r in store if r["mode"] == modes[2] and not r.get("derived")]
+        assert made and all(cuts[1] <= r["prompt_score"] < cuts[0] for r in made)  # forced by one cut only

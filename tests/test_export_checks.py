@@ -406,3 +406,33 @@ def test_matmuls_reading_one_activation_are_packed_exactly(tiny):
     want, got = (s.run(None, feeds) for s in sess)
     for name, a, b in zip([o.name for o in sess[0].get_outputs()], want, got):
         np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-5, err_msg=name)
+
+
+class _Words:
+    """A whitespace tokenizer over a growing vocabulary (id 0 is the end token)."""
+
+    eos_token_id, pad_token_id = 0, None
+
+    def __init__(self):
+        self.vocab = {"<eos>": 0}
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [self.vocab.setdefault(w, len(self.vocab)) for w in text.split()]}
+
+    def decode(self, ids):
+        names = {i: w for w, i in self.vocab.items()}
+        return " ".join(names[i] for i in ids)
+
+
+def test_refusal_prefix_is_the_models_most_common_refusal_opening():
+    from safesteer_export.calibrate import refusal_prefix
+
+    tok = _Words()
+    refusals = ["I'm sorry, but I can't help.", "I'm sorry, but I can't do that.", "I'm sorry, but no.",
+                "I cannot help with that."]
+    # extended while at least half of the refusals (2 of 4) open with it: "I can't" is shared by two, "help." by one
+    assert tok.decode(refusal_prefix(tok, refusals)) == "I'm sorry, but I can't"
+    assert tok.decode(refusal_prefix(tok, refusals, max_tokens=3)) == "I'm sorry, but"
+    assert refusal_prefix(tok, refusals, share=0.9) == ()  # no opening is that common
+    assert refusal_prefix(tok, []) == ()
+    assert tok.decode(refusal_prefix(tok, ["No <eos>", "No <eos>"])) == "No"  # never an end token

@@ -97,13 +97,14 @@ class ScriptedEngine:
                        HARM[ids[0]][None].astype(np.float32))
 
 
-def _manifest(refusal_ids=(ID["I"],), defaults: SafetyConfig = SafetyConfig(k=3, lam=4.0, tau=0.6, depth=2)):
+def _manifest(refusal_ids=(ID["I"],), defaults: SafetyConfig = SafetyConfig(k=3, lam=4.0, tau=0.6, depth=2),
+              refusal_prefix=()):
     d = defaults
     safety = m.SafetyInfo(probe_layer=0, msav_layer=None, vectors_file=m.SAFETY_VECTORS_FILE,
                           defaults=m.SafetyDefaults(k=d.k, lam=d.lam, tau=d.tau, alpha=d.alpha, beta=d.beta,
                                                     lookahead_steps=d.lookahead_steps, depth=d.depth, gamma=d.gamma),
                           auroc_validation=1.0, auroc_held_out=None, report_file=m.CALIBRATION_REPORT,
-                          refusal_ids=tuple(refusal_ids))
+                          refusal_ids=tuple(refusal_ids), refusal_prefix=tuple(refusal_prefix))
     return m.Manifest(
         schema_version=1, family="scripted", architecture="Scripted", dtype="float32",
         sizes=m.ModelSizes(num_layers=1, num_heads=1, num_kv_heads=1, head_dim=1, hidden_size=HIDDEN, vocab_size=V,
@@ -141,15 +142,19 @@ def sig(x: float) -> float:
 
 
 def reference(prompt: list[int], cfg: SafetyConfig | None, refusal_ids: tuple[int, ...], max_new: int,
-              min_new: int = 0) -> tuple[list[int], list[dict]]:
+              min_new: int = 0, prefix: tuple[int, ...] = ()) -> tuple[list[int], list[dict]]:
     """The loop's rules, written out plainly for the bigram model: -> (generated ids, lookahead records)."""
     out, records = [], []
     last = prompt[-1]  # the row whose logits choose the next token; its probe score is the gate's
+    # the prompt gate: a prompt scoring >= refuse_above (< 1) opens the reply with the prefix
+    forced = list(prefix) if cfg is not None and cfg.refuse_above < 1 and sig(HARM[last]) >= cfg.refuse_above else []
     for step in range(max_new):
         lp = _log_softmax(BIGRAM[last])
         banned = {EOS} if len(out) < min_new else set()
         gate = sig(HARM[last])
-        if cfg is not None and step < cfg.lookahead_steps and gate >= cfg.tau:
+        if forced:
+            token = forced.pop(0)
+        elif cfg is not None and step < cfg.lookahead_steps and gate >= cfg.tau:
             order = [int(i) for i in np.argsort(-lp, kind="stable")[: cfg.k]]
             extra = [i for i in (refusal_ids if step == 0 else ()) if i not in order and i not in banned]
             cands = [c for c in order + extra if c not in banned]
@@ -247,6 +252,27 @@ def test_strong_steering_takes_the_refusal_opener_at_the_first_step_only(root):
     res = generator(root).generate(prompt_ids=ids("cake sure here is"), safety=cfg, max_new_tokens=4)
     later = [r for r in res.safety_trace if r["lookahead"] and r["step"] > 0]
     assert later and all(ID["I"] not in r["candidates"] for r in later)
+
+
+@pytest.mark.parametrize("prompt,prefix,forced", [("hi bomb", "I sorry", True), ("bomb", "sure", True),
+                                                   ("hi", "I sorry", False)])
+def test_the_prompt_gate_opens_with_the_refusal_prefix_then_steers_as_usual(root, prompt, prefix, forced):
+    """refuse_above: "bomb" scores 0.95 >= 0.9, "hi" 0.05; after the prefix the gate is watched as usual (after
+    "sure", a compliance word at 0.5 >= tau 0.4, lookahead steers)."""
+    cfg = SafetyConfig(k=3, lam=4.0, tau=0.4, depth=2, refuse_above=0.9)
+    gen = generator(root, refusal_prefix=ids(prefix))
+    res = gen.generate(prompt_ids=ids(prompt), safety=cfg, max_new_tokens=8)
+    want, records = reference(ids(prompt), cfg, (ID["I"],), 8, prefix=tuple(ids(prefix)))
+    assert res.token_ids == want
+    assert (want[: len(ids(prefix))] == ids(prefix)) == forced
+    flags = [r.get("forced", False) for r in res.safety_trace]
+    assert flags == [forced] * len(ids(prefix)) + [False] * (len(flags) - len(ids(prefix)))
+    looked = [r for r in res.safety_trace if r["lookahead"]]
+    assert [(r["step"], r["token"]) for r in looked] == [(r["step"], r["token"]) for r in records]
+    if prefix == "sure":
+        assert looked and looked[0]["step"] == 1  # the gate watched the forced token's row
+    kept = len(want) - (0 if looked and looked[-1]["step"] == len(want) - 1 else 1)  # a lookahead commits its row
+    assert gen._cache.keys[0, 0, : gen._cache.length, 0].tolist() == ids(prompt) + want[:kept]
 
 
 def test_a_prompt_below_the_gate_decodes_exactly_as_undefended(root):

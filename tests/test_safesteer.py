@@ -87,15 +87,16 @@ def test_branch_lookahead_matches_torch_oracle(tiny, safe_artifact, depth, block
     assert_cache_is_a_fresh_prefill(gen, result, cfg)
 
 
-def with_refusal_ids(art, tmp_path, ids):
-    """A copy of ``art`` whose manifest names refusal openers (the tiny models never refuse, so calibration finds
-    none)."""
+def with_refusal_ids(art, tmp_path, ids, prefix=()):
+    """A copy of ``art`` whose manifest names refusal openers and a refusal prefix (the tiny models never refuse,
+    so calibration finds none)."""
     import shutil
 
     copy = tmp_path / "art"
     shutil.copytree(art, copy)
     data = json.loads((copy / m.MANIFEST_NAME).read_text())
     data["safety"]["refusal_ids"] = ids
+    data["safety"]["refusal_prefix"] = list(prefix)
     (copy / m.MANIFEST_NAME).write_text(json.dumps(data))
     return copy
 
@@ -112,6 +113,39 @@ def test_refusal_openers_join_the_candidates_and_match_the_oracle(tiny, safe_art
     assert fired and fired[0]["step"] == 0 and {7, 11} <= set(fired[0]["candidates"])
     # refusal openers open a reply: later steps rank the top-k alone (an opener mid-sentence is garbage)
     assert len(fired) > 1 and all(len(t["candidates"]) == 3 for t in fired[1:])
+
+
+def test_prompt_gate_opens_with_the_refusal_prefix_and_matches_the_oracle(tiny, safe_artifact, tmp_path):
+    """refuse_above: a prompt scoring at or above it gets the artifact's refusal prefix fed token by token; then the
+    gate is watched as usual (lookahead after the prefix). Same tokens and scores as the PyTorch oracle."""
+    arch, variant = "LlamaForCausalLM", "gqa"
+    prefix = [7, 11, 13]
+    gen = Generator(with_refusal_ids(safe_artifact(arch, variant, 2), tmp_path, [7], prefix))
+    oracle = oracle_for(tiny, arch, variant, gen)
+    plain = strong(gen, depth=1, k=3, alpha=0.0)
+    score = gen.generate(BOMB, max_new_tokens=1, safety=plain).prompt_score
+    assert score >= plain.tau  # the gate fires on the prompt, so the prompt gate decides what happens at step 0
+    cfg = strong(gen, depth=1, k=3, alpha=0.0, refuse_above=score - 1e-3)  # the oracle rounds it otherwise
+    result = gen.generate(BOMB, max_new_tokens=10, safety=cfg)
+    want = oracle.generate(result.prompt_ids, cfg, 10, eos_ids=gen.manifest.tokenizer.eos_token_ids)
+    assert_matches_oracle(result, want)
+    assert result.token_ids[:3] == prefix
+    assert [t.get("forced", False) for t in result.safety_trace[:4]] == [True, True, True, False]
+    assert any(t["lookahead"] for t in result.safety_trace[3:]), "no lookahead after the prefix: weak test"
+    # just above the prompt's score the prompt gate stays shut: the reply is the one without the knob
+    above = strong(gen, depth=1, k=3, alpha=0.0, refuse_above=min(score + 1e-3, 1.0))
+    assert gen.generate(BOMB, max_new_tokens=10, safety=above).token_ids == \
+        gen.generate(BOMB, max_new_tokens=10, safety=plain).token_ids
+    # a stream says the same
+    assert "".join(gen.stream(BOMB, max_new_tokens=10, safety=cfg)) == result.text
+
+
+def test_prompt_gate_needs_an_artifact_with_a_refusal_prefix(safe_artifact):
+    gen = Generator(safe_artifact("LlamaForCausalLM", "gqa", 2))
+    assert gen.manifest.safety.refusal_prefix == ()  # the tiny model never refuses: calibration finds no prefix
+    with pytest.raises(ConfigError, match="refusal prefix.*re-export"):
+        gen.generate(BOMB, max_new_tokens=2, safety=strong(gen, refuse_above=0.5))
+    gen.generate(BOMB, max_new_tokens=2, safety=strong(gen, refuse_above=1.0))  # 1: never forces, so it is fine
 
 
 @pytest.mark.parametrize("arch,variant", vision_variants())
@@ -189,6 +223,7 @@ def assert_cache_is_a_fresh_prefill(gen, result, cfg):
     ({"k": 0}, "k must be"), ({"tau": 1.5}, "tau"), ({"tau": 0.0}, "tau"), ({"lam": -1.0}, "lam"),
     ({"alpha": float("nan")}, "alpha"), ({"lookahead_steps": -1}, "lookahead_steps"), ({"beta": "x"}, "beta"),
     ({"depth": -1}, "depth"), ({"depth": 1.5}, "depth"), ({"gamma": -0.5}, "gamma"), ({"gamma": 9.0}, "gamma"),
+    ({"refuse_above": 0.0}, "refuse_above"), ({"refuse_above": 1.5}, "refuse_above"),
 ])
 def test_invalid_safety_knobs(knobs, match):
     with pytest.raises(ConfigError, match=match):
