@@ -222,8 +222,25 @@ def _summary(result) -> dict:
 
 
 # --- the app ---------------------------------------------------------------------------------------------------
-def build_app(gen, model_name: str, cfg: ServeConfig = ServeConfig()):
+class _Tagged:
+    """ASGI middleware: every HTTP response says which server instance made it (header x-safesteer-replica)."""
+
+    def __init__(self, app, value: str):
+        self.app, self.header = app, (b"x-safesteer-replica", value.encode())
+
+    async def __call__(self, scope, receive, send):
+        async def tagged(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), self.header]}
+            await send(message)
+
+        await self.app(scope, receive, tagged if scope["type"] == "http" else send)
+
+
+def build_app(gen, model_name: str, cfg: ServeConfig = ServeConfig(), instance: Optional[str] = None):
+    """The Starlette app around ``gen``; ``instance`` names this server in every response (Ray replicas)."""
     from starlette.applications import Starlette
+    from starlette.middleware import Middleware
     from starlette.requests import Request
     from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
     from starlette.routing import Route
@@ -343,7 +360,8 @@ def build_app(gen, model_name: str, cfg: ServeConfig = ServeConfig()):
         return PlainTextResponse(metrics.text(jobs.qsize()), media_type="text/plain; version=0.0.4")
 
     return Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"]),
-                             Route("/v1/models", models), Route("/health", health), Route("/metrics", prometheus)])
+                             Route("/v1/models", models), Route("/health", health), Route("/metrics", prometheus)],
+                     middleware=[Middleware(_Tagged, value=instance)] if instance else [])
 
 
 def _finish(reason: str) -> str:
@@ -362,6 +380,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=ServeConfig.request_timeout_s, help="seconds per request")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0 = onnxruntime default)")
     p.add_argument("--expected-sha256", default=None, help="refuse the artifact unless manifest.json has this sha256")
+    p.add_argument("--ray", action="store_true", help="serve as a Ray Serve deployment (the serve-ray extra)")
+    p.add_argument("--replicas", type=int, default=1, help="with --ray: server replicas, each its own Generator")
     return p.parse_args(argv)
 
 
@@ -379,14 +399,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from safesteer_rt import Generator
 
     try:
-        gen = Generator(args.artifact, threads=args.threads, expected_sha256=args.expected_sha256)
         cfg = ServeConfig(max_body_bytes=int(args.max_body_mb * 2**20), max_tokens=args.max_tokens,
                           max_queue=args.max_queue, request_timeout_s=args.timeout)
+        if args.ray:
+            return _ray(args, cfg)
+        gen = Generator(args.artifact, threads=args.threads, expected_sha256=args.expected_sha256)
     except SafeSteerError as exc:
         print(f"safesteer-serve: error: {exc}", file=sys.stderr)
         return 2
     app = build_app(gen, args.model_name or Path(args.artifact).resolve().name, cfg)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def _ray(args: argparse.Namespace, cfg: ServeConfig) -> int:
+    import importlib.util
+    import sys
+
+    from safesteer_runtime.manifest import load_manifest
+
+    from . import serve_ray
+
+    if importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.serve") is None:
+        print("safesteer-serve --ray needs the serve-ray extra: pip install 'safesteer[serve-ray]'", file=sys.stderr)
+        return 2
+    if args.replicas < 1:
+        raise ConfigError(f"--replicas must be >= 1, got {args.replicas}")
+    load_manifest(args.artifact, verify_files=False)  # a bad path fails here, before Ray starts
+    serve_ray.run(args.artifact, host=args.host, port=args.port, replicas=args.replicas, threads=args.threads,
+                  model_name=args.model_name, cfg=cfg, expected_sha256=args.expected_sha256)
     return 0
 
 

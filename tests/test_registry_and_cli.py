@@ -41,7 +41,7 @@ def test_every_registered_family_has_tiny_test_configs():
 
 
 @pytest.mark.parametrize("imports,forbidden", [
-    ("safesteer_rt, safesteer_runtime.generator, safesteer_rt.serve",
+    ("safesteer_rt, safesteer_runtime.generator, safesteer_rt.serve, safesteer_rt.serve_ray",
      ("torch", "transformers", "safesteer_export", "safesteer_models")),
     # the shared data side: export and eval both read it, it reads neither (nor torch)
     ("safesteer_data.prompt_sets, safesteer_data.jailbreaks, safesteer_data.judges, safesteer_data.typography, "
