@@ -1,12 +1,14 @@
 """Load on ``safesteer-serve``: N concurrent streaming clients, aggregate tokens/s against one client, same run.
 
     .venv/bin/python bench/serve_load.py ARTIFACT [--clients 1 2 4 8] [--requests 4] [--max-tokens 64]
-        [--timeout 600] [--json FILE]
+        [--timeout 600] [--soak N] [--json FILE]
 
 Starts the server on 127.0.0.1 (a free port), then for each client count runs that many threads, each sending
 ``--requests`` streaming chat requests one after another (bounded in count, and every request in time by
 ``--timeout``), and stops the server. Prints per client count: aggregate completion tokens/s and its ratio to the
 one-client rate measured in the same run, time to first token p50 / p95, inter-token latency p50 / p95, errors.
+``--soak N`` then sends N more requests from the largest client count, in rounds, and prints the server's resident
+memory (VmRSS) after each round with the errors so far: a leak shows as a rising curve.
 Needs the serve and dev extras (the openai client).
 """
 
@@ -100,6 +102,26 @@ def run_level(client, clients: int, requests: int, max_tokens: int, timeout: flo
             "error_samples": errors[:3]}
 
 
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def soak(client, pid: int, clients: int, total: int, max_tokens: int, timeout: float, per_round: int = 48) -> list:
+    """``total`` requests (rounded up to whole rounds) from ``clients`` clients; the RSS after each round."""
+    each = max(1, per_round // clients)
+    curve, done, errors = [], 0, 0
+    while done < total:
+        row = run_level(client, clients, each, max_tokens, timeout)
+        done += row["requests"] + row["errors"]
+        errors += row["errors"]
+        curve.append({"requests": done, "errors": errors, "rss_mb": rss_mb(pid), "tokens_per_s": row["tokens_per_s"]})
+        print(f"soak: {done} requests, {errors} errors, server RSS {curve[-1]['rss_mb']:.0f} MB", flush=True)
+    return curve
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("artifact")
@@ -107,6 +129,7 @@ def main() -> int:
     p.add_argument("--requests", type=int, default=4, help="requests per client (bounded)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request at most")
+    p.add_argument("--soak", type=int, default=0, help="then this many requests from the largest client count")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     import openai
@@ -118,6 +141,8 @@ def main() -> int:
             client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
             one_request(client, PROMPTS[0], 8, args.timeout)  # warm-up
             rows = [run_level(client, n, args.requests, args.max_tokens, args.timeout) for n in args.clients]
+            curve = soak(client, proc.pid, max(args.clients), args.soak, args.max_tokens, args.timeout) \
+                if args.soak else []
         finally:
             proc.terminate()
             try:
@@ -132,8 +157,12 @@ def main() -> int:
         print(f"| {r['clients']} | {r['requests']} | {r['errors']} | {r['tokens_per_s']:.1f} | "
               f"{r['tokens_per_s'] / base:.2f}x | {r['ttft_p50_s']:.2f} / {r['ttft_p95_s']:.2f} | "
               f"{r['itl_p50_ms']:.0f} / {r['itl_p95_ms']:.0f} |")
+    if curve:
+        rss = [c["rss_mb"] for c in curve]
+        print(f"\nsoak: {curve[-1]['requests']} requests from {max(args.clients)} clients, {curve[-1]['errors']} errors; "
+              f"server RSS after the first round {rss[0]:.0f} MB, after the last {rss[-1]:.0f} MB, max {max(rss):.0f} MB")
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        args.json.write_text(json.dumps({"levels": rows, "soak": curve}, indent=2))
     return 0
 
 
