@@ -423,8 +423,6 @@ def _ray(args: argparse.Namespace, cfg: ServeConfig) -> int:
     if importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.serve") is None:
         print("safesteer-serve --ray needs the serve-ray extra: pip install 'safesteer[serve-ray]'", file=sys.stderr)
         return 2
-    if args.replicas < 1:
-        raise ConfigError(f"--replicas must be >= 1, got {args.replicas}")
     load_manifest(args.artifact, verify_files=False)  # a bad path fails here, before Ray starts
     serve_ray.run(args.artifact, host=args.host, port=args.port, replicas=args.replicas, threads=args.threads,
                   model_name=args.model_name, cfg=cfg, expected_sha256=args.expected_sha256)

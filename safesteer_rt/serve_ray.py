@@ -23,10 +23,9 @@ def application(artifact: str, *, replicas: int = 1, threads: int = 0, model_nam
                 cfg: ServeConfig = ServeConfig(), expected_sha256: Optional[str] = None,
                 replica_cpus: float = 1.0, autoscaling: Optional[dict] = None):
     """A Ray Serve application: ``replicas`` copies of the server (or Ray's ``autoscaling_config``)."""
-    from ray import serve
-
     if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 1:
         raise ConfigError(f"replicas must be an integer >= 1, got {replicas!r}")
+    from ray import serve
     artifact = os.path.abspath(artifact)  # replicas may start in another working directory
     name = model_name or os.path.basename(artifact)
 
@@ -78,15 +77,15 @@ def run(artifact: str, *, host: str, port: int, replicas: int, threads: int, mod
     # background (which leaves SIGINT ignored, and Ray's processes would outlive us)
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-
+    app = application(artifact, replicas=replicas, threads=threads, model_name=model_name, cfg=cfg,
+                      expected_sha256=expected_sha256)  # bad arguments fail here, before Ray starts
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # on-prem: Ray reports nothing anywhere
     # Ray's own services (GCS, raylet, workers) listen on the machine's network address, as Ray always does (it
     # refuses a loopback node address); the HTTP proxy listens where --host says (docs/security.md)
     ray.init(include_dashboard=False)
     try:
         serve.start(http_options={"host": host, "port": port})
-        serve.run(application(artifact, replicas=replicas, threads=threads, model_name=model_name, cfg=cfg,
-                              expected_sha256=expected_sha256), name="safesteer", route_prefix="/")
+        serve.run(app, name="safesteer", route_prefix="/")
         print(f"safesteer-serve: {replicas} Ray Serve replica(s) on http://{host}:{port} (Ctrl-C stops)", flush=True)
         while True:
             time.sleep(3600)
