@@ -35,4 +35,13 @@ def preprocessing_fields(proc, size: dict | None = None) -> dict:
         mean=tuple(float(x) for x in proc.image_mean) if proc.do_normalize else None,
         std=tuple(float(x) for x in proc.image_std) if proc.do_normalize else None,
         convert_rgb=bool(getattr(proc, "do_convert_rgb", True)),
+        pad=_pad_colour(proc),
     )
+
+
+def _pad_colour(proc) -> tuple[int, int, int] | None:
+    """LLaVA's processor with do_pad: the square's colour is the normalisation mean in 0-255 (truncated)."""
+    if not getattr(proc, "do_pad", False) or type(proc).__name__ not in ("LlavaImageProcessor", "LlavaImageProcessorPil"):
+        return None
+    mean = proc.image_mean if proc.image_mean else (0, 0, 0)
+    return tuple(int(x * 255) for x in mean)

@@ -139,8 +139,21 @@ def normalize(pixels: np.ndarray, info: ImageInfo) -> np.ndarray:
     return np.ascontiguousarray(out.transpose(2, 0, 1), dtype=np.float32)
 
 
+def pad_to_square(img: Image.Image, colour: tuple[int, int, int]) -> Image.Image:
+    """``img`` centred on a square of ``colour`` as wide as its long side (HF's pad_to_square)."""
+    side = max(img.width, img.height)
+    if img.width == img.height:
+        return img
+    fill = colour if len(img.getbands()) == 3 else colour[0]
+    square = Image.new(img.mode, (side, side), fill)
+    square.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
+    return square
+
+
 def fit(img: Image.Image, info: ImageInfo) -> np.ndarray:
-    """The processor's resize and center crop: uint8 [H, W, C]."""
+    """The processor's padding, resize and center crop: uint8 [H, W, C]."""
+    if info.pad is not None:
+        img = pad_to_square(img, info.pad)
     if info.resize != "none":
         img = resize(img, *_resize_shape(img.height, img.width, info), info)
     pixels = np.asarray(img)

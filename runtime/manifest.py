@@ -200,6 +200,9 @@ class ImageInfo:
     mean: Optional[tuple[float, float, float]]
     std: Optional[tuple[float, float, float]]
     convert_rgb: bool
+    # pad to a square of this colour (centred) before resizing, as LLaVA's processor with do_pad does: the whole
+    # canvas reaches the tower (typographic images lose no text to the crop). None = no padding (absent before 0.15)
+    pad: Optional[tuple[int, int, int]] = None
     # Templates may write a marker other than the image token; each image's marker becomes prefix + image tokens +
     # suffix (text, tokenized with the prompt). Gemma 3: <start_of_image> -> "\n\n<start_of_image>" + tokens +
     # "<end_of_image>\n\n", and an image's tokens see each other both ways at prefill. Qwen2-VL:

@@ -26,7 +26,8 @@ PREPROCESSING_TESTS = {
 
 
 def processors():
-    from transformers import CLIPImageProcessorPil, Gemma3ImageProcessorPil, SiglipImageProcessorPil
+    from transformers import (CLIPImageProcessorPil, Gemma3ImageProcessorPil, LlavaImageProcessorPil,
+                              SiglipImageProcessorPil)
 
     return {
         "clip-336": CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}),
@@ -34,6 +35,10 @@ def processors():
         "dinov2-224": CLIPImageProcessorPil(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224},
                                            image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]),
         "gemma3-896": Gemma3ImageProcessorPil(size={"height": 896, "width": 896}),
+        # the default model's: pad to a square of the mean colour, so the whole canvas is seen
+        "llava-pad-224": LlavaImageProcessorPil(do_pad=True, size={"shortest_edge": 224},
+                                                crop_size={"height": 224, "width": 224},
+                                                image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]),
     }
 
 
