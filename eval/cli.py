@@ -121,9 +121,10 @@ def evaluate(args: argparse.Namespace) -> dict:
     new_tokens = args.new_tokens or preset.new_tokens
     if n < 1 or new_tokens < 1:
         raise ConfigError(f"--n and --new-tokens must be >= 1, got {n} and {new_tokens}")
-    suites = args.suites or [s for s in st.SUITES if s != "image" or gen.manifest.image is not None]
-    if "image" in suites and gen.manifest.image is None:
-        raise SafeSteerError("the image suite needs an artifact with a vision graph; drop 'image' from --suites")
+    suites = args.suites or [s for s in st.SUITES if s not in st.IMAGE_SUITES or gen.manifest.image is not None]
+    if set(suites) & set(st.IMAGE_SUITES) and gen.manifest.image is None:
+        raise SafeSteerError(f"the suites {', '.join(st.IMAGE_SUITES)} need an artifact with a vision graph; drop "
+                             "them from --suites")
     steer = knobs(gen, args.knob, args.sweep, modes)
     modes += [m for m in steer if m not in modes and "safesteer" in modes]
     cal = st.Calibration.of_artifact(args.artifact)

@@ -74,6 +74,12 @@ def test_jailbreak_cases_hold_every_kind_and_wrap_the_request():
     assert {c.template for c in val if c.kind == "roleplay"}.isdisjoint(test_templates)
     for case in st.build("image", 5, NO_CALIBRATION):
         assert case.image_text == case.request and case.request not in case.prompt  # the request is only in the image
+    # text form vs image form of the same requests; benign requests rendered the same way
+    assert [c.id for c in st.build("image", 8, NO_CALIBRATION)] == [c.id for c in st.build("harmful", 8, NO_CALIBRATION)]
+    for suite in ("edgy", "ordinary"):
+        text, image = st.build(suite, 6, NO_CALIBRATION), st.build(f"image-{suite}", 6, NO_CALIBRATION)
+        assert [c.id for c in image] == [c.id for c in text]
+        assert all(c.image_text == c.request and c.prompt == image[0].prompt for c in image)
     with pytest.raises(ConfigError, match="unknown suite"):
         st.build("nope", 3, NO_CALIBRATION)
     with pytest.raises(ConfigError, match="unknown split"):
