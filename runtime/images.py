@@ -141,9 +141,9 @@ def normalize(pixels: np.ndarray, info: ImageInfo) -> np.ndarray:
 
 def pad_to_square(img: Image.Image, colour: tuple[int, int, int]) -> Image.Image:
     """``img`` centred on a square of ``colour`` as wide as its long side (HF's pad_to_square)."""
-    side = max(img.width, img.height)
     if img.width == img.height:
         return img
+    side = max(img.width, img.height)
     fill = colour if len(img.getbands()) == 3 else colour[0]
     square = Image.new(img.mode, (side, side), fill)
     square.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
