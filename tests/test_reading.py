@@ -146,13 +146,14 @@ def test_shipped_reader_loads_and_reads_a_rendered_sentence():
         for k in keys:
             assert torch.equal(own[k], f.get_tensor(k).float()), k
     tok = AutoTokenizer.from_pretrained(str(ckpt))
-    sentence = held_out_sentences()[0]
-    cells = ty.render_cells(sentence)
     text = tok.apply_chat_template([{"role": "user", "content": "<image>\n" + ty.READ_QUESTION}],
                                    add_generation_prompt=True, tokenize=False).replace("<image>", "<image>" * 256)
-    pixel_values = default_processor()(images=cells.image, return_tensors="pt")["pixel_values"]
     ids = tok(text, return_tensors="pt").input_ids
-    with torch.inference_mode():
-        out = model.generate(input_ids=ids, pixel_values=pixel_values, max_new_tokens=48, do_sample=False)
-    reply = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-    assert word_recall(cells.text, reply) >= 0.6, (cells.text, reply)
+    got = []
+    for sentence in held_out_sentences()[:4]:  # one sentence is too noisy a figure (measured mean: 77%, n=12)
+        cells = ty.render_cells(sentence)
+        pixel_values = default_processor()(images=cells.image, return_tensors="pt")["pixel_values"]
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, pixel_values=pixel_values, max_new_tokens=48, do_sample=False)
+        got.append((cells.text, tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)))
+    assert sum(word_recall(t, r) for t, r in got) / len(got) >= 0.6, got
