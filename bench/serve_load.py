@@ -1,12 +1,14 @@
 """Load on ``safesteer-serve``: N concurrent streaming clients, aggregate tokens/s against one client, same run.
 
-    .venv/bin/python bench/serve_load.py ARTIFACT [--clients 1 2 4 8] [--requests 4] [--max-tokens 64]
-        [--timeout 600] [--soak N] [--json FILE]
+    .venv/bin/python bench/serve_load.py ARTIFACT [--clients 1 2 4 8 16] [--requests 4] [--max-tokens 64]
+        [--max-batch 8] [--serial] [--timeout 600] [--soak N] [--json FILE]
 
 Starts the server on 127.0.0.1 (a free port), then for each client count runs that many threads, each sending
 ``--requests`` streaming chat requests one after another (bounded in count, and every request in time by
 ``--timeout``), and stops the server. Prints per client count: aggregate completion tokens/s and its ratio to the
 one-client rate measured in the same run, time to first token p50 / p95, inter-token latency p50 / p95, errors.
+SafeSteer runs with the artifact's defaults (probe on). ``--serial`` then repeats the levels on a second server
+with ``--max-batch 1`` (one request at a time: the server before batching) in the same run, for the ratio.
 ``--soak N`` then sends N more requests from the largest client count, in rounds, and prints the server's resident
 memory (VmRSS) after each round with the errors so far: a leak shows as a rising curve.
 Needs the serve and dev extras (the openai client).
@@ -36,9 +38,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(artifact: str, port: int, max_tokens: int, queue: int, log) -> subprocess.Popen:
+def start(artifact: str, port: int, max_tokens: int, queue: int, max_batch: int, log) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-m", "safesteer_rt.serve", artifact, "--port", str(port),
-                             "--model-name", "bench", "--max-tokens", str(max_tokens), "--max-queue", str(queue)],
+                             "--model-name", "bench", "--max-tokens", str(max_tokens), "--max-queue", str(queue),
+                             "--max-batch", str(max_batch)],
                             stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -122,47 +125,69 @@ def soak(client, pid: int, clients: int, total: int, max_tokens: int, timeout: f
     return curve
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("artifact")
-    p.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8])
-    p.add_argument("--requests", type=int, default=4, help="requests per client (bounded)")
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request at most")
-    p.add_argument("--soak", type=int, default=0, help="then this many requests from the largest client count")
-    p.add_argument("--json", type=Path, default=None)
-    args = p.parse_args()
+def serve_levels(args, max_batch: int, soak_too: bool) -> tuple[list, list]:
+    """One server (``max_batch``), every client level, then the soak (``soak_too``); the server is stopped."""
     import openai
 
     port = free_port()
     with tempfile.TemporaryFile() as log:
-        proc = start(args.artifact, port, args.max_tokens, max(args.clients) * 2, log)
+        proc = start(args.artifact, port, args.max_tokens, max(args.clients) * 2, max_batch, log)
         try:
             client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
             one_request(client, PROMPTS[0], 8, args.timeout)  # warm-up
             rows = [run_level(client, n, args.requests, args.max_tokens, args.timeout) for n in args.clients]
             curve = soak(client, proc.pid, max(args.clients), args.soak, args.max_tokens, args.timeout) \
-                if args.soak else []
+                if soak_too and args.soak else []
         finally:
             proc.terminate()
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+    return rows, curve
+
+
+def table(rows: list, serial: list) -> list[str]:
     base = rows[0]["tokens_per_s"]
-    print(f"safesteer-serve load, {args.artifact}, {args.requests} requests per client, {args.max_tokens} max tokens")
-    print("| clients | requests | errors | tokens/s | vs 1 client | TTFT p50 / p95 s | inter-token p50 / p95 ms |")
-    print("|---|---|---|---|---|---|---|")
+    by_clients = {r["clients"]: r for r in serial}
+    head = "| clients | requests | errors | tokens/s | vs 1 client |" + (" vs one-at-a-time |" if serial else "")
+    out = [head + " TTFT p50 / p95 s | inter-token p50 / p95 ms |",
+           "|---|---|---|---|---|" + ("---|" if serial else "") + "---|---|"]
     for r in rows:
-        print(f"| {r['clients']} | {r['requests']} | {r['errors']} | {r['tokens_per_s']:.1f} | "
-              f"{r['tokens_per_s'] / base:.2f}x | {r['ttft_p50_s']:.2f} / {r['ttft_p95_s']:.2f} | "
-              f"{r['itl_p50_ms']:.0f} / {r['itl_p95_ms']:.0f} |")
+        vs = ""
+        if serial:
+            s = by_clients.get(r["clients"])
+            vs = f" {r['tokens_per_s'] / s['tokens_per_s']:.2f}x ({s['tokens_per_s']:.1f}) |" if s else " — |"
+        out.append(f"| {r['clients']} | {r['requests']} | {r['errors']} | {r['tokens_per_s']:.1f} | "
+                   f"{r['tokens_per_s'] / base:.2f}x |{vs} {r['ttft_p50_s']:.2f} / {r['ttft_p95_s']:.2f} | "
+                   f"{r['itl_p50_ms']:.0f} / {r['itl_p95_ms']:.0f} |")
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("artifact")
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    p.add_argument("--requests", type=int, default=4, help="requests per client (bounded)")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--max-batch", type=int, default=8, help="the server's --max-batch")
+    p.add_argument("--serial", action="store_true", help="also run the levels one request at a time (--max-batch 1)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request at most")
+    p.add_argument("--soak", type=int, default=0, help="then this many requests from the largest client count")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args()
+    rows, curve = serve_levels(args, args.max_batch, soak_too=True)
+    serial = serve_levels(args, 1, soak_too=False)[0] if args.serial else []
+    print(f"safesteer-serve load, {args.artifact}, --max-batch {args.max_batch}, {args.requests} requests per client, "
+          f"{args.max_tokens} max tokens, SafeSteer defaults")
+    print("\n".join(table(rows, serial)))
     if curve:
         rss = [c["rss_mb"] for c in curve]
         print(f"\nsoak: {curve[-1]['requests']} requests from {max(args.clients)} clients, {curve[-1]['errors']} errors; "
               f"server RSS after the first round {rss[0]:.0f} MB, after the last {rss[-1]:.0f} MB, max {max(rss):.0f} MB")
     if args.json:
-        args.json.write_text(json.dumps({"levels": rows, "soak": curve}, indent=2))
+        args.json.write_text(json.dumps({"max_batch": args.max_batch, "levels": rows, "serial": serial,
+                                         "soak": curve}, indent=2))
     return 0
 
 

@@ -233,7 +233,7 @@ class Engine:
              ids: Optional[np.ndarray] = None, embeds: Optional[np.ndarray] = None,
              head_rows: Optional[np.ndarray] = None, top_k: int = 1,
              safety: Optional[dict[str, np.ndarray]] = None, rope_positions: Optional[np.ndarray] = None,
-             scratch: bool = False) -> StepOut:
+             scratch: bool = False, sliding: Optional[np.ndarray] = None) -> StepOut:
         """Run the model over this call's rows: ``ids`` [1, rows] or, for artifacts with an embed graph, ``embeds``
         [1, rows, H] (image features merged in). New K/V land in the cache slots after ``cache.length``, which is
         not advanced: the caller commits the rows it keeps. The LM head runs on ``head_rows`` (default: the last
@@ -241,7 +241,9 @@ class Engine:
         ``positions`` [1, rows]: the rows' places in the sequence (sliding masks); ``rope_positions``: what the
         blocks rotate by when it differs — multimodal RoPE's [3, 1, rows] (default: ``positions`` on every row).
         ``scratch``: write into the engine's reused buffers for this shape, so the StepOut is overwritten by the next
-        scratch call (decoding: the caller is done with the previous step's by then)."""
+        scratch call (decoding: the caller is done with the previous step's by then). ``sliding``: the sliding-window
+        layers' mask when the caller built it (a Batch, whose cache slots are not the rows' positions); default:
+        ``mask`` windowed by ``positions``."""
         if embeds is None:
             ids = np.ascontiguousarray(ids, dtype=np.int64)
             first = ids if self.embeds_in_block else self.embed_ids(ids)
@@ -255,7 +257,8 @@ class Engine:
         head_rows = np.ascontiguousarray(head_rows, np.int64)
         mask = np.ascontiguousarray(mask)
         positions = np.ascontiguousarray(positions, dtype=np.int64)
-        sliding = windowed(mask, positions, self.sizes.sliding_window) if self.sizes.sliding_window else None
+        if sliding is None and self.sizes.sliding_window:
+            sliding = windowed(mask, positions, self.sizes.sliding_window)
         if rope_positions is None and self.sizes.mrope_sections:
             rope_positions = np.broadcast_to(positions, (3, *positions.shape))
         rope_positions = positions if rope_positions is None else np.ascontiguousarray(rope_positions, np.int64)

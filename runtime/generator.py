@@ -85,9 +85,36 @@ class _Decode:
     top_k: int = 1  # TopK candidates per step: the request's SafeSteer k (1 with SafeSteer off)
     rope_offset: int = 0  # multimodal RoPE: what positions after the prompt add (the request's rope delta)
     msav_one: np.ndarray = field(init=False)  # the MSAV mask of one generated row
+    open_row: np.ndarray = field(init=False)  # zeros [1, 1, 1, capacity]: a fed token's causal mask is a view
+    one_id: np.ndarray = field(init=False)  # the fed token and its position, refilled each step (stay bound)
+    one_position: np.ndarray = field(init=False)
 
     def __post_init__(self):
         self.msav_one = np.full((1, 1), 1.0 if self.msav_on else 0.0, np.float32)
+        self.open_row = np.zeros((1, 1, 1, self.cache.capacity), np.float32)
+        self.one_id, self.one_position = np.zeros((1, 1), np.int64), np.zeros((1, 1), np.int64)
+
+
+@dataclass
+class Call:
+    """One model call a request's decoding asks for (Engine.step's arguments), in the request's own positions:
+    ``mask`` [1, 1, rows, d.cache.length + rows] over its committed past and these rows. The Generator runs it
+    on the request's own cache; a Batch (batch.py) runs the calls of many requests as one."""
+
+    d: _Decode
+    mask: np.ndarray
+    positions: np.ndarray  # [1, rows]
+    ids: Optional[np.ndarray]  # [1, rows] int64, or None with embeds
+    embeds: Optional[np.ndarray]  # [1, rows, H]
+    head_rows: Optional[np.ndarray]  # None: the last row
+    feeds: Optional[dict[str, np.ndarray]]  # SafeSteer inputs, msav_mask included
+    rope_positions: Optional[np.ndarray]
+    scratch: bool = False
+    prefill: bool = False  # the prompt's rows (a Batch may run them in chunks)
+
+    @property
+    def rows(self) -> int:
+        return self.positions.shape[1]
 
 
 def trt_cache_dir(root: Path) -> Path:
@@ -104,6 +131,15 @@ def _no_unknown(unknown: dict) -> None:
         raise ConfigError(f"unknown argument(s) {sorted(unknown)}; generate() takes messages / prompt / prompt_ids, "
                           "images, max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p, seed, stop, "
                           "safety, sampling")
+
+
+def _last(iterator):
+    """Runs ``iterator`` to its end -> its return value (what it yields on the way is dropped)."""
+    while True:
+        try:
+            next(iterator)
+        except StopIteration as done:
+            return done.value
 
 
 def _checked_lengths(max_new_tokens, min_new_tokens, stop) -> list[str]:
@@ -213,8 +249,6 @@ class Generator:
         self.codec = TextCodec(root, manifest.tokenizer)
         self.chat: Optional[ChatTemplate] = load_chat_template(root, manifest.tokenizer)
         self._cache: Optional[KVCache | DeviceKVCache] = None
-        self._open_row = np.zeros((1, 1, 1, 0), np.float32)
-        self._one_id, self._one_position = np.zeros((1, 1), np.int64), np.zeros((1, 1), np.int64)
         info = manifest.safety
         self._vectors = load_vectors(root, info, manifest.sizes.hidden_size) if info else None
 
@@ -234,11 +268,7 @@ class Generator:
                         max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
                         top_p=top_p, seed=seed, stop=stop, safety=safety, min_new_tokens=min_new_tokens,
                         sampling=sampling, pieces=False)
-        while True:
-            try:
-                next(run)
-            except StopIteration as done:
-                return done.value
+        return _last(run)
 
     def stream(self, messages: Optional[Sequence[dict]] = None, *, prompt: Optional[str] = None,
                prompt_ids: Optional[Sequence[int]] = None, images: Optional[Sequence[ImageLike]] = None,
@@ -263,8 +293,8 @@ class Generator:
             raise InputError(f"token_logprobs needs 2 to {self.engine.context_limit} tokens, got {n}")
         with self._serving():
             d = _Decode(self._cache_for(n), self._safety_feeds(None))
-            out = self._run_rows(d, ids, causal_mask(0, n), np.arange(n, dtype=np.int64)[None],
-                                 np.zeros((1, n), np.float32), head_rows=np.arange(n - 1))
+            out = _last(self._drive(self._run_rows(d, ids, causal_mask(0, n), np.arange(n, dtype=np.int64)[None],
+                                                   np.zeros((1, n), np.float32), head_rows=np.arange(n - 1))))
         logits = out.logits[0].astype(np.float64)
         logits -= logits.max(-1, keepdims=True)
         logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
@@ -322,7 +352,6 @@ class Generator:
     def _cache_for(self, capacity: int) -> KVCache | DeviceKVCache:
         if self._cache is None or self._cache.capacity < capacity:
             self._cache = self.engine.new_cache(capacity)
-            self._open_row = np.zeros((1, 1, 1, capacity), np.float32)  # one-row causal masks are views of it
         self._cache.reset()
         return self._cache
 
@@ -332,13 +361,36 @@ class Generator:
 
     def _run_rows(self, d: _Decode, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, msav_rows: np.ndarray,
                   embeds: Optional[np.ndarray] = None, head_rows: Optional[np.ndarray] = None,
-                  rope_positions: Optional[np.ndarray] = None, scratch: bool = False) -> StepOut:
+                  rope_positions: Optional[np.ndarray] = None, scratch: bool = False, prefill: bool = False):
+        """Asks for one model call (yields a Call) -> its StepOut. Every decoding helper below is a generator in
+        this way, so one request's decoding is a coroutine: ``_drive`` runs its calls one by one, a Batch runs
+        many requests' calls together."""
         feeds = None if d.feeds is None else {**d.feeds, m.MSAV_MASK: msav_rows}
         if rope_positions is None and d.rope_offset:
             rope_positions = np.broadcast_to(positions + d.rope_offset, (3, *positions.shape))
-        return self.engine.step(d.cache, mask, positions, ids=None if embeds is not None else ids, embeds=embeds,
-                                head_rows=head_rows, top_k=d.top_k, safety=feeds, rope_positions=rope_positions,
-                                scratch=scratch)
+        return (yield Call(d, mask, positions, None if embeds is not None else ids, embeds, head_rows, feeds,
+                           rope_positions, scratch, prefill))
+
+    def _execute(self, c: Call) -> StepOut:
+        return self.engine.step(c.d.cache, c.mask, c.positions, ids=c.ids, embeds=c.embeds, head_rows=c.head_rows,
+                                top_k=c.d.top_k, safety=c.feeds, rope_positions=c.rope_positions, scratch=c.scratch)
+
+    def _drive(self, coroutine):
+        """Runs a decoding coroutine's calls on this Generator's engine, yielding its text pieces; -> its value."""
+        sent = None
+        try:
+            while True:
+                try:
+                    item = coroutine.send(sent)
+                except StopIteration as done:
+                    return done.value
+                if type(item) is Call:
+                    sent = self._execute(item)
+                else:
+                    sent = None
+                    yield item
+        finally:
+            coroutine.close()
 
     def _prefill(self, req: _Request, d: _Decode) -> tuple[StepOut, Optional[float]]:
         ids = np.asarray(req.ids, dtype=np.int64)[None]
@@ -364,7 +416,8 @@ class Generator:
                 mask = both_ways(mask, runs)
             if self.manifest.sizes.mrope_sections:
                 rope_positions, d.rope_offset = mrope_positions(ids[0], req.images, info, runs)
-        out = self._run_rows(d, ids, mask, positions, msav_rows, embeds, rope_positions=rope_positions)
+        out = yield from self._run_rows(d, ids, mask, positions, msav_rows, embeds, rope_positions=rope_positions,
+                                        prefill=True)
         d.cache.advance(n)
         return out, (None if out.harm_logit is None else float(out.harm_logit[0, -1]))
 
@@ -380,13 +433,15 @@ class Generator:
 
     def _run(self, *args, **kwargs) -> Iterator[str]:
         with self._serving():  # a stream holds it until it finishes or is closed
-            return (yield from self._serve(*args, **kwargs))
+            return (yield from self._drive(self._serve(*args, **kwargs)))
 
     def _serve(self, messages, *, prompt=None, prompt_ids=None, images=None, max_new_tokens=128, do_sample=False,
                temperature=1.0, top_k=0, top_p=1.0, seed=None, stop=None, safety="auto",
-               min_new_tokens=0, sampling=None, pieces=True) -> Iterator[str]:
-        """Yields text pieces as they decode (``pieces``; without, and without stop strings, the text is decoded
-        once at the end) and returns the GenerationResult."""
+               min_new_tokens=0, sampling=None, pieces=True, cache_for=None) -> Iterator[str | Call]:
+        """One request's decoding, as a coroutine: yields text pieces as they decode (``pieces``; without, and
+        without stop strings, the text is decoded once at the end) and the model calls it needs (Call: send back
+        the StepOut), and returns the GenerationResult. ``cache_for(capacity)``: the request's KV cache (default:
+        this Generator's own)."""
         start = time.perf_counter()
         cfg = resolve_safety(safety, self.manifest.safety)
         if cfg and cfg.refuse_above < 1.0 and not self.manifest.safety.refusal_prefix:
@@ -402,10 +457,10 @@ class Generator:
         stops = _checked_lengths(max_new_tokens, min_new_tokens, stop)
         req = self._prepare(messages, prompt, prompt_ids, images)
         self._check_context(len(req.ids), max_new_tokens)
-        d = self._start(req, cfg, max_new_tokens)
+        d = self._start(req, cfg, max_new_tokens, cache_for or self._cache_for)
         eos = set(self.manifest.tokenizer.eos_token_ids)
         reply = _Reply(self.codec, stops) if pieces or stops else None
-        out, prompt_logit = self._prefill(req, d)
+        out, prompt_logit = yield from self._prefill(req, d)
         trace: list[dict[str, Any]] = []
         generated: list[int] = []
         finish, first_token_at = "length", None
@@ -421,8 +476,9 @@ class Generator:
             if forcing:
                 token, record = forced.pop(0), None
             elif fired:  # the candidates (and their branches) are fed: the chosen one's K/V and output are in place
-                token, out, record = self._lookahead(d, cfg, sampler, out.logits[0, -1], out.top_logprobs[0, -1],
-                                                     out.top_ids[0, -1], banned, score(harm), step == 0)
+                token, out, record = yield from self._lookahead(d, cfg, sampler, out.logits[0, -1],
+                                                                out.top_logprobs[0, -1], out.top_ids[0, -1], banned,
+                                                                score(harm), step == 0)
             else:
                 token, record = sampler(out.logits[0, -1], banned, out.top_ids[0, -1, 0]), None
             generated.append(token)
@@ -436,7 +492,7 @@ class Generator:
                     yield piece
             done = finish != "length" or len(generated) == max_new_tokens
             if not fired and not done:  # the last token is not fed: that pass would only give its probe score
-                out, record = self._feed_chosen(d, token, cfg)
+                out, record = yield from self._feed_chosen(d, token, cfg)
                 if forcing and record is not None:
                     record["forced"] = True
             if record is not None:
@@ -464,29 +520,29 @@ class Generator:
                 "TensorRT); shorten the prompt or lower max_new_tokens"
             )
 
-    def _start(self, req: _Request, cfg: Optional[SafetyConfig], max_new_tokens: int) -> _Decode:
+    def _start(self, req: _Request, cfg: Optional[SafetyConfig], max_new_tokens: int, cache_for) -> _Decode:
         """The request's decoding state, with a cache sized for the prompt, the reply and one lookahead's rows."""
         k = min(cfg.k, self.manifest.sizes.vocab_size) if cfg else 1
         rows = k + (len(self.manifest.safety.refusal_ids) if cfg else 0)  # lookahead rows per pass, at most
         capacity = len(req.ids) + max_new_tokens + rows * (1 + (cfg.depth if cfg else 0))
         msav_on = bool(cfg and req.images and self.manifest.safety.msav_layer is not None)
-        return _Decode(self._cache_for(capacity), self._safety_feeds(cfg), msav_on, top_k=k)
+        return _Decode(cache_for(capacity), self._safety_feeds(cfg), msav_on, top_k=k)
 
     def _feed_one(self, d: _Decode, token: int, scratch: bool = False):
         """Feed one token at the next position and commit it; -> (the model's output there, its harm_logit or None).
         ``scratch``: the output goes to the engine's reused buffers (Engine.step)."""
         t = d.cache.length
         # the same id and position arrays every call, refilled: the blocks keep them bound
-        self._one_id[0, 0], self._one_position[0, 0] = token, t
-        out = self._run_rows(d, self._one_id, self._open_row[..., : t + 1], self._one_position, d.msav_one,
-                             scratch=scratch)
+        d.one_id[0, 0], d.one_position[0, 0] = token, t
+        out = yield from self._run_rows(d, d.one_id, d.open_row[..., : t + 1], d.one_position, d.msav_one,
+                                        scratch=scratch)
         d.cache.advance(1)
         return out, (None if out.harm_logit is None else float(out.harm_logit[0, 0]))
 
     def _feed_chosen(self, d: _Decode, token: int, cfg: Optional[SafetyConfig]):
         """Feed a chosen token (its K/V and the next step's logits; probe + correction in-graph). Its output is the
         engine's scratch: the loop has finished with the previous step's (the only other scratch user) by now."""
-        out, harm = self._feed_one(d, token, scratch=True)
+        out, harm = yield from self._feed_one(d, token, scratch=True)
         if harm is None:
             return out, None
         record = {"token": token, "lookahead": False, "score_chosen": score(harm), "harm_logit": harm}
@@ -522,14 +578,15 @@ class Generator:
         t = d.cache.length
         rows = np.asarray(top_ids, np.int64)[None]
         msav_rows = np.full((1, k), 1.0 if d.msav_on else 0.0, np.float32)
-        out = self._run_rows(d, rows, tree_mask(t, k), np.full((1, k), t, np.int64), msav_rows, head_rows=np.arange(k))
+        out = yield from self._run_rows(d, rows, tree_mask(t, k), np.full((1, k), t, np.int64), msav_rows,
+                                        head_rows=np.arange(k))
         scores = sigmoid(out.harm_logit[0])
-        branch = self._extend(d, msav_rows, rows[0], out, scores, cfg.depth) if cfg.depth else scores
+        branch = (yield from self._extend(d, msav_rows, rows[0], out, scores, cfg.depth)) if cfg.depth else scores
         rng = sampler.rng if sampler.cfg.do_sample else None
         choice = select(top_lp, branch, cfg, rng, sampler.cfg.temperature, gate_score)
         token = int(top_ids[choice])
         if not d.cache.keeps_rows:  # a device cache (rows stay where they are): one more single-row pass
-            out, chosen_logit = self._feed_one(d, token)
+            out, chosen_logit = yield from self._feed_one(d, token)
         else:
             d.cache.keep_row(choice)
             out, chosen_logit = out.row(choice), float(out.harm_logit[0, choice])
@@ -555,8 +612,8 @@ class Generator:
             if not alive.any():
                 break
             d.cache.advance(k)  # the previous pass's rows become part of the past
-            out = self._run_rows(d, nxt[None], tree_mask(t, k, passes=i + 1), np.full((1, k), t + i, np.int64),
-                                 msav_rows, head_rows=np.arange(k))
+            out = yield from self._run_rows(d, nxt[None], tree_mask(t, k, passes=i + 1),
+                                            np.full((1, k), t + i, np.int64), msav_rows, head_rows=np.arange(k))
             total += alive * sigmoid(out.harm_logit[0])
             count += alive
             alive &= ~np.isin(nxt, eos)

@@ -112,6 +112,14 @@ class KVCache(_Cache):
         super().__init__(capacity, shape, in_place, np.dtype(dtype).type, HOST, [k.ctypes.data for k in self.keys],
                          [v.ctypes.data for v in self.values])
 
+    def compact(self, slots: np.ndarray) -> None:
+        """Move the positions at ``slots`` (increasing) to the front, in that order; they become the committed
+        ones (a Batch reclaiming the slots of finished requests and discarded rows)."""
+        at = (slice(None),) * (3 if self.in_place else 2)
+        for buf in (self.keys, self.values):
+            buf[(*at, slice(0, len(slots)))] = buf[(*at, slots)]
+        self.length = len(slots)
+
     def keep_row(self, row: int) -> None:
         """Commit one of several scratch rows written after ``length`` (lookahead): move it to ``length``."""
         if row:
@@ -142,6 +150,18 @@ class DeviceKVCache(_Cache):
         super().__init__(capacity, shape, in_place, np.dtype(dtype).type,
                          ort.OrtDevice.make(device, device_id)._get_c_device(),
                          [k.data_ptr() for k in self._keys], [v.data_ptr() for v in self._values])
+
+    def compact(self, slots: np.ndarray) -> None:
+        """KVCache.compact, through a host copy of each layer (a Batch compacts rarely: when a step would not fit)."""
+        axis = 2 if self.in_place else 1
+        for buf in (*self._keys, *self._values):
+            host = buf.numpy()
+            moved = np.take(host, slots, axis=axis)
+            index = [slice(None)] * host.ndim
+            index[axis] = slice(0, len(slots))
+            host[tuple(index)] = moved
+            buf.update_inplace(host)
+        self.length = len(slots)
 
     def _host_buffers(self) -> tuple[np.ndarray, np.ndarray]:  # copies every layer to the host
         return np.stack([k.numpy() for k in self._keys]), np.stack([v.numpy() for v in self._values])

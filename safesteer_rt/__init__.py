@@ -5,6 +5,7 @@
     print(gen.generate([{"role": "user", "content": "Hello!"}], max_new_tokens=32).text)
 """
 
+from safesteer_runtime.batch import Batch, BatchRequest
 from safesteer_runtime.errors import (ArtifactError, BusyError, ConfigError, ImageError, InputError,
                                       PromptTooLongError, SafeSteerError)
 from safesteer_runtime.generator import GenerationResult, Generator, Timings
@@ -15,7 +16,7 @@ from safesteer_runtime.sampling import SamplingConfig
 from safesteer_runtime.sessions import resolve_providers
 
 __all__ = [
-    "Generator", "GenerationResult", "Timings", "SamplingConfig", "SafetyConfig", "Manifest", "load_manifest", "resolve_providers",
+    "Generator", "Batch", "BatchRequest", "GenerationResult", "Timings", "SamplingConfig", "SafetyConfig", "Manifest", "load_manifest", "resolve_providers",
     "SafeSteerError", "ArtifactError", "InputError", "PromptTooLongError", "ImageError", "ConfigError",
     "BusyError", "ImageLimits",
 ]

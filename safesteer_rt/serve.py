@@ -1,9 +1,10 @@
 """``safesteer-serve``: an OpenAI-compatible HTTP server around one Generator (Starlette + uvicorn).
 
-One worker thread owns the Generator and serves the queue's requests one at a time (batched decoding is issue 22's
-next step; the queue, the limits and the API stay). The event loop only parses, queues and streams: a request
-waits in a bounded queue (full: 503), its pieces come back through an asyncio queue, and a client that disconnects
-sets its job's cancel flag, which closes the Generator's stream at the next token and frees the worker.
+One worker thread owns the Generator and a Batch (runtime/batch.py): requests decode together, one model call per
+step for all of them, and join or leave between steps (continuous batching; a long prompt is fed a chunk per step).
+The event loop only parses, queues and streams: a request waits in a bounded queue (full: 503) until the batch has
+room, its pieces come back through an asyncio queue, and a client that disconnects sets its job's cancel flag, which
+drops its row from the batch at the next step.
 
 Why Starlette and not FastAPI: requests are validated by the runtime's own typed configs (SafetyConfig,
 ImageLimits, the Generator's checks), so a second validation layer (pydantic models) would only restate them.
@@ -23,6 +24,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
+from safesteer_runtime.batch import Batch
 from safesteer_runtime.errors import BusyError, ConfigError, InputError, SafeSteerError
 from safesteer_runtime.images import ImageLimits
 from safesteer_runtime.safety import SafetyConfig
@@ -34,12 +36,15 @@ DONE = object()  # end of a job's event stream
 class ServeConfig:
     max_body_bytes: int = 20 * 2**20  # a request with a few images as data: URLs
     max_tokens: int = 1024  # the most a request may ask for (and the default when it does not say)
-    max_queue: int = 16  # requests waiting for the worker; more are refused with 503
+    max_queue: int = 16  # requests waiting for a place in the batch; more are refused with 503
     request_timeout_s: float = 600.0  # a request still unfinished after this is cancelled
+    max_batch: int = 8  # requests decoding together
+    prefill_chunk: int = 32  # prompt rows fed per step (what a joining request may stall the others by)
+    kv_capacity: int = 8192  # positions in the batch's shared KV cache (the default model: ~25 KB each)
     image_limits: ImageLimits = ImageLimits(allow_paths=False)
 
     def __post_init__(self):
-        for name in ("max_body_bytes", "max_tokens", "max_queue"):
+        for name in ("max_body_bytes", "max_tokens", "max_queue", "max_batch", "prefill_chunk", "kv_capacity"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {v!r}")
@@ -58,6 +63,7 @@ class Job:
     messages: list
     kwargs: dict
     loop: asyncio.AbstractEventLoop
+    stream: bool = False
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancel: threading.Event = field(default_factory=threading.Event)
 
@@ -72,7 +78,7 @@ class Metrics:
         self.lock = threading.Lock()
         self.counts = {"requests_total": 0, "requests_failed_total": 0, "requests_rejected_total": 0,
                        "prompt_tokens_total": 0, "completion_tokens_total": 0, "gate_firings_total": 0,
-                       "steered_steps_total": 0, "cancelled_total": 0}
+                       "steered_steps_total": 0, "cancelled_total": 0, "batch_steps_total": 0}
         self.active = 0
 
     def add(self, **counts: int) -> None:
@@ -91,44 +97,73 @@ class Metrics:
 
 
 class Worker(threading.Thread):
-    """Owns the Generator; serves jobs one at a time, streaming their pieces back to the event loop."""
+    """Owns the Generator's Batch: takes jobs from the queue while the batch has room, steps it, and streams each
+    request's pieces and result back to the event loop. ``None`` from the queue stops it."""
 
-    def __init__(self, gen, jobs: "queue.Queue[Job]", metrics: Metrics):
+    def __init__(self, gen, jobs: "queue.Queue[Optional[Job]]", metrics: Metrics, cfg: ServeConfig):
         super().__init__(name="safesteer-worker", daemon=True)
-        self.gen, self.jobs, self.metrics = gen, jobs, metrics
+        self.batch = Batch(gen, max_batch=cfg.max_batch, capacity=cfg.kv_capacity, prefill_chunk=cfg.prefill_chunk)
+        self.jobs, self.metrics = jobs, metrics
+        self.live: dict = {}  # BatchRequest -> Job
 
     def run(self) -> None:
         while True:
-            job = self.jobs.get()
-            if job is None:
+            if not self.batch.busy and not self._join(self.jobs.get()):  # idle: wait for work
                 return
-            if job.cancel.is_set():
-                self.metrics.add(cancelled_total=1)
-                job.emit(DONE)
-                continue
-            self.metrics.active = 1
-            try:
-                self._serve(job)
-            finally:
-                self.metrics.active = 0
-
-    def _serve(self, job: Job) -> None:
-        try:
-            stream = self.gen.stream(job.messages, **job.kwargs)
-            while True:
-                if job.cancel.is_set():
-                    stream.close()  # frees the Generator at once
-                    self.metrics.add(cancelled_total=1)
-                    break
+            while len(self.batch.active) + len(self.batch.waiting) < self.batch.max_batch:
                 try:
-                    job.emit(("piece", next(stream)))
-                except StopIteration as done:
-                    job.emit(("result", done.value))
+                    job = self.jobs.get_nowait()
+                except queue.Empty:
                     break
+                if not self._join(job):
+                    return
+            self._drop_cancelled()
+            if not self.batch.busy:
+                continue
+            touched = self.batch.step()
+            self.metrics.add(batch_steps_total=1)
+            self.metrics.active = len(self.batch.active)
+            for req in touched:
+                self._deliver(req)
+
+    def _join(self, job: Optional[Job]) -> bool:
+        """The job into the batch (a bad request gets its error at once); False on the stop signal."""
+        if job is None:
+            return False
+        if job.cancel.is_set():
+            self.metrics.add(cancelled_total=1)
+            job.emit(DONE)
+            return True
+        try:
+            req = self.batch.add(job.messages, stream=job.stream, **job.kwargs)
         except Exception as exc:  # typed or not, it goes back to its request; the worker lives on
             job.emit(("error", exc))
-        finally:
             job.emit(DONE)
+            return True
+        self.live[req] = job
+        if req.finished:
+            self._deliver(req)
+        return True
+
+    def _deliver(self, req) -> None:
+        job = self.live.get(req)
+        if job is None:
+            return
+        for piece in req.take():
+            job.emit(("piece", piece))
+        if req.finished:
+            del self.live[req]
+            job.emit(("result", req.result) if req.error is None else ("error", req.error))
+            job.emit(DONE)
+
+    def _drop_cancelled(self) -> None:
+        """A client that went away (or timed out) frees its row now."""
+        for req, job in list(self.live.items()):
+            if job.cancel.is_set():
+                self.batch.cancel(req)
+                del self.live[req]
+                self.metrics.add(cancelled_total=1)
+                job.emit(DONE)
 
 
 # --- request parsing -------------------------------------------------------------------------------------------
@@ -246,9 +281,10 @@ def build_app(gen, model_name: str, cfg: ServeConfig = ServeConfig(), instance: 
     from starlette.routing import Route
 
     gen.image_limits = cfg.image_limits
-    jobs: "queue.Queue[Job]" = queue.Queue(maxsize=cfg.max_queue)
+    jobs: "queue.Queue[Optional[Job]]" = queue.Queue(maxsize=cfg.max_queue)
     metrics = Metrics()
-    Worker(gen, jobs, metrics).start()
+    worker = Worker(gen, jobs, metrics, cfg)
+    worker.start()
 
     async def read_body(request: Request) -> dict:
         size = int(request.headers.get("content-length") or 0)
@@ -270,7 +306,8 @@ def build_app(gen, model_name: str, cfg: ServeConfig = ServeConfig(), instance: 
     async def chat(request: Request):
         try:
             body = await read_body(request)
-            job = Job(messages_of(body), generation_kwargs(body, gen, cfg), asyncio.get_running_loop())
+            job = Job(messages_of(body), generation_kwargs(body, gen, cfg), asyncio.get_running_loop(),
+                      stream=bool(body.get("stream")))
             try:
                 jobs.put_nowait(job)
             except queue.Full:
@@ -354,10 +391,13 @@ def build_app(gen, model_name: str, cfg: ServeConfig = ServeConfig(), instance: 
                                                          "owned_by": "safesteer"}]})
 
     async def health(_request: Request):
-        return JSONResponse({"status": "ok", "queue_depth": jobs.qsize()})
+        return JSONResponse({"status": "ok", "queue_depth": queued(), "batch": len(worker.batch.active)})
+
+    def queued() -> int:
+        return jobs.qsize() + len(worker.batch.waiting)
 
     async def prometheus(_request: Request):
-        return PlainTextResponse(metrics.text(jobs.qsize()), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(metrics.text(queued()), media_type="text/plain; version=0.0.4")
 
     return Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"]),
                              Route("/v1/models", models), Route("/health", health), Route("/metrics", prometheus)],
@@ -378,6 +418,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--max-queue", type=int, default=ServeConfig.max_queue)
     p.add_argument("--max-body-mb", type=float, default=ServeConfig.max_body_bytes / 2**20)
     p.add_argument("--timeout", type=float, default=ServeConfig.request_timeout_s, help="seconds per request")
+    p.add_argument("--max-batch", type=int, default=ServeConfig.max_batch, help="requests decoding together")
+    p.add_argument("--prefill-chunk", type=int, default=ServeConfig.prefill_chunk,
+                   help="prompt rows fed per step (bounds how long a joining request stalls the others)")
+    p.add_argument("--kv-capacity", type=int, default=ServeConfig.kv_capacity,
+                   help="positions in the batch's shared KV cache")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0 = onnxruntime default)")
     p.add_argument("--expected-sha256", default=None, help="refuse the artifact unless manifest.json has this sha256")
     p.add_argument("--ray", action="store_true", help="serve as a Ray Serve deployment (the serve-ray extra)")
@@ -400,7 +445,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         cfg = ServeConfig(max_body_bytes=int(args.max_body_mb * 2**20), max_tokens=args.max_tokens,
-                          max_queue=args.max_queue, request_timeout_s=args.timeout)
+                          max_queue=args.max_queue, request_timeout_s=args.timeout, max_batch=args.max_batch,
+                          prefill_chunk=args.prefill_chunk, kv_capacity=args.kv_capacity)
         if args.ray:
             return _ray(args, cfg)
         gen = Generator(args.artifact, threads=args.threads, expected_sha256=args.expected_sha256)

@@ -36,28 +36,28 @@ def application(artifact: str, *, replicas: int = 1, threads: int = 0, model_nam
         return build_app(gen, name, cfg, instance=f"{socket.gethostname()}:{os.getpid()}")
 
     scale: dict[str, Any] = {"autoscaling_config": autoscaling} if autoscaling else {"num_replicas": replicas}
-    # one queue per replica already bounds its requests; Ray may hand a replica that many plus the one it serves
+    # one queue per replica already bounds its requests; Ray may hand a replica that many plus its batch
     deployment = serve.deployment(name="safesteer", ray_actor_options={"num_cpus": replica_cpus},
-                                  max_ongoing_requests=cfg.max_queue + 1, **scale)
+                                  max_ongoing_requests=cfg.max_queue + cfg.max_batch, **scale)
     return deployment(serve.ingress(app_on_replica)()).bind()
 
 
 def build(args: dict):
     """``serve run`` entry point: ``import_path: safesteer_rt.serve_ray:build`` with ``args`` holding ``artifact``
     and optionally ``replicas``, ``threads``, ``model_name``, ``max_tokens``, ``max_queue``, ``timeout``,
-    ``expected_sha256``, ``replica_cpus``."""
+    ``max_batch``, ``prefill_chunk``, ``kv_capacity``, ``expected_sha256``, ``replica_cpus``."""
     args = dict(args)
     if "artifact" not in args:
         raise ConfigError("the Ray Serve config's args need 'artifact': the artifact directory")
-    cfg = ServeConfig(max_tokens=int(args.pop("max_tokens", ServeConfig.max_tokens)),
-                      max_queue=int(args.pop("max_queue", ServeConfig.max_queue)),
-                      request_timeout_s=float(args.pop("timeout", ServeConfig.request_timeout_s)))
+    ints = {name: int(args.pop(name, getattr(ServeConfig, name)))
+            for name in ("max_tokens", "max_queue", "max_batch", "prefill_chunk", "kv_capacity")}
+    cfg = ServeConfig(request_timeout_s=float(args.pop("timeout", ServeConfig.request_timeout_s)), **ints)
     artifact = args.pop("artifact")
     known = {"replicas", "threads", "model_name", "expected_sha256", "replica_cpus", "autoscaling"}
     unknown = sorted(set(args) - known)
     if unknown:
-        raise ConfigError(f"unknown Ray Serve args {unknown}; known: artifact, max_tokens, max_queue, timeout, "
-                          + ", ".join(sorted(known)))
+        raise ConfigError(f"unknown Ray Serve args {unknown}; known: artifact, timeout, "
+                          + ", ".join(sorted(known | set(ints))))
     return application(artifact, cfg=cfg, **args)
 
 

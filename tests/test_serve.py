@@ -177,6 +177,34 @@ def test_limits_health_models_and_metrics(server):
     assert "safesteer_queue_depth" in metrics and "safesteer_gate_firings_total" in metrics
 
 
+def test_concurrent_requests_decode_together_and_each_equals_the_generator(server):
+    """Continuous batching behind the API: concurrent clients with different knobs, streamed or not, each get
+    what a lone Generator gives them."""
+    import concurrent.futures
+
+    base, client, gen = server
+    asks = [({"enabled": False}, False), ({"tau": 0.2, "k": 4, "lam": 40.0}, True), (None, False),
+            ({"tau": 0.2, "k": 3, "alpha": 1.0}, True), (None, True), ({"enabled": False}, True)]
+    msgs = [HI, [{"role": "user", "content": "Tell me a long story about a cat and a dog, please."}]]
+
+    def one(i):
+        steer, stream = asks[i]
+        extra = {"extra_body": {"safesteer": steer}} if steer else {}
+        reply = client.chat.completions.create(model="tiny", messages=msgs[i % 2], max_tokens=12, stream=stream,
+                                               **extra)
+        if not stream:
+            return reply.choices[0].message.content
+        return "".join(c.choices[0].delta.content or "" for c in reply if c.choices)
+
+    with concurrent.futures.ThreadPoolExecutor(len(asks)) as pool:  # bounded: six requests
+        got = list(pool.map(one, range(len(asks))))
+    for i, (steer, _) in enumerate(asks):
+        cfg = "auto" if steer is None else SafetyConfig.from_manifest(gen.manifest.safety, **steer)
+        assert got[i] == gen.generate(msgs[i % 2], max_new_tokens=12, safety=cfg).text, i
+    status, text = _get(base + "/metrics")
+    assert "safesteer_batch_steps_total" in text.decode()
+
+
 def test_a_full_queue_answers_503_and_a_dropped_stream_frees_the_worker(server):
     import concurrent.futures
 
