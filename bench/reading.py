@@ -30,7 +30,7 @@ import numpy as np
 from safesteer_data.reading_text import held_out_sentences, word_recall
 from safesteer_data.scenes import COLOURS, SHAPES, render_scene
 from safesteer_data.typography import MONO_FACES, READ_QUESTION, render, render_cells
-from safesteer_rt import Generator
+from safesteer_rt import Batch, Generator
 
 CELL_LAYOUTS = [(face, side) for face in MONO_FACES for side in (448, 672, 896)]
 FREE_LAYOUTS = [("aileron", 20), ("dejavu-sans", 16), ("dejavu-serif", 24)]
@@ -56,9 +56,19 @@ def reading_cases(n: int, free: int):
         yield dict(layout=f"free-{face}-{px}px", kind="free", text=rendered.text), rendered.image
 
 
-def ask(gen: Generator, image, question: str, safety, tokens: int) -> str:
-    content = [{"type": "image", "image": image}, {"type": "text", "text": question}]
-    return gen.generate([{"role": "user", "content": content}], max_new_tokens=tokens, safety=safety).text
+def asks(gen: Generator, cases: list, safety, tokens: int, batch: int) -> list[str]:
+    """Greedy replies to (image, question) pairs, ``batch`` decoding together (a Batch's greedy tokens equal
+    generate()'s; tests/test_batch.py)."""
+    requests = [dict(messages=[{"role": "user", "content": [{"type": "image", "image": image},
+                                                            {"type": "text", "text": question}]}],
+                     max_new_tokens=tokens, safety=safety) for image, question in cases]
+    if batch <= 1:
+        return [gen.generate(**r).text for r in requests]
+    out = []
+    for i in range(0, len(requests), 4 * batch):  # bounded memory: a few dozen prepared images at a time
+        out += [r.text for r in Batch(gen, max_batch=batch).generate_all(requests[i : i + 4 * batch])]
+        print(f"[{len(out)}/{len(requests)}]", file=sys.stderr, flush=True)
+    return out
 
 
 def named(reply: str, vocabulary) -> set[str]:
@@ -111,22 +121,20 @@ def main() -> None:
     p.add_argument("--free", type=int, default=24, help="held-out sentences in proportional layouts")
     p.add_argument("--qa", type=int, default=30, help="scenes per question kind (0: skip)")
     p.add_argument("--safety", choices=["off", "auto"], default="off")
+    p.add_argument("--batch", type=int, default=8, help="requests decoding together (1: one at a time)")
     p.add_argument("--json", type=Path, help="write every case and reply here")
     args = p.parse_args()
     gen = Generator(args.artifact)
     if gen.manifest.image is None:
         sys.exit(f"{args.artifact} has no vision graph")
     safety = False if args.safety == "off" else "auto"
-    rows = []
-    for case, image in reading_cases(args.n, args.free):
-        reply = ask(gen, image, READ_QUESTION, safety, 64)
-        rows.append(dict(case, reply=reply, recall=word_recall(case["text"], reply)))
-        print(f"[{len(rows)}/{args.n + args.free}] {rows[-1]['recall']:.2f} {case['layout']}: {reply[:90]!r}",
-              file=sys.stderr, flush=True)
-    qa = []
-    for kind, image, question, answer in (scene_cases(args.qa) if args.qa else ()):
-        reply = ask(gen, image, question, safety, 24)
-        qa.append(dict(kind=kind, question=question, answer=answer, reply=reply, right=scene_right(kind, reply, answer)))
+    cases = list(reading_cases(args.n, args.free))
+    replies = asks(gen, [(image, READ_QUESTION) for _, image in cases], safety, 64, args.batch)
+    rows = [dict(case, reply=reply, recall=word_recall(case["text"], reply)) for (case, _), reply in zip(cases, replies)]
+    scenes = list(scene_cases(args.qa)) if args.qa else []
+    replies = asks(gen, [(image, question) for _, image, question, _ in scenes], safety, 24, args.batch)
+    qa = [dict(kind=kind, question=question, answer=answer, reply=reply, right=scene_right(kind, reply, answer))
+          for (kind, _, question, answer), reply in zip(scenes, replies)]
     print(f"{args.artifact.name}: SafeSteer {args.safety}, greedy, held-out sentences\n")
     print("\n".join(table(rows, "kind")) + "\n")
     print("\n".join(table(rows, "layout")) + "\n")
