@@ -128,7 +128,6 @@ class Batch:
         self.mrope = bool(gen.manifest.sizes.mrope_sections)
         self.active: list[BatchRequest] = []
         self.waiting: list[BatchRequest] = []
-        self.steps = 0  # model steps run (for metrics)
         self.compactions = 0
 
     # --- requests ------------------------------------------------------------------------------------------
@@ -190,7 +189,6 @@ class Batch:
                 groups.setdefault(_knobs(req.call), []).append((req, take))
             for key, members in groups.items():
                 touched += self._run(key, members)
-            self.steps += bool(plan)
         self.active = [r for r in self.active if not r.finished]
         return touched
 
@@ -233,7 +231,7 @@ class Batch:
         mask = np.full((1, 1, rows, total), BLOCKED, np.float32)
         sliding = mask.copy() if self.window else None
         positions, ids, embeds, rope, msav, heads = [], [], [], [], [], []
-        finals, top_k, offset = [], 1, 0
+        final, top_k, offset = {}, 1, 0  # final: id(request) -> (its first head row, how many) for complete calls
         with_embeds = any(req.call.embeds is not None for req, _ in members)
         for req, take in members:
             c, a = req.call, req.done_rows
@@ -264,7 +262,7 @@ class Batch:
                 msav.append(c.feeds[m.MSAV_MASK][:, a:b] * c.feeds[m.MSAV_BETA][0])
             if b == c.rows:  # this call is complete: its head rows run now
                 head = np.array([c.rows - 1]) if c.head_rows is None else np.asarray(c.head_rows)
-                finals.append((req, len(heads), len(head)))
+                final[id(req)] = len(heads), len(head)
                 heads.extend((offset + head - a).tolist())
                 top_k = max(top_k, c.d.top_k)
             offset += take
@@ -286,7 +284,7 @@ class Batch:
                 req.coroutine.close()
             return [req for req, _ in members]
         self.cache.advance(rows)
-        touched, final = [], {id(f[0]): f for f in finals}
+        touched = []
         offset = 0
         for req, take in members:
             slots = list(range(past + offset, past + offset + take))
@@ -298,7 +296,7 @@ class Batch:
                 if harm is not None:
                     req.harm_parts.append(harm)
                 continue
-            _, h, count = final[id(req)]
+            h, count = final[id(req)]
             k = req.call.d.top_k
             if harm is not None and req.harm_parts:
                 harm = np.concatenate([*req.harm_parts, harm], axis=1)
